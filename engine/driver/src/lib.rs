@@ -1,0 +1,197 @@
+//! Completion-based socket I/O for daffi's engine.
+//!
+//! The runtime hands an operation and the buffers it needs to a [`Driver`]; the driver gives
+//! the buffers back, with the result, in a [`Completion`]. The caller never touches a buffer
+//! while the kernel may use it, which is what io_uring requires and what makes the two backends
+//! interchangeable:
+//!
+//! ```text
+//!   runtime ── submit(token, Op{fd, buffers}) ──► Driver ──► kernel
+//!   runtime ◄── Completion{token, Outcome{buffers, result}} ── wait()
+//! ```
+//!
+//! - [`uring::Driver`] (Linux, cargo feature `io-uring`): one io_uring, multishot accept,
+//!   vectored sends, batched submission.
+//! - [`poll::Driver`]: mio (epoll on Linux, kqueue on macOS); operations are tried at once and
+//!   parked until the socket is ready.
+//!
+//! The driver knows nothing of frames or protocols. Nearly all of daffi's `unsafe` lives here.
+//!
+//! # Portability
+//! The poll backend works wherever mio does (Unix). The uring backend needs Linux 5.19 or later
+//! (multishot accept); [`AnyDriver::new`] probes for it and falls back to poll.
+
+use std::io;
+use std::os::fd::{OwnedFd, RawFd};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+pub mod poll;
+pub mod sys;
+#[cfg(all(target_os = "linux", feature = "io-uring"))]
+pub mod uring;
+
+/// Identifies an operation to its submitter; returned in its completions.
+pub type Token = u64;
+
+/// An operation on a socket. Buffers are owned by the operation until it completes.
+#[derive(Debug)]
+pub enum Op {
+    /// Accept connections until cancelled: one completion per connection.
+    Accept { fd: RawFd },
+    /// Receive at most `max` bytes into the spare capacity of `buf` (`max <= spare capacity`).
+    Recv { fd: RawFd, buf: Vec<u8>, max: usize },
+    /// Send the concatenation of `bufs`, less its first `skip` bytes. May send only part.
+    Send { fd: RawFd, bufs: Vec<Bytes>, skip: usize },
+}
+
+/// The result of an operation, with its buffers.
+#[derive(Debug)]
+pub enum Outcome {
+    /// One accepted connection (or error). `more` is false on the last completion of this
+    /// accept operation (after a cancel or a fatal error).
+    Accepted { res: io::Result<OwnedFd>, more: bool },
+    /// Bytes received; `buf.len()` has grown by that many. `Ok(0)` is end of stream.
+    Recv { buf: Vec<u8>, res: io::Result<usize> },
+    /// Bytes sent.
+    Sent { bufs: Vec<Bytes>, skip: usize, res: io::Result<usize> },
+}
+
+/// A finished operation.
+#[derive(Debug)]
+pub struct Completion {
+    pub token: Token,
+    pub outcome: Outcome,
+}
+
+/// Wakes a driver blocked in [`Driver::wait`] from another thread.
+pub trait Wake: Send + Sync + std::fmt::Debug {
+    fn wake(&self);
+}
+
+/// What every backend does.
+pub trait Driver {
+    /// Starts `op`; its completion carries `token`.
+    fn submit(&mut self, token: Token, op: Op);
+    /// Stops an [`Op::Accept`] started with `token`; its last completion has `more == false`.
+    fn cancel_accept(&mut self, token: Token);
+    /// Forgets `fd` and closes it. Every operation on it must have completed (after
+    /// [`sys::shutdown`], pending receives complete with end of stream).
+    fn close(&mut self, fd: OwnedFd);
+    /// Waits until at least one completion is ready, a wake-up arrives or `timeout` passes, and
+    /// appends every ready completion to `out`.
+    fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()>;
+    /// A handle other threads use to interrupt [`Driver::wait`].
+    fn waker(&self) -> std::sync::Arc<dyn Wake>;
+    /// `"uring"` or `"poll"`.
+    fn name(&self) -> &'static str;
+}
+
+/// Which backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// io_uring when the kernel allows it, else poll.
+    Auto,
+    Uring,
+    Poll,
+}
+
+impl Backend {
+    /// Parses `auto`, `uring` or `poll` (as in `DAFFI_BACKEND`).
+    pub fn parse(s: &str) -> Option<Backend> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Some(Backend::Auto),
+            "uring" | "io_uring" | "io-uring" => Some(Backend::Uring),
+            "poll" | "epoll" | "mio" => Some(Backend::Poll),
+            _ => None,
+        }
+    }
+}
+
+/// A driver of either kind, picked at run time.
+#[derive(Debug)]
+pub enum AnyDriver {
+    #[cfg(all(target_os = "linux", feature = "io-uring"))]
+    Uring(uring::Driver),
+    Poll(poll::Driver),
+}
+
+impl AnyDriver {
+    /// Builds the requested backend. `Auto` falls back to poll with one log line when io_uring
+    /// is unavailable (old kernel, seccomp, `io_uring_disabled`); an explicit `Uring` fails.
+    pub fn new(backend: Backend) -> io::Result<AnyDriver> {
+        match backend {
+            Backend::Poll => Ok(AnyDriver::Poll(poll::Driver::new()?)),
+            #[cfg(all(target_os = "linux", feature = "io-uring"))]
+            Backend::Uring => Ok(AnyDriver::Uring(uring::Driver::new()?)),
+            #[cfg(not(all(target_os = "linux", feature = "io-uring")))]
+            Backend::Uring => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring backend not built in (Linux with cargo feature `io-uring` only)",
+            )),
+            #[cfg(all(target_os = "linux", feature = "io-uring"))]
+            Backend::Auto => match uring::Driver::new() {
+                Ok(d) => Ok(AnyDriver::Uring(d)),
+                Err(e) => {
+                    tracing::warn!("io_uring unavailable ({e}); using the poll backend");
+                    Ok(AnyDriver::Poll(poll::Driver::new()?))
+                }
+            },
+            #[cfg(not(all(target_os = "linux", feature = "io-uring")))]
+            Backend::Auto => Ok(AnyDriver::Poll(poll::Driver::new()?)),
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $d:ident => $e:expr) => {
+        match $self {
+            #[cfg(all(target_os = "linux", feature = "io-uring"))]
+            AnyDriver::Uring($d) => $e,
+            AnyDriver::Poll($d) => $e,
+        }
+    };
+}
+
+impl Driver for AnyDriver {
+    fn submit(&mut self, token: Token, op: Op) {
+        dispatch!(self, d => d.submit(token, op))
+    }
+    fn cancel_accept(&mut self, token: Token) {
+        dispatch!(self, d => d.cancel_accept(token))
+    }
+    fn close(&mut self, fd: OwnedFd) {
+        dispatch!(self, d => d.close(fd))
+    }
+    fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
+        dispatch!(self, d => d.wait(out, timeout))
+    }
+    fn waker(&self) -> std::sync::Arc<dyn Wake> {
+        dispatch!(self, d => d.waker())
+    }
+    fn name(&self) -> &'static str {
+        dispatch!(self, d => d.name())
+    }
+}
+
+/// Builds the iovec list for the unsent part of `bufs` (at most `max` entries).
+pub(crate) fn iovecs(bufs: &[Bytes], mut skip: usize, max: usize) -> Vec<libc::iovec> {
+    let mut v = Vec::with_capacity(bufs.len().min(max));
+    for b in bufs {
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        if v.len() == max {
+            break;
+        }
+        let rest = &b[skip..];
+        skip = 0;
+        v.push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() });
+    }
+    v
+}
+
+/// Most iovecs one send takes (Linux's UIO_MAXIOV is 1024).
+pub(crate) const MAX_IOV: usize = 512;

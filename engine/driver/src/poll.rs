@@ -1,0 +1,237 @@
+//! The readiness backend on mio (epoll on Linux, kqueue on the BSDs and macOS).
+//!
+//! Every operation is tried at once, which is the common fast path (a send to a socket with
+//! room, a receive of data already queued). What would block is parked on its descriptor and
+//! retried when mio reports the descriptor ready. Descriptors are registered edge-triggered for
+//! both directions the first time an operation uses them.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll};
+
+use crate::{Completion, Op, Outcome, Token, Wake, sys};
+
+const WAKE: mio::Token = mio::Token(usize::MAX);
+
+#[derive(Debug, Default)]
+struct Parked {
+    registered: bool,
+    accept: Option<Token>,
+    recv: Option<(Token, Vec<u8>, usize)>,
+    send: Option<(Token, Vec<Bytes>, usize)>,
+}
+
+/// The mio-based driver.
+#[derive(Debug)]
+pub struct Driver {
+    poll: Poll,
+    events: Events,
+    waker: Arc<MioWaker>,
+    fds: HashMap<RawFd, Parked>,
+    accept_fds: HashMap<Token, RawFd>,
+    ready: VecDeque<Completion>,
+}
+
+#[derive(Debug)]
+struct MioWaker(mio::Waker);
+
+impl Wake for MioWaker {
+    fn wake(&self) {
+        if let Err(e) = self.0.wake() {
+            tracing::error!("waking the poll driver failed: {e}");
+        }
+    }
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+impl Driver {
+    pub fn new() -> io::Result<Driver> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(MioWaker(mio::Waker::new(poll.registry(), WAKE)?));
+        Ok(Driver {
+            poll,
+            events: Events::with_capacity(1024),
+            waker,
+            fds: HashMap::new(),
+            accept_fds: HashMap::new(),
+            ready: VecDeque::new(),
+        })
+    }
+
+    fn parked(&mut self, fd: RawFd) -> io::Result<&mut Parked> {
+        let p = self.fds.entry(fd).or_default();
+        if !p.registered {
+            self.poll.registry().register(
+                &mut SourceFd(&fd),
+                mio::Token(fd as usize),
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            p.registered = true;
+        }
+        Ok(p)
+    }
+
+    fn try_accept(&mut self, fd: RawFd) {
+        let Some(p) = self.fds.get_mut(&fd) else { return };
+        let Some(token) = p.accept else { return };
+        loop {
+            match sys::accept(fd) {
+                Ok(s) => self.ready.push_back(Completion {
+                    token,
+                    outcome: Outcome::Accepted { res: Ok(s), more: true },
+                }),
+                Err(e) if would_block(&e) => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // A connection that died in the backlog, or a transient resource shortage:
+                // report it and keep accepting.
+                Err(e) => {
+                    self.ready.push_back(Completion {
+                        token,
+                        outcome: Outcome::Accepted { res: Err(e), more: true },
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    fn try_recv(&mut self, fd: RawFd) {
+        let Some(p) = self.fds.get_mut(&fd) else { return };
+        let Some((token, mut buf, max)) = p.recv.take() else { return };
+        let res = loop {
+            match sys::recv(fd, &mut buf, max) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r,
+            }
+        };
+        match res {
+            Err(e) if would_block(&e) => p.recv = Some((token, buf, max)),
+            res => self.ready.push_back(Completion { token, outcome: Outcome::Recv { buf, res } }),
+        }
+    }
+
+    fn try_send(&mut self, fd: RawFd) {
+        let Some(p) = self.fds.get_mut(&fd) else { return };
+        let Some((token, bufs, skip)) = p.send.take() else { return };
+        let res = loop {
+            match sys::send(fd, &bufs, skip) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r,
+            }
+        };
+        match res {
+            Err(e) if would_block(&e) => p.send = Some((token, bufs, skip)),
+            res => self.ready.push_back(Completion { token, outcome: Outcome::Sent { bufs, skip, res } }),
+        }
+    }
+
+    fn fail(&mut self, token: Token, op: Op, e: io::Error) {
+        let outcome = match op {
+            Op::Accept { .. } => Outcome::Accepted { res: Err(e), more: false },
+            Op::Recv { buf, .. } => Outcome::Recv { buf, res: Err(e) },
+            Op::Send { bufs, skip, .. } => Outcome::Sent { bufs, skip, res: Err(e) },
+        };
+        self.ready.push_back(Completion { token, outcome });
+    }
+}
+
+impl crate::Driver for Driver {
+    fn submit(&mut self, token: Token, op: Op) {
+        let fd = match &op {
+            Op::Accept { fd } | Op::Recv { fd, .. } | Op::Send { fd, .. } => *fd,
+        };
+        let p = match self.parked(fd) {
+            Ok(p) => p,
+            Err(e) => return self.fail(token, op, e),
+        };
+        match op {
+            Op::Accept { .. } => {
+                p.accept = Some(token);
+                self.accept_fds.insert(token, fd);
+                self.try_accept(fd);
+            }
+            Op::Recv { buf, max, .. } => {
+                debug_assert!(p.recv.is_none(), "two receives on one descriptor");
+                p.recv = Some((token, buf, max));
+                self.try_recv(fd);
+            }
+            Op::Send { bufs, skip, .. } => {
+                debug_assert!(p.send.is_none(), "two sends on one descriptor");
+                p.send = Some((token, bufs, skip));
+                self.try_send(fd);
+            }
+        }
+    }
+
+    fn cancel_accept(&mut self, token: Token) {
+        if let Some(fd) = self.accept_fds.remove(&token) {
+            if let Some(p) = self.fds.get_mut(&fd) {
+                p.accept = None;
+            }
+            self.ready.push_back(Completion {
+                token,
+                outcome: Outcome::Accepted {
+                    res: Err(io::Error::from_raw_os_error(libc::ECANCELED)),
+                    more: false,
+                },
+            });
+        }
+    }
+
+    fn close(&mut self, fd: OwnedFd) {
+        let raw = fd.as_raw_fd();
+        if let Some(p) = self.fds.remove(&raw) {
+            debug_assert!(p.recv.is_none() && p.send.is_none(), "closing a descriptor with operations");
+            if p.registered {
+                let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+            }
+        }
+        drop(fd);
+    }
+
+    fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
+        let timeout = if self.ready.is_empty() { timeout } else { Some(Duration::ZERO) };
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        let ready: Vec<(RawFd, bool, bool)> = self
+            .events
+            .iter()
+            .filter(|e| e.token() != WAKE)
+            .map(|e| {
+                let err = e.is_error() || e.is_read_closed() || e.is_write_closed();
+                (e.token().0 as RawFd, e.is_readable() || err, e.is_writable() || err)
+            })
+            .collect();
+        for (fd, readable, writable) in ready {
+            if readable {
+                self.try_accept(fd);
+                self.try_recv(fd);
+            }
+            if writable {
+                self.try_send(fd);
+            }
+        }
+        out.extend(self.ready.drain(..));
+        Ok(())
+    }
+
+    fn waker(&self) -> Arc<dyn Wake> {
+        self.waker.clone()
+    }
+
+    fn name(&self) -> &'static str {
+        "poll"
+    }
+}

@@ -1,0 +1,142 @@
+//! Plain socket system calls used by both backends and by the runtime's setup code.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+/// A listening TCP socket (non-blocking, `SO_REUSEADDR`, close-on-exec) and its bound address.
+pub fn listen_tcp(host: &str, port: u16) -> io::Result<(OwnedFd, SocketAddr)> {
+    let l = TcpListener::bind((host, port))?;
+    l.set_nonblocking(true)?;
+    let addr = l.local_addr()?;
+    Ok((OwnedFd::from(l), addr))
+}
+
+/// A listening Unix socket. A stale socket file at `path` (no one listening) is removed first;
+/// a live one is an `AddrInUse` error.
+pub fn listen_unix(path: &Path) -> io::Result<OwnedFd> {
+    if path.exists() {
+        match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by a running server", path.display()),
+                ));
+            }
+            Err(_) => std::fs::remove_file(path)?,
+        }
+    }
+    let l = UnixListener::bind(path)?;
+    l.set_nonblocking(true)?;
+    Ok(OwnedFd::from(l))
+}
+
+/// Connects over TCP within `timeout` (every resolved address is tried), then makes the socket
+/// non-blocking with `TCP_NODELAY`.
+pub fn connect_tcp(host: &str, port: u16, timeout: Duration) -> io::Result<OwnedFd> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address"));
+    for addr in (host, port).to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => {
+                s.set_nodelay(true)?;
+                s.set_nonblocking(true)?;
+                return Ok(OwnedFd::from(s));
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Connects to a Unix socket and makes it non-blocking.
+pub fn connect_unix(path: &Path) -> io::Result<OwnedFd> {
+    let s = UnixStream::connect(path)?;
+    s.set_nonblocking(true)?;
+    Ok(OwnedFd::from(s))
+}
+
+/// Prepares an accepted socket: non-blocking, `TCP_NODELAY` when it is TCP.
+pub fn prepare_accepted(fd: &OwnedFd) -> io::Result<()> {
+    set_nonblocking(fd.as_raw_fd())?;
+    let one: libc::c_int = 1;
+    // SAFETY: `fd` is an open socket; the option value points to a live c_int of the given size.
+    // ENOTSUP/EOPNOTSUPP on Unix sockets is expected and ignored.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    Ok(())
+}
+
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor the caller owns; F_GETFL/F_SETFL touch no memory.
+    let r = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 { flags } else { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) }
+    };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Shuts both directions of a socket down: the peer sees end of stream and pending receives
+/// complete, so the descriptor can be closed once its operations are back.
+pub fn shutdown(fd: RawFd) {
+    // SAFETY: shutdown touches no memory; an already closed/invalid fd just returns an error.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
+
+/// `recv` into the spare capacity of `buf`, at most `max` bytes; grows `buf.len()`.
+pub fn recv(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    let max = max.min(buf.capacity() - buf.len());
+    // SAFETY: the destination is the vector's spare capacity, at least `max` bytes long, which
+    // nothing else references during the call.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().add(buf.len()) as *mut libc::c_void, max, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel initialised exactly `n <= max` bytes past the old length.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    Ok(n as usize)
+}
+
+/// `sendmsg` of the unsent part of `bufs`, with `MSG_NOSIGNAL` (a closed peer is an error, not
+/// a signal).
+pub fn send(fd: RawFd, bufs: &[Bytes], skip: usize) -> io::Result<usize> {
+    let iov = crate::iovecs(bufs, skip, crate::MAX_IOV);
+    // SAFETY: an all-zero msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: `msg` points at `iov`, whose entries point into `bufs`; all outlive the call.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// `accept4` with close-on-exec and non-blocking set on the new socket.
+pub fn accept(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: null address pointers are allowed by accept4; flags are valid.
+    let r = unsafe {
+        libc::accept4(fd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r) })
+}
+
+/// Sum of the lengths of `bufs`.
+pub fn total_len(bufs: &[Bytes]) -> usize {
+    bufs.iter().map(Bytes::len).sum()
+}

@@ -1,0 +1,292 @@
+//! The io_uring backend.
+//!
+//! One ring per engine thread, created by that thread (`SINGLE_ISSUER`, `DEFER_TASKRUN` where
+//! the kernel has them). Operations are queued as submission entries and handed to the kernel
+//! in one `io_uring_enter` per loop turn, together with the wait for completions. Listeners use
+//! multishot accept; sends are vectored `sendmsg`; a wake-up is an `eventfd` read kept armed on
+//! the ring.
+//!
+//! Every in-flight operation's buffers live in this driver's `ops` slab, keyed by the entry's
+//! `user_data`, from submission until its completion is reaped: that is the invariant each
+//! `SAFETY` comment below relies on.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
+use slab::Slab;
+
+use crate::{Completion, Op, Outcome, Token, Wake};
+
+const ENTRIES: u32 = 1024;
+
+#[derive(Debug)]
+enum InFlight {
+    Accept { token: Token },
+    Recv { token: Token, buf: Vec<u8> },
+    Send { token: Token, bufs: Vec<Bytes>, skip: usize, _iov: Vec<libc::iovec>, _msg: Box<libc::msghdr> },
+    Wake { _buf: Box<u64> },
+    Cancel,
+}
+
+/// The io_uring driver.
+pub struct Driver {
+    ring: IoUring,
+    ops: Slab<InFlight>,
+    accepts: HashMap<Token, usize>,
+    wake_fd: Arc<EventFd>,
+    wake_armed: bool,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("uring::Driver").field("in_flight", &self.ops.len()).finish()
+    }
+}
+
+#[derive(Debug)]
+struct EventFd(OwnedFd);
+
+impl Wake for EventFd {
+    fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+        let r = unsafe { libc::write(self.0.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // EAGAIN: the counter is saturated, so a wake-up is pending anyway.
+            if e.kind() != io::ErrorKind::WouldBlock {
+                tracing::error!("waking the uring driver failed: {e}");
+            }
+        }
+    }
+}
+
+impl Driver {
+    /// Creates a ring and checks that the kernel has every operation daffi uses.
+    pub fn new() -> io::Result<Driver> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_coop_taskrun()
+            .build(ENTRIES)
+            .or_else(|_| IoUring::builder().build(ENTRIES))?;
+        let mut probe = Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        for (code, name) in [
+            (opcode::AcceptMulti::CODE, "accept"),
+            (opcode::Recv::CODE, "recv"),
+            (opcode::SendMsg::CODE, "sendmsg"),
+            (opcode::Read::CODE, "read"),
+            (opcode::AsyncCancel::CODE, "async cancel"),
+        ] {
+            if !probe.is_supported(code) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("the kernel's io_uring lacks {name}"),
+                ));
+            }
+        }
+        if !ring.params().is_feature_ext_arg() {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring without EXT_ARG (kernel < 5.11)"));
+        }
+        // SAFETY: eventfd takes no pointers; the result is checked before use.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `efd` is a fresh descriptor owned by nobody else.
+        let wake_fd = Arc::new(EventFd(unsafe { OwnedFd::from_raw_fd(efd) }));
+        let mut d = Driver { ring, ops: Slab::with_capacity(256), accepts: HashMap::new(), wake_fd, wake_armed: false };
+        d.arm_wake();
+        Ok(d)
+    }
+
+    fn push(&mut self, sqe: squeue::Entry) {
+        loop {
+            // SAFETY: every pointer in `sqe` refers to memory owned by `self.ops` (or by the
+            // caller's slab entry created just before), which lives until the completion.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return;
+            }
+            // The queue is full: hand what is there to the kernel and retry.
+            if let Err(e) = self.ring.submit() {
+                tracing::error!("io_uring submit failed: {e}");
+            }
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let mut buf = Box::new(0u64);
+        let ptr = &mut *buf as *mut u64 as *mut u8;
+        let key = self.ops.insert(InFlight::Wake { _buf: buf });
+        let sqe = opcode::Read::new(types::Fd(self.wake_fd.0.as_raw_fd()), ptr, 8).build().user_data(key as u64);
+        self.push(sqe);
+        self.wake_armed = true;
+    }
+
+    fn complete(&mut self, key: usize, res: i32, flags: u32, out: &mut Vec<Completion>) {
+        let err = || io::Error::from_raw_os_error(-res);
+        match &self.ops[key] {
+            InFlight::Accept { token } => {
+                let token = *token;
+                let more = cqueue::more(flags);
+                if !more {
+                    self.ops.remove(key);
+                    self.accepts.remove(&token);
+                }
+                let res = if res >= 0 {
+                    // SAFETY: a successful accept completion carries a new descriptor we own.
+                    Ok(unsafe { OwnedFd::from_raw_fd(res as RawFd) })
+                } else {
+                    Err(err())
+                };
+                out.push(Completion { token, outcome: Outcome::Accepted { res, more } });
+            }
+            InFlight::Recv { .. } => {
+                let InFlight::Recv { token, mut buf } = self.ops.remove(key) else { unreachable!() };
+                let res = if res >= 0 {
+                    // SAFETY: the kernel wrote `res` bytes into the spare capacity we lent it.
+                    unsafe { buf.set_len(buf.len() + res as usize) };
+                    Ok(res as usize)
+                } else {
+                    Err(err())
+                };
+                out.push(Completion { token, outcome: Outcome::Recv { buf, res } });
+            }
+            InFlight::Send { .. } => {
+                let InFlight::Send { token, bufs, skip, .. } = self.ops.remove(key) else { unreachable!() };
+                let res = if res >= 0 { Ok(res as usize) } else { Err(err()) };
+                out.push(Completion { token, outcome: Outcome::Sent { bufs, skip, res } });
+            }
+            InFlight::Wake { .. } => {
+                self.ops.remove(key);
+                self.wake_armed = false;
+            }
+            InFlight::Cancel => {
+                self.ops.remove(key);
+            }
+        }
+    }
+}
+
+impl crate::Driver for Driver {
+    fn submit(&mut self, token: Token, op: Op) {
+        match op {
+            Op::Accept { fd } => {
+                let key = self.ops.insert(InFlight::Accept { token });
+                self.accepts.insert(token, key);
+                let sqe = opcode::AcceptMulti::new(types::Fd(fd))
+                    .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+                    .build()
+                    .user_data(key as u64);
+                self.push(sqe);
+            }
+            Op::Recv { fd, mut buf, max } => {
+                let max = max.min(buf.capacity() - buf.len()).min(u32::MAX as usize);
+                // SAFETY: points at the vector's spare capacity; the heap block does not move
+                // when the Vec is moved into the slab below.
+                let ptr = unsafe { buf.as_mut_ptr().add(buf.len()) };
+                let key = self.ops.insert(InFlight::Recv { token, buf });
+                let sqe = opcode::Recv::new(types::Fd(fd), ptr, max as u32).build().user_data(key as u64);
+                self.push(sqe);
+            }
+            Op::Send { fd, bufs, skip } => {
+                let iov = crate::iovecs(&bufs, skip, crate::MAX_IOV);
+                // SAFETY: an all-zero msghdr is valid (no name, no control data).
+                let mut msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+                msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+                msg.msg_iovlen = iov.len() as _;
+                let msg_ptr = &*msg as *const libc::msghdr;
+                let key = self.ops.insert(InFlight::Send { token, bufs, skip, _iov: iov, _msg: msg });
+                let sqe = opcode::SendMsg::new(types::Fd(fd), msg_ptr)
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .build()
+                    .user_data(key as u64);
+                self.push(sqe);
+            }
+        }
+    }
+
+    fn cancel_accept(&mut self, token: Token) {
+        if let Some(&key) = self.accepts.get(&token) {
+            let cancel = self.ops.insert(InFlight::Cancel);
+            let sqe = opcode::AsyncCancel::new(key as u64).build().user_data(cancel as u64);
+            self.push(sqe);
+        }
+    }
+
+    fn close(&mut self, fd: OwnedFd) {
+        drop(fd);
+    }
+
+    fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
+        if !self.wake_armed {
+            self.arm_wake();
+        }
+        let want = if self.ring.completion().is_empty() { 1 } else { 0 };
+        let r = match timeout {
+            Some(t) if want > 0 => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(want, &args)
+            }
+            _ => self.ring.submitter().submit_and_wait(want),
+        };
+        match r {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+            Err(e) => return Err(e),
+        }
+        let cqes: Vec<(u64, i32, u32)> =
+            self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())).collect();
+        for (key, res, flags) in cqes {
+            self.complete(key as usize, res, flags, out);
+        }
+        Ok(())
+    }
+
+    fn waker(&self) -> Arc<dyn Wake> {
+        self.wake_fd.clone()
+    }
+
+    fn name(&self) -> &'static str {
+        "uring"
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Buffers of operations still in flight must outlive the kernel's use of them: cancel
+        // everything and reap until the slab is empty (bounded, in case a kernel misbehaves).
+        // SAFETY: AsyncCancel2 with ANY touches no user memory.
+        let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(u64::MAX);
+        // SAFETY: see above; the entry holds no pointers.
+        let _ = unsafe { self.ring.submission().push(&sqe) };
+        for _ in 0..100 {
+            if self.ops.is_empty() {
+                break;
+            }
+            let _ = self.ring.submitter().submit_with_args(
+                1,
+                &types::SubmitArgs::new().timespec(&types::Timespec::from(Duration::from_millis(10))),
+            );
+            let cqes: Vec<(u64, i32, u32)> =
+                self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())).collect();
+            let mut sink = Vec::new();
+            for (key, res, flags) in cqes {
+                if key != u64::MAX && self.ops.contains(key as usize) {
+                    self.complete(key as usize, res, flags, &mut sink);
+                }
+            }
+        }
+        if !self.ops.is_empty() {
+            // Leak rather than free memory the kernel may still write to.
+            std::mem::forget(std::mem::take(&mut self.ops));
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The state of one connection: handshake, then requests and responses both ways.
+//!
+//! A [`Connection`] is fed received bytes ([`Connection::recv_target`] / [`Connection::recv_done`])
+//! and produces [`Event`]s for the runtime, and the byte buffers to send
+//! ([`Connection::poll_transmit`]). The runtime decides what the events mean to its node.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use crate::frame::{Flags, Kind, encode_head, error_code};
+use crate::handshake::{Hello, decode_names, encode_names};
+use crate::reader::{DecodeError, FrameReader, Item, RecvTarget};
+
+/// Which end of the connection this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sends `Hello`, waits for `Welcome`.
+    Client,
+    /// Waits for `Hello`, answers `Welcome`.
+    Server,
+}
+
+/// This side's identity, announced in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Local {
+    pub name: String,
+    pub functions: Vec<String>,
+    pub max_message_size: u64,
+}
+
+/// The other side, as it announced itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    pub functions: Vec<String>,
+    pub max_message_size: u64,
+}
+
+/// Something the runtime must act on.
+#[derive(Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The handshake completed.
+    Open(Peer),
+    /// The peer calls one of our functions.
+    Request { call_id: u64, name: String, serde: u8, flags: Flags, payload: Vec<u8> },
+    /// The result of one of our calls.
+    Response { call_id: u64, serde: u8, flags: Flags, payload: Vec<u8> },
+    /// One of our calls failed on the other side.
+    Error { call_id: u64, code: String, payload: Vec<u8> },
+    /// The peer exports more functions now.
+    Announce(Vec<String>),
+    /// The peer is closing, and says why.
+    Goodbye(String),
+}
+
+/// Why a frame could not be sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    #[error("the handshake has not completed")]
+    NotOpen,
+    #[error("message of {size} bytes exceeds the peer's limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Handshake,
+    Open,
+}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+pub struct Connection {
+    role: Role,
+    state: State,
+    local: Local,
+    peer: Option<Peer>,
+    reader: FrameReader,
+    out: VecDeque<Bytes>,
+    events: VecDeque<Event>,
+}
+
+impl Connection {
+    pub fn new(role: Role, local: Local) -> Connection {
+        let mut c = Connection {
+            role,
+            state: State::Handshake,
+            reader: FrameReader::new(local.max_message_size),
+            local,
+            peer: None,
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+        };
+        if role == Role::Client {
+            c.push_hello(Kind::Hello);
+        }
+        c
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    pub fn peer(&self) -> Option<&Peer> {
+        self.peer.as_ref()
+    }
+
+    pub fn local(&self) -> &Local {
+        &self.local
+    }
+
+    fn push_hello(&mut self, kind: Kind) {
+        let body = Hello {
+            max_message_size: self.local.max_message_size,
+            functions: self.local.functions.clone(),
+        }
+        .encode();
+        self.out.push_back(encode_head(kind, 0, 0, 0, &self.local.name, body.len() as u64));
+        self.out.push_back(body);
+    }
+
+    /// The buffer the next receive should fill (see [`FrameReader::target`]).
+    pub fn recv_target(&mut self) -> RecvTarget {
+        self.reader.target()
+    }
+
+    /// Takes back the receive buffer and parses every complete frame in it.
+    pub fn recv_done(&mut self, buf: Vec<u8>) -> Result<(), DecodeError> {
+        self.reader.filled(buf);
+        while let Some(item) = self.reader.next()? {
+            match item {
+                Item::Frame(f) => self.handle_frame(f)?,
+                Item::Oversized(h) => {
+                    if h.kind == Kind::Request && !h.flags.no_reply() {
+                        let msg = format!(
+                            "message of {} bytes exceeds the receiver's limit of {} bytes",
+                            h.body_len(),
+                            self.local.max_message_size
+                        );
+                        self.send_error(h.call_id, error_code::TOO_LARGE, Bytes::from(msg));
+                    } else if h.kind != Kind::Request {
+                        self.events.push_back(Event::Error {
+                            call_id: h.call_id,
+                            code: error_code::TOO_LARGE.to_owned(),
+                            payload: format!(
+                                "response of {} bytes exceeds this side's limit of {} bytes",
+                                h.body_len(),
+                                self.local.max_message_size
+                            )
+                            .into_bytes(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// True when the stream may end here without losing part of a frame.
+    pub fn recv_idle(&self) -> bool {
+        self.reader.is_idle()
+    }
+
+    fn handle_frame(&mut self, f: crate::frame::Frame) -> Result<(), DecodeError> {
+        let h = f.header;
+        match (self.state, self.role, h.kind) {
+            (State::Handshake, Role::Server, Kind::Hello)
+            | (State::Handshake, Role::Client, Kind::Welcome) => {
+                let hello = Hello::decode(&f.payload)?;
+                let peer = Peer {
+                    name: f.meta,
+                    functions: hello.functions,
+                    max_message_size: hello.max_message_size,
+                };
+                self.peer = Some(peer.clone());
+                self.state = State::Open;
+                if self.role == Role::Server {
+                    self.push_hello(Kind::Welcome);
+                }
+                self.events.push_back(Event::Open(peer));
+            }
+            (_, _, Kind::Goodbye) => self.events.push_back(Event::Goodbye(f.meta)),
+            (State::Handshake, _, k) => return Err(DecodeError::Unexpected(k, "before the handshake")),
+            (State::Open, _, Kind::Hello | Kind::Welcome) => {
+                return Err(DecodeError::Unexpected(h.kind, "after the handshake"));
+            }
+            (State::Open, _, Kind::Request) => self.events.push_back(Event::Request {
+                call_id: h.call_id,
+                name: f.meta,
+                serde: h.serde,
+                flags: h.flags,
+                payload: f.payload,
+            }),
+            (State::Open, _, Kind::Response) => self.events.push_back(Event::Response {
+                call_id: h.call_id,
+                serde: h.serde,
+                flags: h.flags,
+                payload: f.payload,
+            }),
+            (State::Open, _, Kind::Error) => self.events.push_back(Event::Error {
+                call_id: h.call_id,
+                code: f.meta,
+                payload: f.payload,
+            }),
+            (State::Open, _, Kind::Announce) => {
+                let names = decode_names(&f.payload)?;
+                if let Some(p) = &mut self.peer {
+                    for n in &names {
+                        if !p.functions.contains(n) {
+                            p.functions.push(n.clone());
+                        }
+                    }
+                }
+                self.events.push_back(Event::Announce(names));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn check_size(&self, meta: &str, payload: usize) -> Result<(), SendError> {
+        let peer = self.peer.as_ref().ok_or(SendError::NotOpen)?;
+        let size = (meta.len() + payload) as u64;
+        if size > peer.max_message_size {
+            return Err(SendError::TooLarge { size, limit: peer.max_message_size });
+        }
+        Ok(())
+    }
+
+    /// Queues a call of the peer's function `name`.
+    pub fn request(
+        &mut self,
+        call_id: u64,
+        name: &str,
+        serde: u8,
+        flags: u8,
+        payload: Bytes,
+    ) -> Result<(), SendError> {
+        self.check_size(name, payload.len())?;
+        self.push(Kind::Request, call_id, serde, flags, name, payload);
+        Ok(())
+    }
+
+    /// Queues the result of the peer's call `call_id`.
+    pub fn respond(&mut self, call_id: u64, serde: u8, flags: u8, payload: Bytes) -> Result<(), SendError> {
+        if let Err(SendError::TooLarge { size, limit }) = self.check_size("", payload.len()) {
+            let msg = format!("result of {size} bytes exceeds the caller's limit of {limit} bytes");
+            self.send_error(call_id, error_code::TOO_LARGE, Bytes::from(msg));
+            return Err(SendError::TooLarge { size, limit });
+        }
+        self.push(Kind::Response, call_id, serde, flags, "", payload);
+        Ok(())
+    }
+
+    /// Queues an error answer to the peer's call `call_id`.
+    pub fn send_error(&mut self, call_id: u64, code: &str, payload: Bytes) {
+        self.push(Kind::Error, call_id, 0, 0, code, payload);
+    }
+
+    /// Tells the peer about functions exported since the handshake.
+    pub fn announce(&mut self, names: &[String]) {
+        self.local.functions.extend(names.iter().cloned());
+        // Whatever is in `local.functions` before our hello is encoded travels in the hello; a
+        // client's hello is queued at construction, a server's when the peer's hello arrives.
+        if self.role == Role::Client || self.state == State::Open {
+            self.push(Kind::Announce, 0, 0, 0, "", encode_names(names));
+        }
+    }
+
+    /// Queues a goodbye; the runtime closes the connection once it is sent.
+    pub fn goodbye(&mut self, reason: &str) {
+        self.push(Kind::Goodbye, 0, 0, 0, reason, Bytes::new());
+    }
+
+    fn push(&mut self, kind: Kind, call_id: u64, serde: u8, flags: u8, meta: &str, payload: Bytes) {
+        self.out.push_back(encode_head(kind, call_id, serde, flags, meta, payload.len() as u64));
+        if !payload.is_empty() {
+            self.out.push_back(payload);
+        }
+    }
+
+    /// Moves up to `max` queued buffers to `out`, in order. Returns how many were moved.
+    pub fn poll_transmit(&mut self, out: &mut Vec<Bytes>, max: usize) -> usize {
+        let n = self.out.len().min(max);
+        out.extend(self.out.drain(..n));
+        n
+    }
+
+    pub fn has_transmit(&self) -> bool {
+        !self.out.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(name: &str, functions: &[&str], max: u64) -> Local {
+        Local {
+            name: name.into(),
+            functions: functions.iter().map(|s| s.to_string()).collect(),
+            max_message_size: max,
+        }
+    }
+
+    /// Moves every queued byte from `a` to `b` in chunks of `step`, like a socket pair would.
+    fn pump(a: &mut Connection, b: &mut Connection, step: usize) {
+        let mut bufs = Vec::new();
+        while a.poll_transmit(&mut bufs, 16) > 0 {}
+        let stream: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        let mut at = 0;
+        while at < stream.len() {
+            let mut t = b.recv_target();
+            let n = t.max.min(step).min(stream.len() - at);
+            t.buf.extend_from_slice(&stream[at..at + n]);
+            at += n;
+            b.recv_done(t.buf).unwrap();
+        }
+    }
+
+    fn events(c: &mut Connection) -> Vec<Event> {
+        std::iter::from_fn(|| c.poll_event()).collect()
+    }
+
+    #[test]
+    fn handshake_then_calls_both_ways() {
+        let mut client = Connection::new(Role::Client, local("cli", &[], 1 << 20));
+        let mut server = Connection::new(Role::Server, local("svc", &["add"], 1 << 20));
+        assert_eq!(client.request(1, "add", 2, 0, Bytes::new()), Err(SendError::NotOpen));
+        pump(&mut client, &mut server, 5);
+        assert_eq!(
+            events(&mut server),
+            vec![Event::Open(Peer { name: "cli".into(), functions: vec![], max_message_size: 1 << 20 })]
+        );
+        pump(&mut server, &mut client, 3);
+        assert!(matches!(&events(&mut client)[..], [Event::Open(p)] if p.name == "svc" && p.functions == ["add"]));
+
+        client.request(u64::MAX, "add", 2, 0, Bytes::from_static(b"args")).unwrap();
+        pump(&mut client, &mut server, 1000);
+        let ev = events(&mut server);
+        assert_eq!(
+            ev,
+            vec![Event::Request {
+                call_id: u64::MAX,
+                name: "add".into(),
+                serde: 2,
+                flags: Flags(0),
+                payload: b"args".to_vec()
+            }]
+        );
+        server.respond(u64::MAX, 2, Flags::TEXT, Bytes::from_static(b"3")).unwrap();
+        server.announce(&["late".into()]);
+        pump(&mut server, &mut client, 2);
+        let ev = events(&mut client);
+        assert_eq!(ev[0], Event::Response { call_id: u64::MAX, serde: 2, flags: Flags(Flags::TEXT), payload: b"3".to_vec() });
+        assert_eq!(ev[1], Event::Announce(vec!["late".into()]));
+        assert_eq!(client.peer().unwrap().functions, ["add", "late"]);
+    }
+
+    #[test]
+    fn size_limits_are_enforced_both_ways() {
+        let mut client = Connection::new(Role::Client, local("cli", &[], 100));
+        let mut server = Connection::new(Role::Server, local("svc", &["f"], 1000));
+        pump(&mut client, &mut server, 64);
+        pump(&mut server, &mut client, 64);
+        events(&mut client);
+        events(&mut server);
+        // The sender refuses what the receiver announced it would refuse.
+        assert_eq!(
+            client.request(1, "f", 0, 0, Bytes::from(vec![0; 2000])),
+            Err(SendError::TooLarge { size: 2001, limit: 1000 })
+        );
+        // A result too large for the caller becomes an error answer.
+        assert!(server.respond(9, 0, 0, Bytes::from(vec![0; 500])).is_err());
+        pump(&mut server, &mut client, 64);
+        assert!(matches!(&events(&mut client)[..], [Event::Error { call_id: 9, code, .. }] if code == "too-large"));
+    }
+
+    #[test]
+    fn frames_before_handshake_are_refused() {
+        let mut server = Connection::new(Role::Server, local("svc", &[], 1000));
+        let mut t = server.recv_target();
+        t.buf.extend_from_slice(&encode_head(Kind::Request, 1, 0, 0, "f", 0));
+        assert!(matches!(server.recv_done(t.buf), Err(DecodeError::Unexpected(Kind::Request, _))));
+    }
+}

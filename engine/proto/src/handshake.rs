@@ -1,0 +1,114 @@
+//! The payload of `Hello`, `Welcome` and `Announce` frames.
+//!
+//! ```text
+//! Hello / Welcome payload:  max_message_size: u64 LE, names
+//! Announce payload:         names
+//! names:                    count: u32 LE, then per name: len: u16 LE, UTF-8 bytes
+//! ```
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::reader::DecodeError;
+
+/// What each side tells the other when a connection opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The largest message (meta + payload) the sender accepts.
+    pub max_message_size: u64,
+    /// The functions the sender exports.
+    pub functions: Vec<String>,
+}
+
+impl Hello {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(12 + self.functions.iter().map(|f| 2 + f.len()).sum::<usize>());
+        out.put_u64_le(self.max_message_size);
+        put_names(&mut out, &self.functions);
+        out.freeze()
+    }
+
+    pub fn decode(mut b: &[u8]) -> Result<Hello, DecodeError> {
+        if b.len() < 8 {
+            return Err(DecodeError::Handshake("hello shorter than 8 bytes"));
+        }
+        let max_message_size = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+        b = &b[8..];
+        Ok(Hello { max_message_size, functions: decode_names(b)? })
+    }
+}
+
+/// Encodes a list of names.
+pub fn encode_names(names: &[String]) -> Bytes {
+    let mut out = BytesMut::new();
+    put_names(&mut out, names);
+    out.freeze()
+}
+
+fn put_names(out: &mut BytesMut, names: &[String]) {
+    out.put_u32_le(names.len() as u32);
+    for n in names {
+        // Names are validated to fit in u16 where they are registered; clip defensively.
+        let n = &n.as_bytes()[..n.len().min(u16::MAX as usize)];
+        out.put_u16_le(n.len() as u16);
+        out.put_slice(n);
+    }
+}
+
+/// Decodes a list of names; every length is checked against what is actually there.
+pub fn decode_names(mut b: &[u8]) -> Result<Vec<String>, DecodeError> {
+    if b.len() < 4 {
+        return Err(DecodeError::Handshake("name list shorter than its count"));
+    }
+    let count = u32::from_le_bytes(b[..4].try_into().expect("4 bytes")) as usize;
+    b = &b[4..];
+    // Each name needs at least two bytes, so a count larger than that is a lie.
+    if count > b.len() / 2 {
+        return Err(DecodeError::Handshake("name count exceeds payload"));
+    }
+    let mut names = Vec::with_capacity(count);
+    for _ in 0..count {
+        if b.len() < 2 {
+            return Err(DecodeError::Handshake("truncated name list"));
+        }
+        let len = u16::from_le_bytes([b[0], b[1]]) as usize;
+        b = &b[2..];
+        if b.len() < len {
+            return Err(DecodeError::Handshake("truncated name"));
+        }
+        let name = std::str::from_utf8(&b[..len]).map_err(|_| DecodeError::Utf8("function name"))?;
+        names.push(name.to_owned());
+        b = &b[len..];
+    }
+    if !b.is_empty() {
+        return Err(DecodeError::Handshake("trailing bytes after name list"));
+    }
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_round_trip() {
+        let h = Hello { max_message_size: 1 << 40, functions: vec!["add".into(), "grüß".into(), String::new()] };
+        assert_eq!(Hello::decode(&h.encode()), Ok(h));
+    }
+
+    #[test]
+    fn hello_rejects_lies() {
+        assert!(Hello::decode(&[0; 7]).is_err());
+        let mut b = vec![0u8; 8];
+        b.extend_from_slice(&1000u32.to_le_bytes());
+        b.extend_from_slice(&[1, 0, b'a']);
+        assert!(Hello::decode(&b).is_err());
+        let mut b = vec![0u8; 8];
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&[5, 0, b'a']);
+        assert!(Hello::decode(&b).is_err());
+        let mut b = vec![0u8; 8];
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&[1, 0, 0xff]);
+        assert_eq!(Hello::decode(&b), Err(DecodeError::Utf8("function name")));
+    }
+}

@@ -1,0 +1,27 @@
+//! daffi's wire protocol, without any I/O.
+//!
+//! This crate turns bytes into frames and frames into bytes, runs the handshake and keeps the
+//! state of one connection. It owns no sockets, reads no clocks and starts no threads: the
+//! runtime feeds it received bytes and drains the bytes it wants sent.
+//!
+//! ```text
+//!   socket bytes ──► FrameReader ──► Connection::handle_frame ──► Event (Request, Response, ...)
+//!   Connection::request/respond/... ──► outgoing Bytes (header + meta, payload) ──► socket
+//! ```
+//!
+//! The byte layout is described in `docs/protocol.md` at the repository root; golden frames live
+//! in `testdata/`.
+#![forbid(unsafe_code)]
+
+pub mod connection;
+pub mod frame;
+pub mod handshake;
+pub mod reader;
+
+pub use connection::{Connection, Event, Local, Peer, Role};
+pub use frame::{Flags, Frame, Header, Kind, HEADER_LEN, MAGIC, VERSION};
+pub use handshake::Hello;
+pub use reader::{DecodeError, FrameReader, RecvTarget};
+
+/// Default cap on one incoming message (meta + payload): 1 GiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 1 << 30;

@@ -1,0 +1,572 @@
+//! The engine thread: one driver, every connection of every node of the process.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_queue::SegQueue;
+use daffi_driver::{AnyDriver, Backend, Completion, Driver, Op, Outcome, Wake, sys};
+use daffi_proto::frame::error_code;
+use daffi_proto::{Connection, Event, Local, Role};
+
+use crate::call::{CallError, Reply};
+use crate::node::{ClientShared, IncomingCall, MemberEvent, Phase, ServerShared};
+
+/// Work handed to the engine thread by node handles.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Listen { fd: OwnedFd, server: Arc<ServerShared> },
+    Attach { fd: OwnedFd, client: Arc<ClientShared>, local: Local },
+    Request { conn: u64, call_id: u64, name: String, serde: u8, flags: u8, payload: Bytes },
+    Respond { conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes },
+    Fail { conn: u64, call_id: u64, code: &'static str, payload: Bytes },
+    Announce { owner: u64, names: Vec<String> },
+    Close { conn: u64, reason: String },
+    StopServer { id: u64 },
+}
+
+#[derive(Debug)]
+struct Shared {
+    queue: SegQueue<Command>,
+    waker: Arc<dyn Wake>,
+    sleeping: AtomicBool,
+    backend: &'static str,
+    ids: AtomicU64,
+}
+
+/// A handle to an engine thread. Cheap to clone; every node of a backend shares one.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+static ENGINES: OnceLock<Mutex<HashMap<Backend, Engine>>> = OnceLock::new();
+
+impl Engine {
+    /// The process-wide engine for `backend`, started on first use.
+    pub fn get(backend: Backend) -> io::Result<Engine> {
+        let mut engines = ENGINES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = engines.get(&backend) {
+            return Ok(e.clone());
+        }
+        let engine = Engine::spawn(backend)?;
+        let resolved = if engine.backend() == "uring" { Backend::Uring } else { Backend::Poll };
+        // `auto` shares the engine of the backend it resolved to.
+        let engine = engines.entry(resolved).or_insert(engine).clone();
+        engines.insert(backend, engine.clone());
+        Ok(engine)
+    }
+
+    /// The engine picked by `DAFFI_BACKEND` (`auto` when unset).
+    pub fn from_env() -> io::Result<Engine> {
+        let v = std::env::var("DAFFI_BACKEND").unwrap_or_default();
+        let backend = Backend::parse(&v).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("DAFFI_BACKEND={v:?}: expected auto, uring or poll"))
+        })?;
+        Engine::get(backend)
+    }
+
+    fn spawn(backend: Backend) -> io::Result<Engine> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new().name("daffi-engine".into()).spawn(move || {
+            // The driver is created on the thread that uses it (io_uring SINGLE_ISSUER).
+            let driver = match AnyDriver::new(backend) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let shared = Arc::new(Shared {
+                queue: SegQueue::new(),
+                waker: driver.waker(),
+                sleeping: AtomicBool::new(false),
+                backend: driver.name(),
+                ids: AtomicU64::new(1),
+            });
+            let _ = tx.send(Ok(shared.clone()));
+            Loop::new(driver, shared).run();
+        })?;
+        let shared = rx.recv().map_err(|_| io::Error::other("engine thread died at start"))??;
+        tracing::debug!("daffi engine started on the {} backend", shared.backend);
+        Ok(Engine { shared })
+    }
+
+    /// `"uring"` or `"poll"`.
+    pub fn backend(&self) -> &'static str {
+        self.shared.backend
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.shared.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn send(&self, cmd: Command) {
+        self.shared.queue.push(cmd);
+        if self.shared.sleeping.swap(false, Ordering::SeqCst) {
+            self.shared.waker.wake();
+        }
+    }
+}
+
+const ACCEPT: u64 = 0;
+const RECV: u64 = 1;
+const SEND: u64 = 2;
+
+fn token(id: u64, op: u64) -> u64 {
+    (id << 2) | op
+}
+
+/// How long a peer may take to complete the handshake.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+/// How long a closing connection may take to flush what is queued.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+const TICK: Duration = Duration::from_millis(500);
+
+#[derive(Debug)]
+enum Owner {
+    Server(Arc<ServerShared>),
+    Client(Arc<ClientShared>),
+}
+
+impl Owner {
+    fn id(&self) -> u64 {
+        match self {
+            Owner::Server(s) => s.id,
+            Owner::Client(c) => c.conn,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Conn {
+    fd: OwnedFd,
+    proto: Connection,
+    owner: Owner,
+    recv_busy: bool,
+    /// The send in flight: total bytes of its buffers.
+    send_busy: bool,
+    opened: Instant,
+    /// Set once closing started: the reason, and when to stop waiting for a flush.
+    closing: Option<(String, Instant)>,
+    /// Shut down: nothing more is sent or received.
+    shut: bool,
+}
+
+#[derive(Debug)]
+struct Listener {
+    fd: Option<OwnedFd>,
+    server: Arc<ServerShared>,
+    stopping: bool,
+}
+
+struct Loop {
+    driver: AnyDriver,
+    shared: Arc<Shared>,
+    conns: HashMap<u64, Conn>,
+    listeners: HashMap<u64, Listener>,
+    dirty: Vec<u64>,
+    completions: Vec<Completion>,
+}
+
+impl Loop {
+    fn new(driver: AnyDriver, shared: Arc<Shared>) -> Loop {
+        Loop { driver, shared, conns: HashMap::new(), listeners: HashMap::new(), dirty: Vec::new(), completions: Vec::new() }
+    }
+
+    fn run(mut self) {
+        let mut last_tick = Instant::now();
+        loop {
+            while let Some(cmd) = self.shared.queue.pop() {
+                self.apply(cmd);
+            }
+            self.flush_dirty();
+            self.shared.sleeping.store(true, Ordering::SeqCst);
+            if !self.shared.queue.is_empty() {
+                self.shared.sleeping.store(false, Ordering::SeqCst);
+                continue;
+            }
+            let mut completions = std::mem::take(&mut self.completions);
+            if let Err(e) = self.driver.wait(&mut completions, Some(TICK)) {
+                tracing::error!("daffi engine wait failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.shared.sleeping.store(false, Ordering::SeqCst);
+            for c in completions.drain(..) {
+                self.complete(c);
+            }
+            self.completions = completions;
+            if last_tick.elapsed() >= TICK {
+                last_tick = Instant::now();
+                self.tick(last_tick);
+            }
+        }
+    }
+
+    fn apply(&mut self, cmd: Command) {
+        match cmd {
+            Command::Listen { fd, server } => {
+                let id = server.id;
+                self.driver.submit(token(id, ACCEPT), Op::Accept { fd: fd.as_raw_fd() });
+                self.listeners.insert(id, Listener { fd: Some(fd), server, stopping: false });
+            }
+            Command::Attach { fd, client, local } => {
+                let id = client.conn;
+                let proto = Connection::new(Role::Client, local);
+                self.add_conn(id, fd, proto, Owner::Client(client));
+            }
+            Command::Request { conn, call_id, name, serde, flags, payload } => {
+                let Some(c) = self.conns.get_mut(&conn) else { return };
+                if c.closing.is_some() {
+                    return;
+                }
+                if let Err(e) = c.proto.request(call_id, &name, serde, flags, payload) {
+                    if let Owner::Client(cl) = &c.owner {
+                        cl.calls.complete(call_id, Err(CallError::Transmission(e.to_string())));
+                    }
+                    return;
+                }
+                self.dirty.push(conn);
+            }
+            Command::Respond { conn, call_id, serde, flags, payload } => {
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    tracing::debug!("dropping the answer to call {call_id}: its caller left");
+                    return;
+                };
+                if c.shut {
+                    return;
+                }
+                if let Err(e) = c.proto.respond(call_id, serde, flags, payload) {
+                    tracing::warn!("answer to call {call_id} not sent: {e}");
+                }
+                self.dirty.push(conn);
+            }
+            Command::Fail { conn, call_id, code, payload } => {
+                let Some(c) = self.conns.get_mut(&conn) else { return };
+                if c.shut {
+                    return;
+                }
+                c.proto.send_error(call_id, code, payload);
+                self.dirty.push(conn);
+            }
+            Command::Announce { owner, names } => {
+                for (id, c) in self.conns.iter_mut() {
+                    if c.owner.id() == owner && c.closing.is_none() {
+                        c.proto.announce(&names);
+                        self.dirty.push(*id);
+                    }
+                }
+            }
+            Command::Close { conn, reason } => self.close(conn, reason, true),
+            Command::StopServer { id } => {
+                if let Some(l) = self.listeners.get_mut(&id) {
+                    if !l.stopping {
+                        l.stopping = true;
+                        self.driver.cancel_accept(token(id, ACCEPT));
+                    }
+                }
+                let ids: Vec<u64> =
+                    self.conns.iter().filter(|(_, c)| c.owner.id() == id).map(|(k, _)| *k).collect();
+                for c in ids {
+                    self.close(c, "server stopping".into(), true);
+                }
+            }
+        }
+    }
+
+    fn add_conn(&mut self, id: u64, fd: OwnedFd, proto: Connection, owner: Owner) {
+        if let Owner::Server(s) = &owner {
+            s.update(|st| st.connections += 1);
+        }
+        let c = Conn {
+            fd,
+            proto,
+            owner,
+            recv_busy: false,
+            send_busy: false,
+            opened: Instant::now(),
+            closing: None,
+            shut: false,
+        };
+        self.conns.insert(id, c);
+        self.start_recv(id);
+        self.dirty.push(id);
+    }
+
+    fn start_recv(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        if c.recv_busy || c.shut {
+            return;
+        }
+        let t = c.proto.recv_target();
+        c.recv_busy = true;
+        self.driver.submit(token(id, RECV), Op::Recv { fd: c.fd.as_raw_fd(), buf: t.buf, max: t.max });
+    }
+
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for id in dirty.drain(..) {
+            self.flush(id);
+        }
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
+        }
+    }
+
+    fn flush(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        if c.send_busy || c.shut {
+            return;
+        }
+        if !c.proto.has_transmit() {
+            // A graceful close waits for the queue to drain.
+            if c.closing.is_some() {
+                self.shut(id);
+            }
+            return;
+        }
+        let mut bufs = Vec::new();
+        c.proto.poll_transmit(&mut bufs, 64);
+        c.send_busy = true;
+        self.driver.submit(token(id, SEND), Op::Send { fd: c.fd.as_raw_fd(), bufs, skip: 0 });
+    }
+
+    fn complete(&mut self, c: Completion) {
+        let id = c.token >> 2;
+        match c.outcome {
+            Outcome::Accepted { res, more } => self.accepted(id, res, more),
+            Outcome::Recv { buf, res } => self.received(id, buf, res),
+            Outcome::Sent { bufs, skip, res } => self.sent(id, bufs, skip, res),
+        }
+    }
+
+    fn accepted(&mut self, id: u64, res: io::Result<OwnedFd>, more: bool) {
+        let Some(l) = self.listeners.get_mut(&id) else { return };
+        let server = l.server.clone();
+        if !more {
+            // The accept operation ended: after a stop, or on a fatal listener error.
+            if let Some(fd) = l.fd.take() {
+                self.driver.close(fd);
+            }
+            if !l.stopping {
+                tracing::error!("server {} stopped accepting: {:?}", server.name, res.as_ref().err());
+            }
+            self.listeners.remove(&id);
+            if let Some(p) = &server.unix_path {
+                let _ = std::fs::remove_file(p);
+            }
+            server.update(|s| s.listening = false);
+            return;
+        }
+        if l.stopping {
+            return;
+        }
+        match res {
+            Ok(fd) => {
+                if let Err(e) = sys::prepare_accepted(&fd) {
+                    tracing::warn!("dropping an accepted connection: {e}");
+                    return;
+                }
+                let conn_id = self.shared.ids.fetch_add(1, Ordering::Relaxed);
+                let proto = Connection::new(Role::Server, server.local());
+                self.add_conn(conn_id, fd, proto, Owner::Server(server));
+            }
+            Err(e) => tracing::warn!("accept on server {} failed: {e}", server.name),
+        }
+    }
+
+    fn received(&mut self, id: u64, buf: Vec<u8>, res: io::Result<usize>) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        c.recv_busy = false;
+        match res {
+            Ok(0) => {
+                c.proto.recv_done(buf).ok();
+                let why = if c.proto.recv_idle() { "peer closed the connection" } else { "peer closed mid-frame" };
+                self.close(id, why.into(), false);
+            }
+            Ok(_) => {
+                if let Err(e) = c.proto.recv_done(buf) {
+                    tracing::warn!("closing connection {id}: protocol error: {e}");
+                    c.proto.goodbye(&format!("protocol error: {e}"));
+                    self.dirty.push(id);
+                    self.close(id, format!("protocol error: {e}"), true);
+                } else {
+                    self.drain_events(id);
+                    // The handshake answer, `no function` errors, ... were queued by proto.
+                    self.dirty.push(id);
+                }
+                self.start_recv(id);
+            }
+            Err(e) => {
+                // Give the buffer back so the connection's state stays whole while it closes.
+                c.proto.recv_done(buf).ok();
+                self.close(id, e.to_string(), false);
+            }
+        }
+        self.maybe_finish(id);
+    }
+
+    fn sent(&mut self, id: u64, bufs: Vec<Bytes>, skip: usize, res: io::Result<usize>) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        match res {
+            Ok(n) => {
+                let skip = skip + n;
+                if skip < sys::total_len(&bufs) && !c.shut && n > 0 {
+                    self.driver.submit(token(id, SEND), Op::Send { fd: c.fd.as_raw_fd(), bufs, skip });
+                    return;
+                }
+                c.send_busy = false;
+                self.flush(id);
+            }
+            Err(e) => {
+                c.send_busy = false;
+                self.close(id, e.to_string(), false);
+            }
+        }
+        self.maybe_finish(id);
+    }
+
+    fn drain_events(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        while let Some(ev) = c.proto.poll_event() {
+            match ev {
+                Event::Open(peer) => match &c.owner {
+                    Owner::Server(s) => {
+                        tracing::debug!("{} connected to {}", peer.name, s.name);
+                        s.update(|st| {
+                            st.members.insert(id, peer.name.clone());
+                        });
+                        s.callee.events.push(MemberEvent { connected: true, member: peer.name });
+                    }
+                    Owner::Client(cl) => cl.update(|st| {
+                        st.phase = Phase::Open;
+                        st.peer = Some(peer);
+                    }),
+                },
+                Event::Request { call_id, name, serde, flags, payload } => {
+                    if !c.proto.local().functions.iter().any(|f| *f == name) {
+                        if !flags.no_reply() {
+                            let msg = format!("{:?} exposes no function {name:?}", c.proto.local().name);
+                            c.proto.send_error(call_id, error_code::NO_FUNCTION, Bytes::from(msg));
+                            self.dirty.push(id);
+                        }
+                        continue;
+                    }
+                    let call = IncomingCall { conn: id, call_id, name, serde, flags, payload };
+                    match &c.owner {
+                        Owner::Server(s) => s.callee.calls.push(call),
+                        Owner::Client(cl) => cl.callee.calls.push(call),
+                    }
+                }
+                Event::Response { call_id, serde, flags, payload } => {
+                    if let Owner::Client(cl) = &c.owner {
+                        cl.calls.complete(call_id, Ok(Reply { serde, flags, payload }));
+                    }
+                }
+                Event::Error { call_id, code, payload } => {
+                    if let Owner::Client(cl) = &c.owner {
+                        let e = if code == error_code::REMOTE {
+                            CallError::Remote(payload)
+                        } else {
+                            CallError::Transmission(String::from_utf8_lossy(&payload).into_owned())
+                        };
+                        cl.calls.complete(call_id, Err(e));
+                    }
+                }
+                Event::Announce(_) => {
+                    if let Owner::Client(cl) = &c.owner {
+                        let peer = c.proto.peer().cloned();
+                        cl.update(|st| st.peer = peer);
+                    }
+                }
+                Event::Goodbye(reason) => {
+                    tracing::debug!("connection {id}: peer says goodbye: {reason}");
+                    if let Owner::Client(cl) = &c.owner {
+                        cl.update(|st| {
+                            if reason.starts_with("evicted") {
+                                st.evicted = true;
+                            }
+                            st.reason = reason;
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Starts closing connection `id`. `graceful`: send what is queued first (bounded by
+    /// [`CLOSE_GRACE`]); otherwise shut the socket down now.
+    fn close(&mut self, id: u64, reason: String, graceful: bool) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        if c.closing.is_none() {
+            c.closing = Some((reason, Instant::now() + CLOSE_GRACE));
+        }
+        if graceful && !c.shut {
+            self.dirty.push(id);
+        } else {
+            self.shut(id);
+        }
+    }
+
+    fn shut(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        if !c.shut {
+            c.shut = true;
+            sys::shutdown(c.fd.as_raw_fd());
+        }
+        self.maybe_finish(id);
+    }
+
+    /// Removes a shut connection once the kernel has given back all its buffers.
+    fn maybe_finish(&mut self, id: u64) {
+        let Some(c) = self.conns.get(&id) else { return };
+        if !c.shut || c.recv_busy || c.send_busy {
+            return;
+        }
+        let c = self.conns.remove(&id).expect("checked above");
+        let reason = c.closing.map(|(r, _)| r).unwrap_or_default();
+        self.driver.close(c.fd);
+        match c.owner {
+            Owner::Server(s) => {
+                let mut left = None;
+                s.update(|st| {
+                    st.connections -= 1;
+                    left = st.members.remove(&id);
+                });
+                if let Some(member) = left {
+                    tracing::debug!("{member} left {} ({reason})", s.name);
+                    s.callee.events.push(MemberEvent { connected: false, member });
+                }
+            }
+            Owner::Client(cl) => cl.closed(&reason),
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        let mut cut = Vec::new();
+        for (id, c) in &self.conns {
+            match &c.closing {
+                Some((_, deadline)) if now >= *deadline && !c.shut => cut.push((*id, None)),
+                None if !c.proto.is_open() && now - c.opened > HANDSHAKE_LIMIT => {
+                    cut.push((*id, Some("no handshake in time")))
+                }
+                _ => {}
+            }
+        }
+        for (id, why) in cut {
+            if let Some(why) = why {
+                tracing::warn!("closing connection {id}: {why}");
+                self.close(id, why.into(), false);
+            } else {
+                self.shut(id);
+            }
+        }
+    }
+}

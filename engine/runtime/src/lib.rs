@@ -1,0 +1,30 @@
+//! daffi's engine: the event loop that drives the wire protocol over a driver, and the nodes
+//! (servers and clients) that bindings use from their own threads.
+//!
+//! ```text
+//!  binding threads                      engine thread (one per backend, shared by all nodes)
+//!  ───────────────                      ─────────────────────────────────────────────────────
+//!  Client::call ── Command ──► queue ──► Loop: proto::Connection ◄──► driver (uring | poll)
+//!        ▲                                  │
+//!        └──── Slot (condvar) ◄── Response ─┤
+//!  Server::next_call ◄── Inbox ◄── Request ─┘
+//! ```
+//!
+//! The engine never runs user code and never decodes payloads; it never blocks on anything but
+//! its driver. Bindings wait on [`call::Slot`]s and [`inbox::Inbox`]es, which wake exactly the
+//! waiting thread.
+//!
+//! Not here: the wire format and handshake (`daffi-proto`), syscalls (`daffi-driver`), Python
+//! (`ffi/`).
+
+pub mod call;
+pub mod engine;
+pub mod inbox;
+pub mod node;
+
+pub use call::{CallError, Reply};
+pub use daffi_driver::Backend;
+pub use daffi_proto::{DEFAULT_MAX_MESSAGE_SIZE, Flags};
+pub use engine::Engine;
+pub use inbox::Next;
+pub use node::{Address, Client, ClientConfig, IncomingCall, MemberEvent, Server, ServerConfig, StartError};

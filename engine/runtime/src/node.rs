@@ -1,0 +1,537 @@
+//! Servers and clients: the thread-safe handles a binding holds.
+//!
+//! Each handle shares state with the engine thread; calling into a handle never blocks the
+//! engine, and the engine never waits for a handle.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use daffi_driver::sys;
+use daffi_proto::{Flags, Local, Peer};
+
+use crate::call::{CallError, CallTable, Reply};
+use crate::engine::{Command, Engine};
+use crate::inbox::{Inbox, Next};
+
+/// Where a node listens or connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Tcp { host: String, port: u16 },
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A call from a peer, waiting for the binding to run it.
+#[derive(Debug)]
+pub struct IncomingCall {
+    /// The connection it came on; answer through the same node.
+    pub conn: u64,
+    pub call_id: u64,
+    pub name: String,
+    pub serde: u8,
+    pub flags: Flags,
+    pub payload: Vec<u8>,
+}
+
+/// A peer joined or left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberEvent {
+    pub connected: bool,
+    pub member: String,
+}
+
+/// Why a node could not start or connect.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("address {0} is already in use")]
+    InUse(Address),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(Address, io::Error),
+    #[error("cannot connect to {0}: {1}")]
+    Connect(Address, io::Error),
+    #[error("handshake with {0} failed: {1}")]
+    Handshake(Address, String),
+    #[error("no handshake from {0} within {1:?}")]
+    Timeout(Address, Duration),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The receiving half every node has: calls to run, membership events, exported functions.
+#[derive(Debug, Default)]
+pub(crate) struct Callee {
+    pub(crate) calls: Inbox<IncomingCall>,
+    pub(crate) events: Inbox<MemberEvent>,
+    pub(crate) functions: Mutex<Vec<String>>,
+}
+
+impl Callee {
+    fn new(functions: Vec<String>) -> Callee {
+        Callee { functions: Mutex::new(functions), ..Default::default() }
+    }
+
+    /// Adds new names; returns those that were not exported yet.
+    fn add_functions(&self, names: &[String]) -> Vec<String> {
+        let mut f = lock(&self.functions);
+        let new: Vec<String> = names.iter().filter(|n| !f.contains(n)).cloned().collect();
+        f.extend(new.iter().cloned());
+        new
+    }
+}
+
+// ───────────────────────────────────────── server ─────────────────────────────────────────
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub name: String,
+    pub address: Address,
+    pub max_message_size: u64,
+    pub functions: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct ServerState {
+    /// Connections that completed the handshake: connection id → peer name.
+    pub(crate) members: HashMap<u64, String>,
+    pub(crate) listening: bool,
+    pub(crate) connections: usize,
+}
+
+#[derive(Debug)]
+pub(crate) struct ServerShared {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) max_message_size: u64,
+    pub(crate) callee: Callee,
+    pub(crate) unix_path: Option<PathBuf>,
+    pub(crate) state: Mutex<ServerState>,
+    pub(crate) changed: Condvar,
+}
+
+impl ServerShared {
+    pub(crate) fn local(&self) -> Local {
+        Local {
+            name: self.name.clone(),
+            functions: lock(&self.callee.functions).clone(),
+            max_message_size: self.max_message_size,
+        }
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut ServerState)) {
+        f(&mut lock(&self.state));
+        self.changed.notify_all();
+    }
+}
+
+/// A listening node (a daffi Service; later also the Router).
+#[derive(Debug)]
+pub struct Server {
+    engine: Engine,
+    shared: Arc<ServerShared>,
+    address: Address,
+}
+
+impl Server {
+    /// Binds `cfg.address` and starts accepting; returns once connections are accepted.
+    pub fn start(engine: &Engine, cfg: ServerConfig) -> Result<Server, StartError> {
+        let (fd, address, unix_path) = match &cfg.address {
+            Address::Tcp { host, port } => {
+                let (fd, addr) = sys::listen_tcp(host, *port).map_err(|e| listen_error(&cfg.address, e))?;
+                (fd, Address::Tcp { host: host.clone(), port: addr.port() }, None)
+            }
+            Address::Unix(p) => {
+                let fd = sys::listen_unix(p).map_err(|e| listen_error(&cfg.address, e))?;
+                (fd, cfg.address.clone(), Some(p.clone()))
+            }
+        };
+        let shared = Arc::new(ServerShared {
+            id: engine.next_id(),
+            name: cfg.name,
+            max_message_size: cfg.max_message_size,
+            callee: Callee::new(cfg.functions),
+            unix_path,
+            state: Mutex::new(ServerState { listening: true, ..Default::default() }),
+            changed: Condvar::new(),
+        });
+        engine.send(Command::Listen { fd, server: shared.clone() });
+        Ok(Server { engine: engine.clone(), shared, address })
+    }
+
+    /// The bound address (with the real port when port 0 was asked for).
+    pub fn address(&self) -> &Address {
+        &self.address
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.engine.backend()
+    }
+
+    /// Names of the connected peers.
+    pub fn members(&self) -> Vec<String> {
+        let mut m: Vec<String> = lock(&self.shared.state).members.values().cloned().collect();
+        m.sort();
+        m
+    }
+
+    /// Waits for the next call to run.
+    pub fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
+        self.shared.callee.calls.pop(timeout)
+    }
+
+    /// Waits for the next membership event.
+    pub fn next_event(&self, timeout: Option<Duration>) -> Next<MemberEvent> {
+        self.shared.callee.events.pop(timeout)
+    }
+
+    pub fn respond(&self, conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
+        self.engine.send(Command::Respond { conn, call_id, serde, flags, payload });
+    }
+
+    pub fn respond_error(&self, conn: u64, call_id: u64, code: &'static str, payload: Bytes) {
+        self.engine.send(Command::Fail { conn, call_id, code, payload });
+    }
+
+    /// Exports more functions, announced to every connected peer.
+    pub fn announce(&self, names: &[String]) {
+        let new = self.shared.callee.add_functions(names);
+        if !new.is_empty() {
+            self.engine.send(Command::Announce { owner: self.shared.id, names: new });
+        }
+    }
+
+    /// Closes the listener and every connection. Returns once the address can be bound again
+    /// (bounded wait: connections whose peers do not read are cut after a grace period).
+    pub fn stop(&self) {
+        self.engine.send(Command::StopServer { id: self.shared.id });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut s = lock(&self.shared.state);
+        while s.listening || s.connections > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!("server {} did not close every connection in time", self.shared.name);
+                break;
+            }
+            s = self.shared.changed.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        drop(s);
+        self.shared.callee.calls.close();
+        self.shared.callee.events.close();
+    }
+}
+
+fn listen_error(address: &Address, e: io::Error) -> StartError {
+    if e.kind() == io::ErrorKind::AddrInUse {
+        StartError::InUse(address.clone())
+    } else {
+        StartError::Listen(address.clone(), e)
+    }
+}
+
+// ───────────────────────────────────────── client ─────────────────────────────────────────
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub name: String,
+    pub address: Address,
+    pub max_message_size: u64,
+    pub functions: Vec<String>,
+    /// Limit for the TCP connect plus the handshake.
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Connecting,
+    Open,
+    Closed,
+}
+
+#[derive(Debug)]
+pub(crate) struct ClientState {
+    pub(crate) phase: Phase,
+    pub(crate) peer: Option<Peer>,
+    pub(crate) reason: String,
+    pub(crate) evicted: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct ClientShared {
+    pub(crate) conn: u64,
+    pub(crate) name: String,
+    pub(crate) callee: Callee,
+    pub(crate) calls: CallTable,
+    pub(crate) state: Mutex<ClientState>,
+    pub(crate) changed: Condvar,
+}
+
+impl ClientShared {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut ClientState)) {
+        f(&mut lock(&self.state));
+        self.changed.notify_all();
+    }
+
+    /// The connection is gone: fail every waiting call. The phase changes first, so a caller
+    /// that registers a call and then checks the phase can never be missed (see `Client::call`).
+    pub(crate) fn closed(&self, reason: &str) {
+        let mut evicted = false;
+        self.update(|s| {
+            s.phase = Phase::Closed;
+            if s.reason.is_empty() {
+                s.reason = reason.to_owned();
+            }
+            evicted = s.evicted;
+        });
+        let reason = lock(&self.state).reason.clone();
+        self.calls.fail_all(if evicted { CallError::Evicted(reason) } else { CallError::Disconnected(reason) });
+        self.callee.calls.close();
+        self.callee.events.close();
+    }
+}
+
+/// A connected node (a daffi Client): calls the peer's functions, may export its own.
+#[derive(Debug)]
+pub struct Client {
+    engine: Engine,
+    shared: Arc<ClientShared>,
+    address: Address,
+}
+
+impl Client {
+    /// Connects and completes the handshake within `cfg.connect_timeout`.
+    pub fn connect(engine: &Engine, cfg: ClientConfig) -> Result<Client, StartError> {
+        let started = Instant::now();
+        let fd: OwnedFd = match &cfg.address {
+            Address::Tcp { host, port } => sys::connect_tcp(host, *port, cfg.connect_timeout),
+            Address::Unix(p) => sys::connect_unix(p),
+        }
+        .map_err(|e| StartError::Connect(cfg.address.clone(), e))?;
+        let shared = Arc::new(ClientShared {
+            conn: engine.next_id(),
+            name: cfg.name.clone(),
+            callee: Callee::new(cfg.functions.clone()),
+            calls: CallTable::default(),
+            state: Mutex::new(ClientState {
+                phase: Phase::Connecting,
+                peer: None,
+                reason: String::new(),
+                evicted: false,
+            }),
+            changed: Condvar::new(),
+        });
+        let local = Local { name: cfg.name, functions: cfg.functions, max_message_size: cfg.max_message_size };
+        engine.send(Command::Attach { fd, client: shared.clone(), local });
+        let client = Client { engine: engine.clone(), shared, address: cfg.address };
+        let deadline = started + cfg.connect_timeout;
+        let mut s = lock(&client.shared.state);
+        loop {
+            match s.phase {
+                Phase::Open => break,
+                Phase::Closed => {
+                    return Err(StartError::Handshake(client.address.clone(), s.reason.clone()));
+                }
+                Phase::Connecting => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(s);
+                client.close();
+                return Err(StartError::Timeout(client.address.clone(), cfg.connect_timeout));
+            }
+            s = client.shared.changed.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        drop(s);
+        Ok(client)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn address(&self) -> &Address {
+        &self.address
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.engine.backend()
+    }
+
+    pub fn is_open(&self) -> bool {
+        lock(&self.shared.state).phase == Phase::Open
+    }
+
+    /// The peer as it announced itself (its name and functions).
+    pub fn peer(&self) -> Option<Peer> {
+        lock(&self.shared.state).peer.clone()
+    }
+
+    /// Why the connection closed (empty while open).
+    pub fn close_reason(&self) -> String {
+        lock(&self.shared.state).reason.clone()
+    }
+
+    fn check_sendable(&self, name: &str, size: usize) -> Result<(), CallError> {
+        let s = lock(&self.shared.state);
+        match s.phase {
+            Phase::Open => {}
+            _ if s.evicted => return Err(CallError::Evicted(s.reason.clone())),
+            _ => {
+                let why = if s.reason.is_empty() { "not connected".to_owned() } else { s.reason.clone() };
+                return Err(CallError::Disconnected(why));
+            }
+        }
+        let peer = s.peer.as_ref().expect("an open connection has a peer");
+        if !peer.functions.iter().any(|f| f == name) {
+            return Err(CallError::Transmission(format!(
+                "no connected peer exposes function {name:?} (connected: [{:?}])",
+                peer.name
+            )));
+        }
+        let size = (name.len() + size) as u64;
+        if size > peer.max_message_size {
+            return Err(CallError::Transmission(format!(
+                "message of {size} bytes exceeds {:?}'s limit of {} bytes",
+                peer.name, peer.max_message_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Calls the peer's function `name` and waits for the answer until `timeout`.
+    pub fn call(
+        &self,
+        name: &str,
+        serde: u8,
+        flags: u8,
+        payload: Bytes,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, CallError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        self.check_sendable(name, payload.len())?;
+        let (call_id, slot) = self.shared.calls.open();
+        // Registered before the phase check below, so a close racing with us fails this call.
+        if lock(&self.shared.state).phase != Phase::Open {
+            self.shared.calls.abandon(call_id);
+            return Err(CallError::Disconnected(self.close_reason()));
+        }
+        self.engine.send(Command::Request {
+            conn: self.shared.conn,
+            call_id,
+            name: name.to_owned(),
+            serde,
+            flags: flags & !Flags::NO_REPLY,
+            payload,
+        });
+        match slot.wait(deadline) {
+            Some(r) => r,
+            None => {
+                self.shared.calls.abandon(call_id);
+                // The answer may have landed between the timeout and the abandon.
+                slot.try_take().unwrap_or(Err(CallError::Timeout))
+            }
+        }
+    }
+
+    /// Sends a call that wants no answer; returns once it is queued for sending.
+    pub fn send(&self, name: &str, serde: u8, flags: u8, payload: Bytes) -> Result<(), CallError> {
+        self.check_sendable(name, payload.len())?;
+        self.engine.send(Command::Request {
+            conn: self.shared.conn,
+            call_id: 0,
+            name: name.to_owned(),
+            serde,
+            flags: flags | Flags::NO_REPLY,
+            payload,
+        });
+        Ok(())
+    }
+
+    /// Waits until every named peer is connected; returns the missing ones on timeout.
+    pub fn wait_for_members(&self, names: &[String], timeout: Option<Duration>) -> Result<(), Vec<String>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut s = lock(&self.shared.state);
+        loop {
+            let present: Vec<&str> = s.peer.iter().filter(|_| s.phase == Phase::Open).map(|p| p.name.as_str()).collect();
+            let missing: Vec<String> = names.iter().filter(|n| !present.contains(&n.as_str())).cloned().collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            let wait = match deadline {
+                None => Duration::from_secs(3600),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Err(missing);
+                    }
+                    d - now
+                }
+            };
+            s = self.shared.changed.wait_timeout(s, wait).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Waits for the next call from the peer to one of this client's functions.
+    pub fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
+        self.shared.callee.calls.pop(timeout)
+    }
+
+    pub fn next_event(&self, timeout: Option<Duration>) -> Next<MemberEvent> {
+        self.shared.callee.events.pop(timeout)
+    }
+
+    pub fn respond(&self, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
+        self.engine.send(Command::Respond { conn: self.shared.conn, call_id, serde, flags, payload });
+    }
+
+    pub fn respond_error(&self, call_id: u64, code: &'static str, payload: Bytes) {
+        self.engine.send(Command::Fail { conn: self.shared.conn, call_id, code, payload });
+    }
+
+    pub fn announce(&self, names: &[String]) {
+        let new = self.shared.callee.add_functions(names);
+        if !new.is_empty() {
+            self.engine.send(Command::Announce { owner: self.shared.conn, names: new });
+        }
+    }
+
+    /// Sends what is queued, says goodbye and closes; waits (bounded) until closed.
+    pub fn close(&self) {
+        self.engine.send(Command::Close { conn: self.shared.conn, reason: "client stopped".into() });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut s = lock(&self.shared.state);
+        while s.phase != Phase::Closed {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            s = self.shared.changed.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if lock(&self.shared.state).phase != Phase::Closed {
+            self.engine.send(Command::Close { conn: self.shared.conn, reason: "client dropped".into() });
+        }
+    }
+}
