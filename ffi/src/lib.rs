@@ -1,0 +1,346 @@
+//! `daffi._native`: the Python face of daffi's engine.
+//!
+//! Only type conversion, GIL handling and error mapping live here: every wait on the engine
+//! runs with the GIL released, payloads cross without copies where Python allows (a `bytes`
+//! argument is sent from its own memory), and engine errors become the exception classes of
+//! `daffi.exceptions`. The protocol and the event loop are in `daffi-runtime`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use daffi_runtime::{
+    Address, Backend, CallError, Client as RtClient, ClientConfig, Engine, Next, Server as RtServer, ServerConfig,
+    StartError,
+};
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::{PyBytes, PyTuple};
+
+mod msgpack;
+
+/// Raises `daffi.exceptions.<name>(msg)`.
+fn daffi_error(py: Python<'_>, name: &str, msg: String) -> PyErr {
+    match py.import("daffi.exceptions").and_then(|m| m.getattr(name)) {
+        Ok(cls) => match cls.call1((msg.clone(),)) {
+            Ok(inst) => PyErr::from_value(inst),
+            Err(e) => e,
+        },
+        Err(_) => PyRuntimeError::new_err(msg),
+    }
+}
+
+fn call_error(py: Python<'_>, e: CallError) -> PyErr {
+    match e {
+        CallError::Timeout => daffi_error(py, "CallTimeout", "no response within the timeout".into()),
+        CallError::Disconnected(r) => daffi_error(py, "Disconnected", format!("disconnected: {r}")),
+        CallError::Evicted(r) => daffi_error(py, "Evicted", format!("evicted: {r}")),
+        CallError::Transmission(m) => daffi_error(py, "TransmissionFailure", m),
+        // Remote errors are returned, not raised: the Python layer decodes them.
+        CallError::Remote(_) => PyRuntimeError::new_err("remote error reached the raise path"),
+        other => daffi_error(py, "TransmissionFailure", other.to_string()),
+    }
+}
+
+fn start_error(py: Python<'_>, e: StartError) -> PyErr {
+    daffi_error(py, "InitializationError", e.to_string())
+}
+
+fn engine(py: Python<'_>, backend: Option<&str>) -> PyResult<Engine> {
+    let r = match backend {
+        None => py.detach(Engine::from_env),
+        Some(b) => {
+            let b = Backend::parse(b)
+                .ok_or_else(|| PyValueError::new_err(format!("backend {b:?}: expected auto, uring or poll")))?;
+            py.detach(|| Engine::get(b))
+        }
+    };
+    r.map_err(|e| daffi_error(py, "InitializationError", format!("cannot start the daffi engine: {e}")))
+}
+
+fn address(host: Option<String>, port: Option<u16>, unix_path: Option<PathBuf>) -> PyResult<Address> {
+    match (unix_path, port) {
+        (Some(p), _) => Ok(Address::Unix(p)),
+        (None, Some(port)) => Ok(Address::Tcp { host: host.unwrap_or_else(|| "127.0.0.1".into()), port }),
+        (None, None) => Err(PyValueError::new_err("an address needs a port or a unix socket path")),
+    }
+}
+
+/// A payload to send: `bytes` travel from their own memory; other buffers are copied once.
+fn payload(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Bytes> {
+    if let Ok(b) = obj.cast::<PyBytes>() {
+        return Ok(Bytes::from_owner(PyBackedBytes::from(b.clone())));
+    }
+    let buf = PyBuffer::<u8>::get(obj)?;
+    Ok(Bytes::from(buf.to_vec(py)?))
+}
+
+fn timeout(t: Option<f64>) -> PyResult<Option<Duration>> {
+    match t {
+        None => Ok(None),
+        Some(t) if t.is_nan() || t < 0.0 => Err(PyValueError::new_err("timeout must be a non-negative number")),
+        Some(t) if t == 0.0 || t.is_infinite() => Ok(None),
+        Some(t) => Ok(Some(Duration::from_secs_f64(t))),
+    }
+}
+
+fn call_tuple<'py>(py: Python<'py>, c: daffi_runtime::IncomingCall) -> PyResult<Bound<'py, PyTuple>> {
+    let payload = PyBytes::new(py, &c.payload);
+    drop(c.payload);
+    (c.conn, c.call_id, c.name, c.serde, c.flags.0, payload).into_pyobject(py)
+}
+
+/// A listening node. Binds on construction.
+#[pyclass(frozen, module = "daffi._native")]
+struct Server {
+    inner: RtServer,
+}
+
+#[pymethods]
+impl Server {
+    #[new]
+    #[pyo3(signature = (name, host=None, port=None, unix_path=None, max_message_size=daffi_runtime::DEFAULT_MAX_MESSAGE_SIZE, functions=Vec::new(), backend=None))]
+    fn new(
+        py: Python<'_>,
+        name: String,
+        host: Option<String>,
+        port: Option<u16>,
+        unix_path: Option<PathBuf>,
+        max_message_size: u64,
+        functions: Vec<String>,
+        backend: Option<&str>,
+    ) -> PyResult<Server> {
+        let engine = engine(py, backend)?;
+        let cfg = ServerConfig { name, address: address(host, port, unix_path)?, max_message_size, functions };
+        let inner = py.detach(|| RtServer::start(&engine, cfg)).map_err(|e| start_error(py, e))?;
+        Ok(Server { inner })
+    }
+
+    #[getter]
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    #[getter]
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// The bound TCP port, or None for a Unix socket.
+    #[getter]
+    fn port(&self) -> Option<u16> {
+        match self.inner.address() {
+            Address::Tcp { port, .. } => Some(*port),
+            Address::Unix(_) => None,
+        }
+    }
+
+    #[getter]
+    fn address(&self) -> String {
+        self.inner.address().to_string()
+    }
+
+    fn members(&self) -> Vec<String> {
+        self.inner.members()
+    }
+
+    /// `(conn, call_id, name, serde, flags, payload)`, or None on timeout or once stopped.
+    #[pyo3(signature = (timeout=None))]
+    fn next_call<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let t = self::timeout(timeout)?;
+        match py.detach(|| self.inner.next_call(t)) {
+            Next::Item(c) => Ok(Some(call_tuple(py, c)?)),
+            Next::Timeout | Next::Closed => Ok(None),
+        }
+    }
+
+    /// `(connected, member)`, or None on timeout or once stopped.
+    #[pyo3(signature = (timeout=None))]
+    fn next_event(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<(bool, String)>> {
+        let t = self::timeout(timeout)?;
+        Ok(match py.detach(|| self.inner.next_event(t)) {
+            Next::Item(e) => Some((e.connected, e.member)),
+            _ => None,
+        })
+    }
+
+    fn respond(&self, py: Python<'_>, conn: u64, call_id: u64, serde: u8, text: bool, payload: &Bound<'_, PyAny>) -> PyResult<()> {
+        let p = self::payload(py, payload)?;
+        self.inner.respond(conn, call_id, serde, if text { daffi_runtime::Flags::TEXT } else { 0 }, p);
+        Ok(())
+    }
+
+    fn respond_error(&self, py: Python<'_>, conn: u64, call_id: u64, payload: &Bound<'_, PyAny>) -> PyResult<()> {
+        let p = self::payload(py, payload)?;
+        self.inner.respond_error(conn, call_id, "remote", p);
+        Ok(())
+    }
+
+    fn announce(&self, names: Vec<String>) {
+        self.inner.announce(&names);
+    }
+
+    fn stop(&self, py: Python<'_>) {
+        py.detach(|| self.inner.stop());
+    }
+}
+
+/// A connected node. Connects (and completes the handshake) on construction.
+#[pyclass(frozen, module = "daffi._native")]
+struct Client {
+    inner: RtClient,
+}
+
+#[pymethods]
+impl Client {
+    #[new]
+    #[pyo3(signature = (name, host=None, port=None, unix_path=None, max_message_size=daffi_runtime::DEFAULT_MAX_MESSAGE_SIZE, functions=Vec::new(), connect_timeout=10.0, backend=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        name: String,
+        host: Option<String>,
+        port: Option<u16>,
+        unix_path: Option<PathBuf>,
+        max_message_size: u64,
+        functions: Vec<String>,
+        connect_timeout: f64,
+        backend: Option<&str>,
+    ) -> PyResult<Client> {
+        let engine = engine(py, backend)?;
+        let cfg = ClientConfig {
+            name,
+            address: address(host, port, unix_path)?,
+            max_message_size,
+            functions,
+            connect_timeout: timeout(Some(connect_timeout))?.unwrap_or(Duration::from_secs(3600)),
+        };
+        let inner = py.detach(|| RtClient::connect(&engine, cfg)).map_err(|e| start_error(py, e))?;
+        Ok(Client { inner })
+    }
+
+    #[getter]
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    #[getter]
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    #[getter]
+    fn connected(&self) -> bool {
+        self.inner.is_open()
+    }
+
+    #[getter]
+    fn peer_name(&self) -> Option<String> {
+        self.inner.peer().map(|p| p.name)
+    }
+
+    fn peer_functions(&self) -> Vec<String> {
+        self.inner.peer().map(|p| p.functions).unwrap_or_default()
+    }
+
+    #[getter]
+    fn close_reason(&self) -> String {
+        self.inner.close_reason()
+    }
+
+    /// Calls `name` and waits. Returns `(ok, serde, text, payload)`; when `ok` is false the
+    /// payload is the callee's encoded exception.
+    #[pyo3(signature = (name, serde, text, payload, timeout=None))]
+    fn call<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        serde: u8,
+        text: bool,
+        payload: &Bound<'py, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<(bool, u8, bool, Bound<'py, PyBytes>)> {
+        let p = self::payload(py, payload)?;
+        let t = self::timeout(timeout)?;
+        let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
+        match py.detach(|| self.inner.call(name, serde, flags, p, t)) {
+            Ok(r) => Ok((true, r.serde, r.flags.text(), PyBytes::new(py, &r.payload))),
+            Err(CallError::Remote(e)) => Ok((false, serde, false, PyBytes::new(py, &e))),
+            Err(e) => Err(call_error(py, e)),
+        }
+    }
+
+    /// Sends a call that wants no answer.
+    fn send(&self, py: Python<'_>, name: &str, serde: u8, text: bool, payload: &Bound<'_, PyAny>) -> PyResult<()> {
+        let p = self::payload(py, payload)?;
+        let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
+        self.inner.send(name, serde, flags, p).map_err(|e| call_error(py, e))
+    }
+
+    /// Waits until every named peer is connected; returns the names still missing on timeout.
+    #[pyo3(signature = (names, timeout=None))]
+    fn wait_for_members(&self, py: Python<'_>, names: Vec<String>, timeout: Option<f64>) -> PyResult<Vec<String>> {
+        let t = self::timeout(timeout)?;
+        Ok(py.detach(|| self.inner.wait_for_members(&names, t)).err().unwrap_or_default())
+    }
+
+    #[pyo3(signature = (timeout=None))]
+    fn next_call<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let t = self::timeout(timeout)?;
+        match py.detach(|| self.inner.next_call(t)) {
+            Next::Item(c) => Ok(Some(call_tuple(py, c)?)),
+            Next::Timeout | Next::Closed => Ok(None),
+        }
+    }
+
+    #[pyo3(signature = (timeout=None))]
+    fn next_event(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<(bool, String)>> {
+        let t = self::timeout(timeout)?;
+        Ok(match py.detach(|| self.inner.next_event(t)) {
+            Next::Item(e) => Some((e.connected, e.member)),
+            _ => None,
+        })
+    }
+
+    fn respond(&self, py: Python<'_>, conn: u64, call_id: u64, serde: u8, text: bool, payload: &Bound<'_, PyAny>) -> PyResult<()> {
+        let _ = conn;
+        let p = self::payload(py, payload)?;
+        self.inner.respond(call_id, serde, if text { daffi_runtime::Flags::TEXT } else { 0 }, p);
+        Ok(())
+    }
+
+    fn respond_error(&self, py: Python<'_>, conn: u64, call_id: u64, payload: &Bound<'_, PyAny>) -> PyResult<()> {
+        let _ = conn;
+        let p = self::payload(py, payload)?;
+        self.inner.respond_error(call_id, "remote", p);
+        Ok(())
+    }
+
+    fn announce(&self, names: Vec<String>) {
+        self.inner.announce(&names);
+    }
+
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| self.inner.close());
+    }
+}
+
+/// Which backend `DAFFI_BACKEND` (or `auto`) resolves to on this machine.
+#[pyfunction]
+#[pyo3(signature = (backend=None))]
+fn resolve_backend(py: Python<'_>, backend: Option<&str>) -> PyResult<&'static str> {
+    Ok(engine(py, backend)?.backend())
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Server>()?;
+    m.add_class::<Client>()?;
+    m.add_function(wrap_pyfunction!(resolve_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(msgpack::msgpack_dumps, m)?)?;
+    m.add_function(wrap_pyfunction!(msgpack::msgpack_loads, m)?)?;
+    m.add("DEFAULT_MAX_MESSAGE_SIZE", daffi_runtime::DEFAULT_MAX_MESSAGE_SIZE)?;
+    Ok(())
+}

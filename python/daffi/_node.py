@@ -1,0 +1,613 @@
+"""Service, Client and the connection handle: the synchronous public API.
+
+The engine (``daffi._native``) owns every socket and runs on its own thread. This module only
+encodes arguments, hands them to the engine with the GIL released, and runs incoming callbacks
+on the node's worker threads (``workers`` of them; one thread keeps arrival order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from daffi import _native
+from daffi._serialization import (
+    SerdeFormat,
+    decode_call,
+    decode_error,
+    decode_result,
+    encode_call,
+    encode_error,
+    encode_result,
+)
+from daffi.exceptions import InitializationError, TransmissionFailure
+from daffi.registry import REGISTRY
+
+logger = logging.getLogger("daffi")
+
+_NO_REPLY = 0x01
+_TEXT = 0x02
+_PICKLE = SerdeFormat.PICKLE
+_OPAQUE = SerdeFormat.OPAQUE
+
+
+def _default_name() -> str:
+    return f"{socket.gethostname()}-0x{secrets.token_hex(4)}"
+
+
+def _check_app_name(name: Any) -> str:
+    if name is None:
+        return _default_name()
+    if not isinstance(name, str) or not name:
+        raise InitializationError(f"app_name must be a non-empty string, not {name!r}")
+    if len(name.encode("utf-8", "surrogatepass")) > 255:
+        raise InitializationError("app_name must be at most 255 bytes of UTF-8")
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in name):
+        raise InitializationError(f"app_name must not contain control characters: {name!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InitializationError(f"app_name is not valid Unicode: {name!r}") from e
+    return name
+
+
+def _backend_option(backend: str | None) -> str | None:
+    if backend is None:
+        return None
+    if backend not in ("auto", "uring", "poll"):
+        raise ValueError(f"backend must be 'auto', 'uring' or 'poll', not {backend!r}")
+    return backend
+
+
+class _Node:
+    """What Service and Client share: address, workers, callbacks, membership handlers."""
+
+    _server_side = False
+
+    def __init__(
+        self,
+        app_name: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        unix_sock_path: str | os.PathLike | None = None,
+        workers: int = 1,
+        tls: bool = False,
+        cert_file: str = "",
+        key_file: str = "",
+        ca_file: str = "",
+        *,
+        max_message_size: int = _native.DEFAULT_MAX_MESSAGE_SIZE,
+        backend: str | None = None,
+    ) -> None:
+        self.app_name = _check_app_name(app_name)
+        if unix_sock_path is not None and (host is not None or port is not None):
+            raise InitializationError("give either host/port or unix_sock_path, not both")
+        if unix_sock_path is None and port is None:
+            raise InitializationError("an address is needed: port=... (with host=...) or unix_sock_path=...")
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535):
+            raise InitializationError(f"port must be an integer in 0..65535, not {port!r}")
+        if not isinstance(workers, int) or isinstance(workers, bool):
+            raise ValueError(f"workers must be an integer, not {workers!r}")
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        if tls:
+            raise InitializationError(
+                "TLS is not available in this build of daffi yet; connect over plain TCP or a Unix socket"
+            )
+        if not isinstance(max_message_size, int) or max_message_size < 1:
+            raise ValueError(f"max_message_size must be a positive integer, not {max_message_size!r}")
+        self.host = host
+        self.port = port
+        self.unix_sock_path = os.fspath(unix_sock_path) if unix_sock_path is not None else None
+        self.workers = workers
+        self.tls = tls
+        self.cert_file, self.key_file, self.ca_file = cert_file, key_file, ca_file
+        self.max_message_size = max_message_size
+        self._backend_option = _backend_option(backend)
+        self._handlers: list[Callable[[dict], Any]] = []
+        self._added: list[Callable[[str], Any]] = []
+        self._removed: list[Callable[[str], Any]] = []
+        self._lock = threading.RLock()
+        self._native: Any = None
+        self._threads: list[threading.Thread] = []
+        self._unsubscribe: Callable[[], None] | None = None
+        self._stopped = threading.Event()
+        self._stopped.set()
+
+    # -- membership handlers ------------------------------------------------------------
+
+    def add_event_handler(self, fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
+        """Call ``fn({"type": "connected" | "disconnected", "member": name})`` on changes."""
+        self._handlers.append(fn)
+        return fn
+
+    def on_member_added(self, fn: Callable[[str], Any]) -> Callable[[str], Any]:
+        """Call ``fn(name)`` when a peer connects (usable as a decorator)."""
+        self._added.append(fn)
+        return fn
+
+    def on_member_removed(self, fn: Callable[[str], Any]) -> Callable[[str], Any]:
+        """Call ``fn(name)`` when a peer leaves (usable as a decorator)."""
+        self._removed.append(fn)
+        return fn
+
+    def _dispatch_event(self, connected: bool, member: str) -> None:
+        event = {"type": "connected" if connected else "disconnected", "member": member}
+        for fn in list(self._handlers):
+            self._run_handler(fn, event)
+        for fn in list(self._added if connected else self._removed):
+            self._run_handler(fn, member)
+
+    def _run_handler(self, fn: Callable[[Any], Any], arg: Any) -> None:
+        try:
+            result = fn(arg)
+            if asyncio.iscoroutine(result):
+                asyncio.run(result)
+        except Exception:
+            logger.exception("event handler %r raised", fn)
+
+    # -- engine side --------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str | None:
+        """The I/O backend in use (``"uring"`` or ``"poll"``), once started or connected."""
+        native = self._native
+        return native.backend if native is not None else None
+
+    def _start_threads(self, native: Any) -> None:
+        def announce(names: list[str]) -> None:
+            native.announce(names)
+
+        self._unsubscribe = REGISTRY.subscribe(announce)
+        # Anything registered between the native start and the subscription above.
+        native.announce(REGISTRY.names())
+        threads = [
+            threading.Thread(target=_serve, args=(native,), name=f"daffi-worker-{self.app_name}-{i}", daemon=True)
+            for i in range(self.workers)
+        ]
+        threads.append(
+            threading.Thread(target=self._events_loop, args=(native,), name=f"daffi-events-{self.app_name}",
+                             daemon=True)
+        )
+        for t in threads:
+            t.start()
+        self._threads = threads
+
+    def _events_loop(self, native: Any) -> None:
+        while True:
+            event = native.next_event()
+            if event is None:
+                return
+            self._dispatch_event(*event)
+
+    def _stop_threads(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        current = threading.current_thread()
+        for t in self._threads:
+            if t is not current:
+                t.join(timeout=5)
+        self._threads = []
+
+    def join(self) -> None:
+        """Block until :meth:`stop` is called (Ctrl+C or SIGTERM stop the node cleanly)."""
+        restore = _install_sigterm()
+        try:
+            while not self._stopped.wait(0.25):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if restore is not None:
+                signal.signal(signal.SIGTERM, restore)
+            self.stop()
+
+    def stop(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+def _install_sigterm() -> Any:
+    """In the main thread, turn an unhandled SIGTERM into KeyboardInterrupt so join() stops."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    return signal.SIG_DFL
+
+
+def _serve(native: Any) -> None:
+    """A worker thread: run incoming calls until the node stops."""
+    lookup = REGISTRY.lookup
+    loop: asyncio.AbstractEventLoop | None = None
+    while True:
+        item = native.next_call()
+        if item is None:
+            if loop is not None:
+                loop.close()
+            return
+        conn, call_id, name, serde, flags, payload = item
+        reply = not flags & _NO_REPLY
+        try:
+            entry = lookup(name)
+            if entry is None:
+                raise LookupError(f"no callback named {name!r} is registered")
+            fn, is_async = entry
+            args, kwargs = decode_call(serde, payload, bool(flags & _TEXT))
+            del payload
+            result = fn(*args, **kwargs)
+            if is_async or asyncio.iscoroutine(result):
+                # A coroutine callback on a sync node runs to completion on this worker's own
+                # event loop.
+                if loop is None:
+                    loop = asyncio.new_event_loop()
+                result = loop.run_until_complete(result)
+            if reply:
+                out, text = encode_result(serde, result)
+                native.respond(conn, call_id, serde, text, out)
+        except Exception as exc:
+            if reply:
+                native.respond_error(conn, call_id, encode_error(exc, traceback.format_exc()))
+            else:
+                logger.warning("callback %r (no reply wanted) raised: %r", name, exc)
+
+
+class Service(_Node):
+    """A server that exposes the process's ``@callback`` functions to Clients."""
+
+    def start(self) -> Service:
+        """Bind and start serving; returns once connections are accepted."""
+        with self._lock:
+            if self._native is not None:
+                raise RuntimeError(f"service {self.app_name!r} is already started")
+            host = self.host
+            if host is None and self.unix_sock_path is None:
+                host = "127.0.0.1"
+            native = _native.Server(
+                self.app_name,
+                host=host,
+                port=self.port,
+                unix_path=self.unix_sock_path,
+                max_message_size=self.max_message_size,
+                functions=REGISTRY.names(),
+                backend=self._backend_option,
+            )
+            if self.port == 0:
+                self.port = native.port
+            self._native = native
+            self._stopped.clear()
+            self._start_threads(native)
+        return self
+
+    @property
+    def members(self) -> list[str]:
+        """Names of the connected clients."""
+        native = self._native
+        return native.members() if native is not None else []
+
+    def stop(self) -> None:
+        """Close the listener and every connection; idempotent and bounded in time."""
+        with self._lock:
+            native, self._native = self._native, None
+        if native is None:
+            self._stopped.set()
+            return
+        native.stop()
+        self._stop_threads()
+        self._stopped.set()
+
+    def __enter__(self) -> Service:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class Client(_Node):
+    """Connects to a Service (or Router), calls remote functions, may expose its own."""
+
+    def __init__(self, *args: Any, connect_timeout: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connect_timeout = connect_timeout
+        self._conn: Connection | None = None
+
+    def connect(self) -> Connection:
+        """Connect and return the connection handle used to make calls."""
+        with self._lock:
+            if self._native is not None:
+                if self._native.connected:
+                    raise RuntimeError(f"client {self.app_name!r} is already connected")
+                self._shutdown_native()
+            native = _native.Client(
+                self.app_name,
+                host=self.host if self.host is not None or self.unix_sock_path is not None else "127.0.0.1",
+                port=self.port,
+                unix_path=self.unix_sock_path,
+                max_message_size=self.max_message_size,
+                functions=REGISTRY.names(),
+                connect_timeout=self.connect_timeout,
+                backend=self._backend_option,
+            )
+            self._native = native
+            self._stopped.clear()
+            self._start_threads(native)
+            self._conn = Connection(self, native)
+            return self._conn
+
+    @property
+    def connected(self) -> bool:
+        """Whether the client is connected right now."""
+        native = self._native
+        return native is not None and native.connected
+
+    @property
+    def connection(self) -> Connection | None:
+        return self._conn
+
+    def _shutdown_native(self) -> None:
+        native, self._native = self._native, None
+        if native is not None:
+            native.close()
+            self._stop_threads()
+
+    def stop(self) -> None:
+        """Disconnect (sending whatever is queued first); idempotent and thread-safe."""
+        with self._lock:
+            self._shutdown_native()
+        self._stopped.set()
+
+    def __enter__(self) -> Client:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class Connection:
+    """The handle returned by :meth:`Client.connect`: call styles and membership."""
+
+    __slots__ = ("_client", "_native", "__weakref__")
+
+    def __init__(self, client: Client, native: Any) -> None:
+        self._client = client
+        self._native = native
+
+    # -- call styles ----------------------------------------------------------------------
+
+    def rpc(self, timeout: float | None = None, receiver: str | None = None,
+            serde: SerdeFormat = _PICKLE) -> _RpcProxy:
+        """Call one peer and wait for its result."""
+        return _RpcProxy(self, timeout, receiver, serde)
+
+    def rpc_nowait(self, receiver: str | None = None, serde: SerdeFormat = _PICKLE) -> _NowaitProxy:
+        """Call one peer without waiting; returns None once sent."""
+        return _NowaitProxy(self, receiver, serde)
+
+    def cast(self, timeout: float | None = None, receiver: str | Iterable[str] | None = None,
+             serde: SerdeFormat = _PICKLE) -> _CastProxy:
+        """Call every peer exposing the function; returns ``{peer: result or exception}``."""
+        return _CastProxy(self, timeout, receiver, serde)
+
+    def cast_nowait(self, receiver: str | Iterable[str] | None = None,
+                    serde: SerdeFormat = _PICKLE) -> _CastNowaitProxy:
+        return _CastNowaitProxy(self, receiver, serde)
+
+    def stream(self, receiver: str | None = None, serde: SerdeFormat = _OPAQUE,
+               timeout: float | None = None) -> _StreamProxy:
+        """Send chunks one call each, waiting for each acknowledgement (back-pressure)."""
+        return _StreamProxy(self, receiver, serde, timeout)
+
+    def stream_nowait(self, receiver: str | None = None, serde: SerdeFormat = _OPAQUE) -> _StreamNowaitProxy:
+        return _StreamNowaitProxy(self, receiver, serde)
+
+    def wait_for_members(self, *names: str, timeout: float | None = None, interval: float = 1.0) -> None:
+        """Return once every named peer is connected; TimeoutError names the missing ones."""
+        if not names:
+            return
+        missing = self._native.wait_for_members(list(names), timeout)
+        if missing:
+            raise TimeoutError(f"members not connected after {timeout} s: {', '.join(missing)}")
+
+    @property
+    def members(self) -> list[str]:
+        """Names of the peers this connection can call."""
+        peer = self._native.peer_name
+        return [peer] if peer is not None and self._native.connected else []
+
+    # -- membership handlers, as on the client ----------------------------------------------
+
+    def add_event_handler(self, fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
+        return self._client.add_event_handler(fn)
+
+    def on_member_added(self, fn: Callable[[str], Any]) -> Callable[[str], Any]:
+        return self._client.on_member_added(fn)
+
+    def on_member_removed(self, fn: Callable[[str], Any]) -> Callable[[str], Any]:
+        return self._client.on_member_removed(fn)
+
+    # -- the calls themselves ---------------------------------------------------------------
+
+    def _check_receiver(self, name: str, receiver: str | None) -> str:
+        """The peer a call goes to (the direct layout has exactly one)."""
+        native = self._native
+        peer = native.peer_name
+        if receiver is not None and receiver != peer:
+            if receiver == self._client.app_name:
+                raise TransmissionFailure(f"a node cannot call itself ({receiver!r}) for {name!r}")
+            raise TransmissionFailure(
+                f"receiver {receiver!r} is not connected (connected: {[peer] if peer else []}); "
+                f"cannot call {name!r}"
+            )
+        return peer
+
+    def _call(self, name: str, timeout: float | None, receiver: str | None, serde: int,
+              args: tuple, kwargs: dict) -> Any:
+        if receiver is not None:
+            self._check_receiver(name, receiver)
+        payload, text = encode_call(serde, args, kwargs)
+        ok, rserde, rtext, data = self._native.call(name, serde, text, payload, timeout)
+        if ok:
+            return decode_result(rserde, data, rtext)
+        raise decode_error(data)
+
+    def _send(self, name: str, receiver: str | None, serde: int, args: tuple, kwargs: dict) -> None:
+        if receiver is not None:
+            self._check_receiver(name, receiver)
+        payload, text = encode_call(serde, args, kwargs)
+        self._native.send(name, serde, text, payload)
+
+    def _cast(self, name: str, timeout: float | None, receiver: Any, serde: int,
+              args: tuple, kwargs: dict) -> dict[str, Any]:
+        native = self._native
+        for target in _targets(receiver) or ():
+            self._check_receiver(name, target)
+        if not native.connected or name not in native.peer_functions():
+            # No eligible peer: this raises at once, exactly as rpc does.
+            return self._call(name, timeout, None, serde, args, kwargs)
+        peer = native.peer_name
+        try:
+            return {peer: self._call(name, timeout, None, serde, args, kwargs)}
+        except Exception as exc:  # a failing peer never fails the cast: its entry is the error
+            return {peer: exc}
+
+    def _stream(self, name: str, receiver: str | None, serde: int, timeout: float | None,
+                source: Any, wait: bool) -> None:
+        if receiver is not None:
+            self._check_receiver(name, receiver)
+        chunks = (source,) if isinstance(source, (str, bytes, bytearray, memoryview, dict)) else source
+        try:
+            iterator = iter(chunks)
+        except TypeError:
+            iterator = iter((source,))
+        native = self._native
+        for chunk in iterator:
+            payload, text = encode_call(serde, (chunk,), {})
+            if wait:
+                ok, rserde, rtext, data = native.call(name, serde, text, payload, timeout)
+                if not ok:
+                    raise decode_error(data)
+            else:
+                native.send(name, serde, text, payload)
+
+
+def _targets(receiver: Any) -> list[str] | None:
+    if receiver is None:
+        return None
+    if isinstance(receiver, str):
+        return [receiver]
+    return list(receiver)
+
+
+class _Proxy:
+    __slots__ = ("_conn", "_receiver", "_serde")
+
+    def __init__(self, conn: Connection, receiver: Any, serde: Any) -> None:
+        object.__setattr__(self, "_conn", conn)
+        object.__setattr__(self, "_receiver", receiver)
+        object.__setattr__(self, "_serde", int(serde))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("call proxies are immutable")
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._bind(name)
+
+    def _bind(self, name: str) -> Callable[..., Any]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class _RpcProxy(_Proxy):
+    __slots__ = ("_timeout",)
+
+    def __init__(self, conn: Connection, timeout: float | None, receiver: Any, serde: Any) -> None:
+        super().__init__(conn, receiver, serde)
+        object.__setattr__(self, "_timeout", timeout)
+
+    def _bind(self, name: str) -> Callable[..., Any]:
+        conn, timeout, receiver, serde = self._conn, self._timeout, self._receiver, self._serde
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return conn._call(name, timeout, receiver, serde, args, kwargs)
+
+        return call
+
+
+class _NowaitProxy(_Proxy):
+    __slots__ = ()
+
+    def _bind(self, name: str) -> Callable[..., None]:
+        conn, receiver, serde = self._conn, self._receiver, self._serde
+
+        def call(*args: Any, **kwargs: Any) -> None:
+            conn._send(name, receiver, serde, args, kwargs)
+
+        return call
+
+
+class _CastProxy(_RpcProxy):
+    __slots__ = ()
+
+    def _bind(self, name: str) -> Callable[..., dict[str, Any]]:
+        conn, timeout, receiver, serde = self._conn, self._timeout, self._receiver, self._serde
+
+        def call(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            return conn._cast(name, timeout, receiver, serde, args, kwargs)
+
+        return call
+
+
+class _CastNowaitProxy(_Proxy):
+    __slots__ = ()
+
+    def _bind(self, name: str) -> Callable[..., None]:
+        conn, receiver, serde = self._conn, self._receiver, self._serde
+
+        def call(*args: Any, **kwargs: Any) -> None:
+            for t in _targets(receiver) or [None]:
+                conn._send(name, t, serde, args, kwargs)
+
+        return call
+
+
+class _StreamProxy(_Proxy):
+    __slots__ = ("_timeout",)
+
+    def __init__(self, conn: Connection, receiver: Any, serde: Any, timeout: float | None) -> None:
+        super().__init__(conn, receiver, serde)
+        object.__setattr__(self, "_timeout", timeout)
+
+    def _bind(self, name: str) -> Callable[[Any], None]:
+        conn, receiver, serde, timeout = self._conn, self._receiver, self._serde, self._timeout
+
+        def call(source: Any) -> None:
+            conn._stream(name, receiver, serde, timeout, source, True)
+
+        return call
+
+
+class _StreamNowaitProxy(_Proxy):
+    __slots__ = ()
+
+    def _bind(self, name: str) -> Callable[[Any], None]:
+        conn, receiver, serde = self._conn, self._receiver, self._serde
+
+        def call(source: Any) -> None:
+            conn._stream(name, receiver, serde, None, source, False)
+
+        return call
