@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use daffi_runtime::{
-    Address, Backend, CallError, Client as RtClient, ClientConfig, Engine, Next, Server as RtServer, ServerConfig,
-    StartError,
+    Address, Backend, CallError, Client as RtClient, ClientConfig, Engine, Next,
+    Server as RtServer, ServerConfig, StartError,
 };
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -34,7 +34,9 @@ fn daffi_error(py: Python<'_>, name: &str, msg: String) -> PyErr {
 
 fn call_error(py: Python<'_>, e: CallError) -> PyErr {
     match e {
-        CallError::Timeout => daffi_error(py, "CallTimeout", "no response within the timeout".into()),
+        CallError::Timeout => {
+            daffi_error(py, "CallTimeout", "no response within the timeout".into())
+        }
         CallError::Disconnected(r) => daffi_error(py, "Disconnected", format!("disconnected: {r}")),
         CallError::Evicted(r) => daffi_error(py, "Evicted", format!("evicted: {r}")),
         CallError::Transmission(m) => daffi_error(py, "TransmissionFailure", m),
@@ -52,19 +54,35 @@ fn engine(py: Python<'_>, backend: Option<&str>) -> PyResult<Engine> {
     let r = match backend {
         None => py.detach(Engine::from_env),
         Some(b) => {
-            let b = Backend::parse(b)
-                .ok_or_else(|| PyValueError::new_err(format!("backend {b:?}: expected auto, uring or poll")))?;
+            let b = Backend::parse(b).ok_or_else(|| {
+                PyValueError::new_err(format!("backend {b:?}: expected auto, uring or poll"))
+            })?;
             py.detach(|| Engine::get(b))
         }
     };
-    r.map_err(|e| daffi_error(py, "InitializationError", format!("cannot start the daffi engine: {e}")))
+    r.map_err(|e| {
+        daffi_error(
+            py,
+            "InitializationError",
+            format!("cannot start the daffi engine: {e}"),
+        )
+    })
 }
 
-fn address(host: Option<String>, port: Option<u16>, unix_path: Option<PathBuf>) -> PyResult<Address> {
+fn address(
+    host: Option<String>,
+    port: Option<u16>,
+    unix_path: Option<PathBuf>,
+) -> PyResult<Address> {
     match (unix_path, port) {
         (Some(p), _) => Ok(Address::Unix(p)),
-        (None, Some(port)) => Ok(Address::Tcp { host: host.unwrap_or_else(|| "127.0.0.1".into()), port }),
-        (None, None) => Err(PyValueError::new_err("an address needs a port or a unix socket path")),
+        (None, Some(port)) => Ok(Address::Tcp {
+            host: host.unwrap_or_else(|| "127.0.0.1".into()),
+            port,
+        }),
+        (None, None) => Err(PyValueError::new_err(
+            "an address needs a port or a unix socket path",
+        )),
     }
 }
 
@@ -80,13 +98,18 @@ fn payload(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Bytes> {
 fn timeout(t: Option<f64>) -> PyResult<Option<Duration>> {
     match t {
         None => Ok(None),
-        Some(t) if t.is_nan() || t < 0.0 => Err(PyValueError::new_err("timeout must be a non-negative number")),
+        Some(t) if t.is_nan() || t < 0.0 => Err(PyValueError::new_err(
+            "timeout must be a non-negative number",
+        )),
         Some(t) if t == 0.0 || t.is_infinite() => Ok(None),
         Some(t) => Ok(Some(Duration::from_secs_f64(t))),
     }
 }
 
-fn call_tuple<'py>(py: Python<'py>, c: daffi_runtime::IncomingCall) -> PyResult<Bound<'py, PyTuple>> {
+fn call_tuple<'py>(
+    py: Python<'py>,
+    c: daffi_runtime::IncomingCall,
+) -> PyResult<Bound<'py, PyTuple>> {
     let payload = PyBytes::new(py, &c.payload);
     drop(c.payload);
     (c.conn, c.call_id, c.name, c.serde, c.flags.0, payload).into_pyobject(py)
@@ -102,6 +125,7 @@ struct Server {
 impl Server {
     #[new]
     #[pyo3(signature = (name, host=None, port=None, unix_path=None, max_message_size=daffi_runtime::DEFAULT_MAX_MESSAGE_SIZE, functions=Vec::new(), backend=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         name: String,
@@ -113,8 +137,15 @@ impl Server {
         backend: Option<&str>,
     ) -> PyResult<Server> {
         let engine = engine(py, backend)?;
-        let cfg = ServerConfig { name, address: address(host, port, unix_path)?, max_message_size, functions };
-        let inner = py.detach(|| RtServer::start(&engine, cfg)).map_err(|e| start_error(py, e))?;
+        let cfg = ServerConfig {
+            name,
+            address: address(host, port, unix_path)?,
+            max_message_size,
+            functions,
+        };
+        let inner = py
+            .detach(|| RtServer::start(&engine, cfg))
+            .map_err(|e| start_error(py, e))?;
         Ok(Server { inner })
     }
 
@@ -148,7 +179,11 @@ impl Server {
 
     /// `(conn, call_id, name, serde, flags, payload)`, or None on timeout or once stopped.
     #[pyo3(signature = (timeout=None))]
-    fn next_call<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    fn next_call<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let t = self::timeout(timeout)?;
         match py.detach(|| self.inner.next_call(t)) {
             Next::Item(c) => Ok(Some(call_tuple(py, c)?)),
@@ -166,13 +201,33 @@ impl Server {
         })
     }
 
-    fn respond(&self, py: Python<'_>, conn: u64, call_id: u64, serde: u8, text: bool, payload: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn respond(
+        &self,
+        py: Python<'_>,
+        conn: u64,
+        call_id: u64,
+        serde: u8,
+        text: bool,
+        payload: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let p = self::payload(py, payload)?;
-        self.inner.respond(conn, call_id, serde, if text { daffi_runtime::Flags::TEXT } else { 0 }, p);
+        self.inner.respond(
+            conn,
+            call_id,
+            serde,
+            if text { daffi_runtime::Flags::TEXT } else { 0 },
+            p,
+        );
         Ok(())
     }
 
-    fn respond_error(&self, py: Python<'_>, conn: u64, call_id: u64, payload: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn respond_error(
+        &self,
+        py: Python<'_>,
+        conn: u64,
+        call_id: u64,
+        payload: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let p = self::payload(py, payload)?;
         self.inner.respond_error(conn, call_id, "remote", p);
         Ok(())
@@ -217,7 +272,9 @@ impl Client {
             functions,
             connect_timeout: timeout(Some(connect_timeout))?.unwrap_or(Duration::from_secs(3600)),
         };
-        let inner = py.detach(|| RtClient::connect(&engine, cfg)).map_err(|e| start_error(py, e))?;
+        let inner = py
+            .detach(|| RtClient::connect(&engine, cfg))
+            .map_err(|e| start_error(py, e))?;
         Ok(Client { inner })
     }
 
@@ -273,21 +330,42 @@ impl Client {
     }
 
     /// Sends a call that wants no answer.
-    fn send(&self, py: Python<'_>, name: &str, serde: u8, text: bool, payload: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn send(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        serde: u8,
+        text: bool,
+        payload: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let p = self::payload(py, payload)?;
         let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
-        self.inner.send(name, serde, flags, p).map_err(|e| call_error(py, e))
+        self.inner
+            .send(name, serde, flags, p)
+            .map_err(|e| call_error(py, e))
     }
 
     /// Waits until every named peer is connected; returns the names still missing on timeout.
     #[pyo3(signature = (names, timeout=None))]
-    fn wait_for_members(&self, py: Python<'_>, names: Vec<String>, timeout: Option<f64>) -> PyResult<Vec<String>> {
+    fn wait_for_members(
+        &self,
+        py: Python<'_>,
+        names: Vec<String>,
+        timeout: Option<f64>,
+    ) -> PyResult<Vec<String>> {
         let t = self::timeout(timeout)?;
-        Ok(py.detach(|| self.inner.wait_for_members(&names, t)).err().unwrap_or_default())
+        Ok(py
+            .detach(|| self.inner.wait_for_members(&names, t))
+            .err()
+            .unwrap_or_default())
     }
 
     #[pyo3(signature = (timeout=None))]
-    fn next_call<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    fn next_call<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let t = self::timeout(timeout)?;
         match py.detach(|| self.inner.next_call(t)) {
             Next::Item(c) => Ok(Some(call_tuple(py, c)?)),
@@ -304,14 +382,33 @@ impl Client {
         })
     }
 
-    fn respond(&self, py: Python<'_>, conn: u64, call_id: u64, serde: u8, text: bool, payload: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn respond(
+        &self,
+        py: Python<'_>,
+        conn: u64,
+        call_id: u64,
+        serde: u8,
+        text: bool,
+        payload: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let _ = conn;
         let p = self::payload(py, payload)?;
-        self.inner.respond(call_id, serde, if text { daffi_runtime::Flags::TEXT } else { 0 }, p);
+        self.inner.respond(
+            call_id,
+            serde,
+            if text { daffi_runtime::Flags::TEXT } else { 0 },
+            p,
+        );
         Ok(())
     }
 
-    fn respond_error(&self, py: Python<'_>, conn: u64, call_id: u64, payload: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn respond_error(
+        &self,
+        py: Python<'_>,
+        conn: u64,
+        call_id: u64,
+        payload: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let _ = conn;
         let p = self::payload(py, payload)?;
         self.inner.respond_error(call_id, "remote", p);
@@ -341,6 +438,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resolve_backend, m)?)?;
     m.add_function(wrap_pyfunction!(msgpack::msgpack_dumps, m)?)?;
     m.add_function(wrap_pyfunction!(msgpack::msgpack_loads, m)?)?;
-    m.add("DEFAULT_MAX_MESSAGE_SIZE", daffi_runtime::DEFAULT_MAX_MESSAGE_SIZE)?;
+    m.add(
+        "DEFAULT_MAX_MESSAGE_SIZE",
+        daffi_runtime::DEFAULT_MAX_MESSAGE_SIZE,
+    )?;
     Ok(())
 }

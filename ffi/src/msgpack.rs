@@ -5,7 +5,9 @@
 
 use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{
+    PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple,
+};
 use rmp::Marker;
 
 const MAX_DEPTH: usize = 512;
@@ -15,7 +17,9 @@ fn encode(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> PyResult<(
         return Err(PyValueError::new_err("MSGPACK: value nested too deeply"));
     }
     // Writing into a Vec cannot fail.
-    let w = |r: Result<(), rmp::encode::ValueWriteError>| r.map_err(|e| PyValueError::new_err(e.to_string()));
+    let w = |r: Result<(), rmp::encode::ValueWriteError>| {
+        r.map_err(|e| PyValueError::new_err(e.to_string()))
+    };
     if obj.is_none() {
         rmp::encode::write_nil(out).expect("vec write");
     } else if let Ok(b) = obj.cast::<PyBool>() {
@@ -26,7 +30,9 @@ fn encode(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> PyResult<(
         } else if let Ok(v) = obj.extract::<u64>() {
             rmp::encode::write_uint(out, v).map_err(|e| PyValueError::new_err(e.to_string()))?;
         } else {
-            return Err(PyOverflowError::new_err("MSGPACK integers must fit in 64 bits"));
+            return Err(PyOverflowError::new_err(
+                "MSGPACK integers must fit in 64 bits",
+            ));
         }
     } else if let Ok(f) = obj.cast::<PyFloat>() {
         rmp::encode::write_f64(out, f.value()).map_err(|e| PyValueError::new_err(e.to_string()))?;
@@ -54,14 +60,19 @@ fn encode(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> PyResult<(
         }
     } else {
         let t = obj.get_type().name()?;
-        return Err(PyTypeError::new_err(format!("MSGPACK cannot encode a value of type {t}")));
+        return Err(PyTypeError::new_err(format!(
+            "MSGPACK cannot encode a value of type {t}"
+        )));
     }
     Ok(())
 }
 
 /// Encodes a Python value as MessagePack.
 #[pyfunction]
-pub fn msgpack_dumps<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+pub fn msgpack_dumps<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyBytes>> {
     let mut out = Vec::with_capacity(64);
     encode(obj, &mut out, 0)?;
     Ok(PyBytes::new(py, &out))
@@ -90,7 +101,9 @@ impl<'a> Reader<'a> {
     fn len(&mut self, m: Marker) -> PyResult<usize> {
         Ok(match m {
             Marker::Str8 | Marker::Bin8 => self.be::<1>()?[0] as usize,
-            Marker::Str16 | Marker::Bin16 | Marker::Array16 | Marker::Map16 => u16::from_be_bytes(self.be()?) as usize,
+            Marker::Str16 | Marker::Bin16 | Marker::Array16 | Marker::Map16 => {
+                u16::from_be_bytes(self.be()?) as usize
+            }
             _ => u32::from_be_bytes(self.be()?) as usize,
         })
     }
@@ -114,10 +127,16 @@ impl<'a> Reader<'a> {
             Marker::I16 => i16::from_be_bytes(self.be()?).into_pyobject(py)?.into_any(),
             Marker::I32 => i32::from_be_bytes(self.be()?).into_pyobject(py)?.into_any(),
             Marker::I64 => i64::from_be_bytes(self.be()?).into_pyobject(py)?.into_any(),
-            Marker::F32 => (f32::from_be_bytes(self.be()?) as f64).into_pyobject(py)?.into_any(),
+            Marker::F32 => (f32::from_be_bytes(self.be()?) as f64)
+                .into_pyobject(py)?
+                .into_any(),
             Marker::F64 => f64::from_be_bytes(self.be()?).into_pyobject(py)?.into_any(),
             Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32 => {
-                let n = if let Marker::FixStr(n) = m { n as usize } else { self.len(m)? };
+                let n = if let Marker::FixStr(n) = m {
+                    n as usize
+                } else {
+                    self.len(m)?
+                };
                 let s = std::str::from_utf8(self.take(n)?)
                     .map_err(|_| PyValueError::new_err("MSGPACK: string is not UTF-8"))?;
                 PyString::new(py, s).into_any()
@@ -127,7 +146,11 @@ impl<'a> Reader<'a> {
                 PyBytes::new(py, self.take(n)?).into_any()
             }
             Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
-                let n = if let Marker::FixArray(n) = m { n as usize } else { self.len(m)? };
+                let n = if let Marker::FixArray(n) = m {
+                    n as usize
+                } else {
+                    self.len(m)?
+                };
                 if n > self.b.len() {
                     return Err(truncated());
                 }
@@ -138,7 +161,11 @@ impl<'a> Reader<'a> {
                 list.into_any()
             }
             Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {
-                let n = if let Marker::FixMap(n) = m { n as usize } else { self.len(m)? };
+                let n = if let Marker::FixMap(n) = m {
+                    n as usize
+                } else {
+                    self.len(m)?
+                };
                 if n > self.b.len() / 2 {
                     return Err(truncated());
                 }
@@ -150,14 +177,21 @@ impl<'a> Reader<'a> {
                 }
                 dict.into_any()
             }
-            other => return Err(PyValueError::new_err(format!("MSGPACK: unsupported type marker {other:?}"))),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "MSGPACK: unsupported type marker {other:?}"
+                )));
+            }
         })
     }
 }
 
 /// Decodes one MessagePack value (bytes stay bytes, arrays become lists).
 #[pyfunction]
-pub fn msgpack_loads<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+pub fn msgpack_loads<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
     let owned;
     let bytes: &[u8] = if let Ok(b) = data.cast::<PyBytes>() {
         b.as_bytes()
@@ -168,7 +202,9 @@ pub fn msgpack_loads<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult
     let mut r = Reader { b: bytes };
     let v = r.value(py, 0)?;
     if !r.b.is_empty() {
-        return Err(PyValueError::new_err("MSGPACK: trailing bytes after the value"));
+        return Err(PyValueError::new_err(
+            "MSGPACK: trailing bytes after the value",
+        ));
     }
     Ok(v)
 }

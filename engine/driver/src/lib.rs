@@ -43,7 +43,11 @@ pub enum Op {
     /// Receive at most `max` bytes into the spare capacity of `buf` (`max <= spare capacity`).
     Recv { fd: RawFd, buf: Vec<u8>, max: usize },
     /// Send the concatenation of `bufs`, less its first `skip` bytes. May send only part.
-    Send { fd: RawFd, bufs: Vec<Bytes>, skip: usize },
+    Send {
+        fd: RawFd,
+        bufs: Vec<Bytes>,
+        skip: usize,
+    },
 }
 
 /// The result of an operation, with its buffers.
@@ -51,11 +55,21 @@ pub enum Op {
 pub enum Outcome {
     /// One accepted connection (or error). `more` is false on the last completion of this
     /// accept operation (after a cancel or a fatal error).
-    Accepted { res: io::Result<OwnedFd>, more: bool },
+    Accepted {
+        res: io::Result<OwnedFd>,
+        more: bool,
+    },
     /// Bytes received; `buf.len()` has grown by that many. `Ok(0)` is end of stream.
-    Recv { buf: Vec<u8>, res: io::Result<usize> },
+    Recv {
+        buf: Vec<u8>,
+        res: io::Result<usize>,
+    },
     /// Bytes sent.
-    Sent { bufs: Vec<Bytes>, skip: usize, res: io::Result<usize> },
+    Sent {
+        bufs: Vec<Bytes>,
+        skip: usize,
+        res: io::Result<usize>,
+    },
 }
 
 /// A finished operation.
@@ -188,7 +202,10 @@ pub(crate) fn iovecs(bufs: &[Bytes], mut skip: usize, max: usize) -> Vec<libc::i
         }
         let rest = &b[skip..];
         skip = 0;
-        v.push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() });
+        v.push(libc::iovec {
+            iov_base: rest.as_ptr() as *mut libc::c_void,
+            iov_len: rest.len(),
+        });
     }
     v
 }

@@ -81,13 +81,18 @@ impl Driver {
     }
 
     fn try_accept(&mut self, fd: RawFd) {
-        let Some(p) = self.fds.get_mut(&fd) else { return };
+        let Some(p) = self.fds.get_mut(&fd) else {
+            return;
+        };
         let Some(token) = p.accept else { return };
         loop {
             match sys::accept(fd) {
                 Ok(s) => self.ready.push_back(Completion {
                     token,
-                    outcome: Outcome::Accepted { res: Ok(s), more: true },
+                    outcome: Outcome::Accepted {
+                        res: Ok(s),
+                        more: true,
+                    },
                 }),
                 Err(e) if would_block(&e) => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -96,7 +101,10 @@ impl Driver {
                 Err(e) => {
                     self.ready.push_back(Completion {
                         token,
-                        outcome: Outcome::Accepted { res: Err(e), more: true },
+                        outcome: Outcome::Accepted {
+                            res: Err(e),
+                            more: true,
+                        },
                     });
                     return;
                 }
@@ -105,8 +113,12 @@ impl Driver {
     }
 
     fn try_recv(&mut self, fd: RawFd) {
-        let Some(p) = self.fds.get_mut(&fd) else { return };
-        let Some((token, mut buf, max)) = p.recv.take() else { return };
+        let Some(p) = self.fds.get_mut(&fd) else {
+            return;
+        };
+        let Some((token, mut buf, max)) = p.recv.take() else {
+            return;
+        };
         let res = loop {
             match sys::recv(fd, &mut buf, max) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -115,13 +127,20 @@ impl Driver {
         };
         match res {
             Err(e) if would_block(&e) => p.recv = Some((token, buf, max)),
-            res => self.ready.push_back(Completion { token, outcome: Outcome::Recv { buf, res } }),
+            res => self.ready.push_back(Completion {
+                token,
+                outcome: Outcome::Recv { buf, res },
+            }),
         }
     }
 
     fn try_send(&mut self, fd: RawFd) {
-        let Some(p) = self.fds.get_mut(&fd) else { return };
-        let Some((token, bufs, skip)) = p.send.take() else { return };
+        let Some(p) = self.fds.get_mut(&fd) else {
+            return;
+        };
+        let Some((token, bufs, skip)) = p.send.take() else {
+            return;
+        };
         let res = loop {
             match sys::send(fd, &bufs, skip) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -130,15 +149,25 @@ impl Driver {
         };
         match res {
             Err(e) if would_block(&e) => p.send = Some((token, bufs, skip)),
-            res => self.ready.push_back(Completion { token, outcome: Outcome::Sent { bufs, skip, res } }),
+            res => self.ready.push_back(Completion {
+                token,
+                outcome: Outcome::Sent { bufs, skip, res },
+            }),
         }
     }
 
     fn fail(&mut self, token: Token, op: Op, e: io::Error) {
         let outcome = match op {
-            Op::Accept { .. } => Outcome::Accepted { res: Err(e), more: false },
+            Op::Accept { .. } => Outcome::Accepted {
+                res: Err(e),
+                more: false,
+            },
             Op::Recv { buf, .. } => Outcome::Recv { buf, res: Err(e) },
-            Op::Send { bufs, skip, .. } => Outcome::Sent { bufs, skip, res: Err(e) },
+            Op::Send { bufs, skip, .. } => Outcome::Sent {
+                bufs,
+                skip,
+                res: Err(e),
+            },
         };
         self.ready.push_back(Completion { token, outcome });
     }
@@ -190,7 +219,10 @@ impl crate::Driver for Driver {
     fn close(&mut self, fd: OwnedFd) {
         let raw = fd.as_raw_fd();
         if let Some(p) = self.fds.remove(&raw) {
-            debug_assert!(p.recv.is_none() && p.send.is_none(), "closing a descriptor with operations");
+            debug_assert!(
+                p.recv.is_none() && p.send.is_none(),
+                "closing a descriptor with operations"
+            );
             if p.registered {
                 let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
             }
@@ -199,7 +231,11 @@ impl crate::Driver for Driver {
     }
 
     fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
-        let timeout = if self.ready.is_empty() { timeout } else { Some(Duration::ZERO) };
+        let timeout = if self.ready.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
         match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -211,7 +247,11 @@ impl crate::Driver for Driver {
             .filter(|e| e.token() != WAKE)
             .map(|e| {
                 let err = e.is_error() || e.is_read_closed() || e.is_write_closed();
-                (e.token().0 as RawFd, e.is_readable() || err, e.is_writable() || err)
+                (
+                    e.token().0 as RawFd,
+                    e.is_readable() || err,
+                    e.is_writable() || err,
+                )
             })
             .collect();
         for (fd, readable, writable) in ready {

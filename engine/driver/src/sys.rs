@@ -39,7 +39,10 @@ pub fn listen_unix(path: &Path) -> io::Result<OwnedFd> {
 /// Connects over TCP within `timeout` (every resolved address is tried), then makes the socket
 /// non-blocking with `TCP_NODELAY`.
 pub fn connect_tcp(host: &str, port: u16, timeout: Duration) -> io::Result<OwnedFd> {
-    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address"));
+    let mut last = io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{host} resolves to no address"),
+    );
     for addr in (host, port).to_socket_addrs()? {
         match TcpStream::connect_timeout(&addr, timeout) {
             Ok(s) => {
@@ -82,9 +85,17 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: fcntl on a descriptor the caller owns; F_GETFL/F_SETFL touch no memory.
     let r = unsafe {
         let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 { flags } else { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) }
+        if flags < 0 {
+            flags
+        } else {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK)
+        }
     };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Shuts both directions of a socket down: the peer sees end of stream and pending receives
@@ -101,7 +112,14 @@ pub fn recv(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
     let max = max.min(buf.capacity() - buf.len());
     // SAFETY: the destination is the vector's spare capacity, at least `max` bytes long, which
     // nothing else references during the call.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().add(buf.len()) as *mut libc::c_void, max, 0) };
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().add(buf.len()) as *mut libc::c_void,
+            max,
+            0,
+        )
+    };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -120,14 +138,23 @@ pub fn send(fd: RawFd, bufs: &[Bytes], skip: usize) -> io::Result<usize> {
     msg.msg_iovlen = iov.len() as _;
     // SAFETY: `msg` points at `iov`, whose entries point into `bufs`; all outlive the call.
     let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// `accept4` with close-on-exec and non-blocking set on the new socket.
 pub fn accept(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: null address pointers are allowed by accept4; flags are valid.
     let r = unsafe {
-        libc::accept4(fd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+        libc::accept4(
+            fd,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+        )
     };
     if r < 0 {
         return Err(io::Error::last_os_error());

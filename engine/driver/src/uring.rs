@@ -26,10 +26,23 @@ const ENTRIES: u32 = 1024;
 
 #[derive(Debug)]
 enum InFlight {
-    Accept { token: Token },
-    Recv { token: Token, buf: Vec<u8> },
-    Send { token: Token, bufs: Vec<Bytes>, skip: usize, _iov: Vec<libc::iovec>, _msg: Box<libc::msghdr> },
-    Wake { _buf: Box<u64> },
+    Accept {
+        token: Token,
+    },
+    Recv {
+        token: Token,
+        buf: Vec<u8>,
+    },
+    Send {
+        token: Token,
+        bufs: Vec<Bytes>,
+        skip: usize,
+        _iov: Vec<libc::iovec>,
+        _msg: Box<libc::msghdr>,
+    },
+    Wake {
+        _buf: Box<u64>,
+    },
     Cancel,
 }
 
@@ -44,7 +57,9 @@ pub struct Driver {
 
 impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("uring::Driver").field("in_flight", &self.ops.len()).finish()
+        f.debug_struct("uring::Driver")
+            .field("in_flight", &self.ops.len())
+            .finish()
     }
 }
 
@@ -55,7 +70,13 @@ impl Wake for EventFd {
     fn wake(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-        let r = unsafe { libc::write(self.0.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+        let r = unsafe {
+            libc::write(
+                self.0.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
         if r < 0 {
             let e = io::Error::last_os_error();
             // EAGAIN: the counter is saturated, so a wake-up is pending anyway.
@@ -92,7 +113,10 @@ impl Driver {
             }
         }
         if !ring.params().is_feature_ext_arg() {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring without EXT_ARG (kernel < 5.11)"));
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring without EXT_ARG (kernel < 5.11)",
+            ));
         }
         // SAFETY: eventfd takes no pointers; the result is checked before use.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -101,7 +125,13 @@ impl Driver {
         }
         // SAFETY: `efd` is a fresh descriptor owned by nobody else.
         let wake_fd = Arc::new(EventFd(unsafe { OwnedFd::from_raw_fd(efd) }));
-        let mut d = Driver { ring, ops: Slab::with_capacity(256), accepts: HashMap::new(), wake_fd, wake_armed: false };
+        let mut d = Driver {
+            ring,
+            ops: Slab::with_capacity(256),
+            accepts: HashMap::new(),
+            wake_fd,
+            wake_armed: false,
+        };
         d.arm_wake();
         Ok(d)
     }
@@ -124,7 +154,9 @@ impl Driver {
         let mut buf = Box::new(0u64);
         let ptr = &mut *buf as *mut u64 as *mut u8;
         let key = self.ops.insert(InFlight::Wake { _buf: buf });
-        let sqe = opcode::Read::new(types::Fd(self.wake_fd.0.as_raw_fd()), ptr, 8).build().user_data(key as u64);
+        let sqe = opcode::Read::new(types::Fd(self.wake_fd.0.as_raw_fd()), ptr, 8)
+            .build()
+            .user_data(key as u64);
         self.push(sqe);
         self.wake_armed = true;
     }
@@ -145,10 +177,15 @@ impl Driver {
                 } else {
                     Err(err())
                 };
-                out.push(Completion { token, outcome: Outcome::Accepted { res, more } });
+                out.push(Completion {
+                    token,
+                    outcome: Outcome::Accepted { res, more },
+                });
             }
             InFlight::Recv { .. } => {
-                let InFlight::Recv { token, mut buf } = self.ops.remove(key) else { unreachable!() };
+                let InFlight::Recv { token, mut buf } = self.ops.remove(key) else {
+                    unreachable!()
+                };
                 let res = if res >= 0 {
                     // SAFETY: the kernel wrote `res` bytes into the spare capacity we lent it.
                     unsafe { buf.set_len(buf.len() + res as usize) };
@@ -156,12 +193,27 @@ impl Driver {
                 } else {
                     Err(err())
                 };
-                out.push(Completion { token, outcome: Outcome::Recv { buf, res } });
+                out.push(Completion {
+                    token,
+                    outcome: Outcome::Recv { buf, res },
+                });
             }
             InFlight::Send { .. } => {
-                let InFlight::Send { token, bufs, skip, .. } = self.ops.remove(key) else { unreachable!() };
-                let res = if res >= 0 { Ok(res as usize) } else { Err(err()) };
-                out.push(Completion { token, outcome: Outcome::Sent { bufs, skip, res } });
+                let InFlight::Send {
+                    token, bufs, skip, ..
+                } = self.ops.remove(key)
+                else {
+                    unreachable!()
+                };
+                let res = if res >= 0 {
+                    Ok(res as usize)
+                } else {
+                    Err(err())
+                };
+                out.push(Completion {
+                    token,
+                    outcome: Outcome::Sent { bufs, skip, res },
+                });
             }
             InFlight::Wake { .. } => {
                 self.ops.remove(key);
@@ -192,7 +244,9 @@ impl crate::Driver for Driver {
                 // when the Vec is moved into the slab below.
                 let ptr = unsafe { buf.as_mut_ptr().add(buf.len()) };
                 let key = self.ops.insert(InFlight::Recv { token, buf });
-                let sqe = opcode::Recv::new(types::Fd(fd), ptr, max as u32).build().user_data(key as u64);
+                let sqe = opcode::Recv::new(types::Fd(fd), ptr, max as u32)
+                    .build()
+                    .user_data(key as u64);
                 self.push(sqe);
             }
             Op::Send { fd, bufs, skip } => {
@@ -202,7 +256,13 @@ impl crate::Driver for Driver {
                 msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
                 msg.msg_iovlen = iov.len() as _;
                 let msg_ptr = &*msg as *const libc::msghdr;
-                let key = self.ops.insert(InFlight::Send { token, bufs, skip, _iov: iov, _msg: msg });
+                let key = self.ops.insert(InFlight::Send {
+                    token,
+                    bufs,
+                    skip,
+                    _iov: iov,
+                    _msg: msg,
+                });
                 let sqe = opcode::SendMsg::new(types::Fd(fd), msg_ptr)
                     .flags(libc::MSG_NOSIGNAL as u32)
                     .build()
@@ -215,7 +275,9 @@ impl crate::Driver for Driver {
     fn cancel_accept(&mut self, token: Token) {
         if let Some(&key) = self.accepts.get(&token) {
             let cancel = self.ops.insert(InFlight::Cancel);
-            let sqe = opcode::AsyncCancel::new(key as u64).build().user_data(cancel as u64);
+            let sqe = opcode::AsyncCancel::new(key as u64)
+                .build()
+                .user_data(cancel as u64);
             self.push(sqe);
         }
     }
@@ -228,7 +290,11 @@ impl crate::Driver for Driver {
         if !self.wake_armed {
             self.arm_wake();
         }
-        let want = if self.ring.completion().is_empty() { 1 } else { 0 };
+        let want = if self.ring.completion().is_empty() {
+            1
+        } else {
+            0
+        };
         let r = match timeout {
             Some(t) if want > 0 => {
                 let ts = types::Timespec::from(t);
@@ -239,11 +305,18 @@ impl crate::Driver for Driver {
         };
         match r {
             Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
             Err(e) => return Err(e),
         }
-        let cqes: Vec<(u64, i32, u32)> =
-            self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())).collect();
+        let cqes: Vec<(u64, i32, u32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result(), c.flags()))
+            .collect();
         for (key, res, flags) in cqes {
             self.complete(key as usize, res, flags, out);
         }
@@ -264,7 +337,9 @@ impl Drop for Driver {
         // Buffers of operations still in flight must outlive the kernel's use of them: cancel
         // everything and reap until the slab is empty (bounded, in case a kernel misbehaves).
         // SAFETY: AsyncCancel2 with ANY touches no user memory.
-        let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(u64::MAX);
+        let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(u64::MAX);
         // SAFETY: see above; the entry holds no pointers.
         let _ = unsafe { self.ring.submission().push(&sqe) };
         for _ in 0..100 {
@@ -273,10 +348,14 @@ impl Drop for Driver {
             }
             let _ = self.ring.submitter().submit_with_args(
                 1,
-                &types::SubmitArgs::new().timespec(&types::Timespec::from(Duration::from_millis(10))),
+                &types::SubmitArgs::new()
+                    .timespec(&types::Timespec::from(Duration::from_millis(10))),
             );
-            let cqes: Vec<(u64, i32, u32)> =
-                self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())).collect();
+            let cqes: Vec<(u64, i32, u32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags()))
+                .collect();
             let mut sink = Vec::new();
             for (key, res, flags) in cqes {
                 if key != u64::MAX && self.ops.contains(key as usize) {

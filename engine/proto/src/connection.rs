@@ -44,11 +44,26 @@ pub enum Event {
     /// The handshake completed.
     Open(Peer),
     /// The peer calls one of our functions.
-    Request { call_id: u64, name: String, serde: u8, flags: Flags, payload: Vec<u8> },
+    Request {
+        call_id: u64,
+        name: String,
+        serde: u8,
+        flags: Flags,
+        payload: Vec<u8>,
+    },
     /// The result of one of our calls.
-    Response { call_id: u64, serde: u8, flags: Flags, payload: Vec<u8> },
+    Response {
+        call_id: u64,
+        serde: u8,
+        flags: Flags,
+        payload: Vec<u8>,
+    },
     /// One of our calls failed on the other side.
-    Error { call_id: u64, code: String, payload: Vec<u8> },
+    Error {
+        call_id: u64,
+        code: String,
+        payload: Vec<u8>,
+    },
     /// The peer exports more functions now.
     Announce(Vec<String>),
     /// The peer is closing, and says why.
@@ -122,7 +137,14 @@ impl Connection {
             functions: self.local.functions.clone(),
         }
         .encode();
-        self.out.push_back(encode_head(kind, 0, 0, 0, &self.local.name, body.len() as u64));
+        self.out.push_back(encode_head(
+            kind,
+            0,
+            0,
+            0,
+            &self.local.name,
+            body.len() as u64,
+        ));
         self.out.push_back(body);
     }
 
@@ -134,7 +156,7 @@ impl Connection {
     /// Takes back the receive buffer and parses every complete frame in it.
     pub fn recv_done(&mut self, buf: Vec<u8>) -> Result<(), DecodeError> {
         self.reader.filled(buf);
-        while let Some(item) = self.reader.next()? {
+        while let Some(item) = self.reader.next_item()? {
             match item {
                 Item::Frame(f) => self.handle_frame(f)?,
                 Item::Oversized(h) => {
@@ -187,7 +209,9 @@ impl Connection {
                 self.events.push_back(Event::Open(peer));
             }
             (_, _, Kind::Goodbye) => self.events.push_back(Event::Goodbye(f.meta)),
-            (State::Handshake, _, k) => return Err(DecodeError::Unexpected(k, "before the handshake")),
+            (State::Handshake, _, k) => {
+                return Err(DecodeError::Unexpected(k, "before the handshake"));
+            }
             (State::Open, _, Kind::Hello | Kind::Welcome) => {
                 return Err(DecodeError::Unexpected(h.kind, "after the handshake"));
             }
@@ -232,7 +256,10 @@ impl Connection {
         let peer = self.peer.as_ref().ok_or(SendError::NotOpen)?;
         let size = (meta.len() + payload) as u64;
         if size > peer.max_message_size {
-            return Err(SendError::TooLarge { size, limit: peer.max_message_size });
+            return Err(SendError::TooLarge {
+                size,
+                limit: peer.max_message_size,
+            });
         }
         Ok(())
     }
@@ -252,7 +279,13 @@ impl Connection {
     }
 
     /// Queues the result of the peer's call `call_id`.
-    pub fn respond(&mut self, call_id: u64, serde: u8, flags: u8, payload: Bytes) -> Result<(), SendError> {
+    pub fn respond(
+        &mut self,
+        call_id: u64,
+        serde: u8,
+        flags: u8,
+        payload: Bytes,
+    ) -> Result<(), SendError> {
         if let Err(SendError::TooLarge { size, limit }) = self.check_size("", payload.len()) {
             let msg = format!("result of {size} bytes exceeds the caller's limit of {limit} bytes");
             self.send_error(call_id, error_code::TOO_LARGE, Bytes::from(msg));
@@ -283,7 +316,14 @@ impl Connection {
     }
 
     fn push(&mut self, kind: Kind, call_id: u64, serde: u8, flags: u8, meta: &str, payload: Bytes) {
-        self.out.push_back(encode_head(kind, call_id, serde, flags, meta, payload.len() as u64));
+        self.out.push_back(encode_head(
+            kind,
+            call_id,
+            serde,
+            flags,
+            meta,
+            payload.len() as u64,
+        ));
         if !payload.is_empty() {
             self.out.push_back(payload);
         }
@@ -336,16 +376,27 @@ mod tests {
     fn handshake_then_calls_both_ways() {
         let mut client = Connection::new(Role::Client, local("cli", &[], 1 << 20));
         let mut server = Connection::new(Role::Server, local("svc", &["add"], 1 << 20));
-        assert_eq!(client.request(1, "add", 2, 0, Bytes::new()), Err(SendError::NotOpen));
+        assert_eq!(
+            client.request(1, "add", 2, 0, Bytes::new()),
+            Err(SendError::NotOpen)
+        );
         pump(&mut client, &mut server, 5);
         assert_eq!(
             events(&mut server),
-            vec![Event::Open(Peer { name: "cli".into(), functions: vec![], max_message_size: 1 << 20 })]
+            vec![Event::Open(Peer {
+                name: "cli".into(),
+                functions: vec![],
+                max_message_size: 1 << 20
+            })]
         );
         pump(&mut server, &mut client, 3);
-        assert!(matches!(&events(&mut client)[..], [Event::Open(p)] if p.name == "svc" && p.functions == ["add"]));
+        assert!(
+            matches!(&events(&mut client)[..], [Event::Open(p)] if p.name == "svc" && p.functions == ["add"])
+        );
 
-        client.request(u64::MAX, "add", 2, 0, Bytes::from_static(b"args")).unwrap();
+        client
+            .request(u64::MAX, "add", 2, 0, Bytes::from_static(b"args"))
+            .unwrap();
         pump(&mut client, &mut server, 1000);
         let ev = events(&mut server);
         assert_eq!(
@@ -358,11 +409,21 @@ mod tests {
                 payload: b"args".to_vec()
             }]
         );
-        server.respond(u64::MAX, 2, Flags::TEXT, Bytes::from_static(b"3")).unwrap();
+        server
+            .respond(u64::MAX, 2, Flags::TEXT, Bytes::from_static(b"3"))
+            .unwrap();
         server.announce(&["late".into()]);
         pump(&mut server, &mut client, 2);
         let ev = events(&mut client);
-        assert_eq!(ev[0], Event::Response { call_id: u64::MAX, serde: 2, flags: Flags(Flags::TEXT), payload: b"3".to_vec() });
+        assert_eq!(
+            ev[0],
+            Event::Response {
+                call_id: u64::MAX,
+                serde: 2,
+                flags: Flags(Flags::TEXT),
+                payload: b"3".to_vec()
+            }
+        );
         assert_eq!(ev[1], Event::Announce(vec!["late".into()]));
         assert_eq!(client.peer().unwrap().functions, ["add", "late"]);
     }
@@ -378,19 +439,28 @@ mod tests {
         // The sender refuses what the receiver announced it would refuse.
         assert_eq!(
             client.request(1, "f", 0, 0, Bytes::from(vec![0; 2000])),
-            Err(SendError::TooLarge { size: 2001, limit: 1000 })
+            Err(SendError::TooLarge {
+                size: 2001,
+                limit: 1000
+            })
         );
         // A result too large for the caller becomes an error answer.
         assert!(server.respond(9, 0, 0, Bytes::from(vec![0; 500])).is_err());
         pump(&mut server, &mut client, 64);
-        assert!(matches!(&events(&mut client)[..], [Event::Error { call_id: 9, code, .. }] if code == "too-large"));
+        assert!(
+            matches!(&events(&mut client)[..], [Event::Error { call_id: 9, code, .. }] if code == "too-large")
+        );
     }
 
     #[test]
     fn frames_before_handshake_are_refused() {
         let mut server = Connection::new(Role::Server, local("svc", &[], 1000));
         let mut t = server.recv_target();
-        t.buf.extend_from_slice(&encode_head(Kind::Request, 1, 0, 0, "f", 0));
-        assert!(matches!(server.recv_done(t.buf), Err(DecodeError::Unexpected(Kind::Request, _))));
+        t.buf
+            .extend_from_slice(&encode_head(Kind::Request, 1, 0, 0, "f", 0));
+        assert!(matches!(
+            server.recv_done(t.buf),
+            Err(DecodeError::Unexpected(Kind::Request, _))
+        ));
     }
 }

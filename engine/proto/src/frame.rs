@@ -105,7 +105,14 @@ pub enum HeaderError {
 
 impl Header {
     pub fn new(kind: Kind, call_id: u64) -> Header {
-        Header { kind, serde: 0, flags: Flags::default(), call_id, meta_len: 0, payload_len: 0 }
+        Header {
+            kind,
+            serde: 0,
+            flags: Flags::default(),
+            call_id,
+            meta_len: 0,
+            payload_len: 0,
+        }
     }
 
     /// Total bytes following the header.

@@ -21,7 +21,8 @@ pub struct Hello {
 
 impl Hello {
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(12 + self.functions.iter().map(|f| 2 + f.len()).sum::<usize>());
+        let mut out =
+            BytesMut::with_capacity(12 + self.functions.iter().map(|f| 2 + f.len()).sum::<usize>());
         out.put_u64_le(self.max_message_size);
         put_names(&mut out, &self.functions);
         out.freeze()
@@ -33,7 +34,10 @@ impl Hello {
         }
         let max_message_size = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
         b = &b[8..];
-        Ok(Hello { max_message_size, functions: decode_names(b)? })
+        Ok(Hello {
+            max_message_size,
+            functions: decode_names(b)?,
+        })
     }
 }
 
@@ -75,7 +79,8 @@ pub fn decode_names(mut b: &[u8]) -> Result<Vec<String>, DecodeError> {
         if b.len() < len {
             return Err(DecodeError::Handshake("truncated name"));
         }
-        let name = std::str::from_utf8(&b[..len]).map_err(|_| DecodeError::Utf8("function name"))?;
+        let name =
+            std::str::from_utf8(&b[..len]).map_err(|_| DecodeError::Utf8("function name"))?;
         names.push(name.to_owned());
         b = &b[len..];
     }
@@ -91,7 +96,10 @@ mod tests {
 
     #[test]
     fn hello_round_trip() {
-        let h = Hello { max_message_size: 1 << 40, functions: vec!["add".into(), "grüß".into(), String::new()] };
+        let h = Hello {
+            max_message_size: 1 << 40,
+            functions: vec!["add".into(), "grüß".into(), String::new()],
+        };
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
     }
 

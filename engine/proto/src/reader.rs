@@ -94,7 +94,10 @@ impl FrameReader {
             let max = large.header.payload_len as usize - large.payload.len();
             if max > 0 {
                 self.lent = Some(Lent::Payload);
-                return RecvTarget { buf: std::mem::take(&mut large.payload), max };
+                return RecvTarget {
+                    buf: std::mem::take(&mut large.payload),
+                    max,
+                };
             }
         }
         if self.pos > 0 {
@@ -104,14 +107,20 @@ impl FrameReader {
         }
         self.lent = Some(Lent::Staging);
         let max = STAGING - self.staging.len();
-        RecvTarget { buf: std::mem::take(&mut self.staging), max }
+        RecvTarget {
+            buf: std::mem::take(&mut self.staging),
+            max,
+        }
     }
 
     /// Takes back the buffer lent by [`FrameReader::target`], with the received bytes appended.
     pub fn filled(&mut self, buf: Vec<u8>) {
         match self.lent.take() {
             Some(Lent::Payload) => {
-                self.large.as_mut().expect("payload lent without a large frame").payload = buf
+                self.large
+                    .as_mut()
+                    .expect("payload lent without a large frame")
+                    .payload = buf
             }
             Some(Lent::Staging) => self.staging = buf,
             None => panic!("receive buffer returned but none was lent"),
@@ -124,7 +133,7 @@ impl FrameReader {
     }
 
     /// Parses the next complete item, if the received bytes hold one.
-    pub fn next(&mut self) -> Result<Option<Item>, DecodeError> {
+    pub fn next_item(&mut self) -> Result<Option<Item>, DecodeError> {
         loop {
             if self.skip > 0 {
                 let d = (self.staging.len() - self.pos).min(self.skip as usize);
@@ -172,7 +181,11 @@ impl FrameReader {
                 }
                 let payload = avail[head_len..head_len + payload_len].to_vec();
                 self.pos += head_len + payload_len;
-                return Ok(Some(Item::Frame(Frame { header, meta, payload })));
+                return Ok(Some(Item::Frame(Frame {
+                    header,
+                    meta,
+                    payload,
+                })));
             }
             let mut payload = Vec::new();
             payload
@@ -181,7 +194,11 @@ impl FrameReader {
             let have = (avail.len() - head_len).min(payload_len);
             payload.extend_from_slice(&avail[head_len..head_len + have]);
             self.pos += head_len + have;
-            self.large = Some(Large { header, meta, payload });
+            self.large = Some(Large {
+                header,
+                meta,
+                payload,
+            });
         }
     }
 }
@@ -207,7 +224,7 @@ mod tests {
             t.buf.extend_from_slice(&stream[at..at + n]);
             at += n;
             reader.filled(t.buf);
-            while let Some(item) = reader.next().unwrap() {
+            while let Some(item) = reader.next_item().unwrap() {
                 items.push(item);
             }
         }
@@ -252,13 +269,13 @@ mod tests {
         let mut t = r.target();
         t.buf.extend_from_slice(&stream);
         r.filled(t.buf);
-        assert_eq!(r.next(), Err(DecodeError::Utf8("frame meta")));
+        assert_eq!(r.next_item(), Err(DecodeError::Utf8("frame meta")));
         let mut h = encode_head(Kind::Request, 1, 0, 0, "", 0).to_vec();
         h[16..20].copy_from_slice(&(MAX_META + 1).to_le_bytes());
         let mut r = FrameReader::new(1 << 20);
         let mut t = r.target();
         t.buf.extend_from_slice(&h);
         r.filled(t.buf);
-        assert_eq!(r.next(), Err(DecodeError::MetaTooLong(MAX_META + 1)));
+        assert_eq!(r.next_item(), Err(DecodeError::MetaTooLong(MAX_META + 1)));
     }
 }

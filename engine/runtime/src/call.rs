@@ -67,7 +67,10 @@ impl Slot {
                     if now >= d {
                         return None;
                     }
-                    self.ready.wait_timeout(v, d - now).unwrap_or_else(|e| e.into_inner()).0
+                    self.ready
+                        .wait_timeout(v, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
                 }
             };
         }
@@ -91,13 +94,20 @@ impl CallTable {
     pub fn open(&self) -> (u64, Arc<Slot>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let slot = Arc::new(Slot::default());
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, slot.clone());
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, slot.clone());
         (id, slot)
     }
 
     /// Completes call `id`; an answer for a call nobody waits for any more is dropped.
     pub fn complete(&self, id: u64, r: Result<Reply, CallError>) -> bool {
-        let slot = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        let slot = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         match slot {
             Some(s) => {
                 s.fill(r);
@@ -109,12 +119,20 @@ impl CallTable {
 
     /// Forgets call `id` (its caller gave up).
     pub fn abandon(&self, id: u64) {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
     }
 
     /// Fails every pending call.
     pub fn fail_all(&self, e: CallError) {
-        let all: Vec<_> = self.pending.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+        let all: Vec<_> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
         for (_, s) in all {
             s.fill(Err(e.clone()));
         }
@@ -140,10 +158,17 @@ mod tests {
         let (a, sa) = t.open();
         let (b, sb) = t.open();
         assert_ne!(a, b);
-        assert_eq!(sa.wait(Some(Instant::now() + Duration::from_millis(5))), None);
+        assert_eq!(
+            sa.wait(Some(Instant::now() + Duration::from_millis(5))),
+            None
+        );
         t.abandon(a);
         assert!(!t.complete(a, Err(CallError::Timeout)));
-        let reply = Reply { serde: 0, flags: Flags(0), payload: b"x".to_vec() };
+        let reply = Reply {
+            serde: 0,
+            flags: Flags(0),
+            payload: b"x".to_vec(),
+        };
         assert!(t.complete(b, Ok(reply.clone())));
         assert_eq!(sb.wait(None), Some(Ok(reply)));
         assert!(t.is_empty());

@@ -19,14 +19,47 @@ use crate::node::{ClientShared, IncomingCall, MemberEvent, Phase, ServerShared};
 /// Work handed to the engine thread by node handles.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Listen { fd: OwnedFd, server: Arc<ServerShared> },
-    Attach { fd: OwnedFd, client: Arc<ClientShared>, local: Local },
-    Request { conn: u64, call_id: u64, name: String, serde: u8, flags: u8, payload: Bytes },
-    Respond { conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes },
-    Fail { conn: u64, call_id: u64, code: &'static str, payload: Bytes },
-    Announce { owner: u64, names: Vec<String> },
-    Close { conn: u64, reason: String },
-    StopServer { id: u64 },
+    Listen {
+        fd: OwnedFd,
+        server: Arc<ServerShared>,
+    },
+    Attach {
+        fd: OwnedFd,
+        client: Arc<ClientShared>,
+        local: Local,
+    },
+    Request {
+        conn: u64,
+        call_id: u64,
+        name: String,
+        serde: u8,
+        flags: u8,
+        payload: Bytes,
+    },
+    Respond {
+        conn: u64,
+        call_id: u64,
+        serde: u8,
+        flags: u8,
+        payload: Bytes,
+    },
+    Fail {
+        conn: u64,
+        call_id: u64,
+        code: &'static str,
+        payload: Bytes,
+    },
+    Announce {
+        owner: u64,
+        names: Vec<String>,
+    },
+    Close {
+        conn: u64,
+        reason: String,
+    },
+    StopServer {
+        id: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -49,12 +82,19 @@ static ENGINES: OnceLock<Mutex<HashMap<Backend, Engine>>> = OnceLock::new();
 impl Engine {
     /// The process-wide engine for `backend`, started on first use.
     pub fn get(backend: Backend) -> io::Result<Engine> {
-        let mut engines = ENGINES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        let mut engines = ENGINES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(e) = engines.get(&backend) {
             return Ok(e.clone());
         }
         let engine = Engine::spawn(backend)?;
-        let resolved = if engine.backend() == "uring" { Backend::Uring } else { Backend::Poll };
+        let resolved = if engine.backend() == "uring" {
+            Backend::Uring
+        } else {
+            Backend::Poll
+        };
         // `auto` shares the engine of the backend it resolved to.
         let engine = engines.entry(resolved).or_insert(engine).clone();
         engines.insert(backend, engine.clone());
@@ -65,33 +105,40 @@ impl Engine {
     pub fn from_env() -> io::Result<Engine> {
         let v = std::env::var("DAFFI_BACKEND").unwrap_or_default();
         let backend = Backend::parse(&v).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("DAFFI_BACKEND={v:?}: expected auto, uring or poll"))
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("DAFFI_BACKEND={v:?}: expected auto, uring or poll"),
+            )
         })?;
         Engine::get(backend)
     }
 
     fn spawn(backend: Backend) -> io::Result<Engine> {
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new().name("daffi-engine".into()).spawn(move || {
-            // The driver is created on the thread that uses it (io_uring SINGLE_ISSUER).
-            let driver = match AnyDriver::new(backend) {
-                Ok(d) => d,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            let shared = Arc::new(Shared {
-                queue: SegQueue::new(),
-                waker: driver.waker(),
-                sleeping: AtomicBool::new(false),
-                backend: driver.name(),
-                ids: AtomicU64::new(1),
-            });
-            let _ = tx.send(Ok(shared.clone()));
-            Loop::new(driver, shared).run();
-        })?;
-        let shared = rx.recv().map_err(|_| io::Error::other("engine thread died at start"))??;
+        std::thread::Builder::new()
+            .name("daffi-engine".into())
+            .spawn(move || {
+                // The driver is created on the thread that uses it (io_uring SINGLE_ISSUER).
+                let driver = match AnyDriver::new(backend) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let shared = Arc::new(Shared {
+                    queue: SegQueue::new(),
+                    waker: driver.waker(),
+                    sleeping: AtomicBool::new(false),
+                    backend: driver.name(),
+                    ids: AtomicU64::new(1),
+                });
+                let _ = tx.send(Ok(shared.clone()));
+                Loop::new(driver, shared).run();
+            })?;
+        let shared = rx
+            .recv()
+            .map_err(|_| io::Error::other("engine thread died at start"))??;
         tracing::debug!("daffi engine started on the {} backend", shared.backend);
         Ok(Engine { shared })
     }
@@ -175,7 +222,14 @@ struct Loop {
 
 impl Loop {
     fn new(driver: AnyDriver, shared: Arc<Shared>) -> Loop {
-        Loop { driver, shared, conns: HashMap::new(), listeners: HashMap::new(), dirty: Vec::new(), completions: Vec::new() }
+        Loop {
+            driver,
+            shared,
+            conns: HashMap::new(),
+            listeners: HashMap::new(),
+            dirty: Vec::new(),
+            completions: Vec::new(),
+        }
     }
 
     fn run(mut self) {
@@ -211,28 +265,52 @@ impl Loop {
         match cmd {
             Command::Listen { fd, server } => {
                 let id = server.id;
-                self.driver.submit(token(id, ACCEPT), Op::Accept { fd: fd.as_raw_fd() });
-                self.listeners.insert(id, Listener { fd: Some(fd), server, stopping: false });
+                self.driver
+                    .submit(token(id, ACCEPT), Op::Accept { fd: fd.as_raw_fd() });
+                self.listeners.insert(
+                    id,
+                    Listener {
+                        fd: Some(fd),
+                        server,
+                        stopping: false,
+                    },
+                );
             }
             Command::Attach { fd, client, local } => {
                 let id = client.conn;
                 let proto = Connection::new(Role::Client, local);
                 self.add_conn(id, fd, proto, Owner::Client(client));
             }
-            Command::Request { conn, call_id, name, serde, flags, payload } => {
-                let Some(c) = self.conns.get_mut(&conn) else { return };
+            Command::Request {
+                conn,
+                call_id,
+                name,
+                serde,
+                flags,
+                payload,
+            } => {
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    return;
+                };
                 if c.closing.is_some() {
                     return;
                 }
                 if let Err(e) = c.proto.request(call_id, &name, serde, flags, payload) {
                     if let Owner::Client(cl) = &c.owner {
-                        cl.calls.complete(call_id, Err(CallError::Transmission(e.to_string())));
+                        cl.calls
+                            .complete(call_id, Err(CallError::Transmission(e.to_string())));
                     }
                     return;
                 }
                 self.dirty.push(conn);
             }
-            Command::Respond { conn, call_id, serde, flags, payload } => {
+            Command::Respond {
+                conn,
+                call_id,
+                serde,
+                flags,
+                payload,
+            } => {
                 let Some(c) = self.conns.get_mut(&conn) else {
                     tracing::debug!("dropping the answer to call {call_id}: its caller left");
                     return;
@@ -245,8 +323,15 @@ impl Loop {
                 }
                 self.dirty.push(conn);
             }
-            Command::Fail { conn, call_id, code, payload } => {
-                let Some(c) = self.conns.get_mut(&conn) else { return };
+            Command::Fail {
+                conn,
+                call_id,
+                code,
+                payload,
+            } => {
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    return;
+                };
                 if c.shut {
                     return;
                 }
@@ -269,8 +354,12 @@ impl Loop {
                         self.driver.cancel_accept(token(id, ACCEPT));
                     }
                 }
-                let ids: Vec<u64> =
-                    self.conns.iter().filter(|(_, c)| c.owner.id() == id).map(|(k, _)| *k).collect();
+                let ids: Vec<u64> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.owner.id() == id)
+                    .map(|(k, _)| *k)
+                    .collect();
                 for c in ids {
                     self.close(c, "server stopping".into(), true);
                 }
@@ -298,13 +387,22 @@ impl Loop {
     }
 
     fn start_recv(&mut self, id: u64) {
-        let Some(c) = self.conns.get_mut(&id) else { return };
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
         if c.recv_busy || c.shut {
             return;
         }
         let t = c.proto.recv_target();
         c.recv_busy = true;
-        self.driver.submit(token(id, RECV), Op::Recv { fd: c.fd.as_raw_fd(), buf: t.buf, max: t.max });
+        self.driver.submit(
+            token(id, RECV),
+            Op::Recv {
+                fd: c.fd.as_raw_fd(),
+                buf: t.buf,
+                max: t.max,
+            },
+        );
     }
 
     fn flush_dirty(&mut self) {
@@ -320,7 +418,9 @@ impl Loop {
     }
 
     fn flush(&mut self, id: u64) {
-        let Some(c) = self.conns.get_mut(&id) else { return };
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
         if c.send_busy || c.shut {
             return;
         }
@@ -334,7 +434,14 @@ impl Loop {
         let mut bufs = Vec::new();
         c.proto.poll_transmit(&mut bufs, 64);
         c.send_busy = true;
-        self.driver.submit(token(id, SEND), Op::Send { fd: c.fd.as_raw_fd(), bufs, skip: 0 });
+        self.driver.submit(
+            token(id, SEND),
+            Op::Send {
+                fd: c.fd.as_raw_fd(),
+                bufs,
+                skip: 0,
+            },
+        );
     }
 
     fn complete(&mut self, c: Completion) {
@@ -347,7 +454,9 @@ impl Loop {
     }
 
     fn accepted(&mut self, id: u64, res: io::Result<OwnedFd>, more: bool) {
-        let Some(l) = self.listeners.get_mut(&id) else { return };
+        let Some(l) = self.listeners.get_mut(&id) else {
+            return;
+        };
         let server = l.server.clone();
         if !more {
             // The accept operation ended: after a stop, or on a fatal listener error.
@@ -355,7 +464,11 @@ impl Loop {
                 self.driver.close(fd);
             }
             if !l.stopping {
-                tracing::error!("server {} stopped accepting: {:?}", server.name, res.as_ref().err());
+                tracing::error!(
+                    "server {} stopped accepting: {:?}",
+                    server.name,
+                    res.as_ref().err()
+                );
             }
             self.listeners.remove(&id);
             if let Some(p) = &server.unix_path {
@@ -382,12 +495,18 @@ impl Loop {
     }
 
     fn received(&mut self, id: u64, buf: Vec<u8>, res: io::Result<usize>) {
-        let Some(c) = self.conns.get_mut(&id) else { return };
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
         c.recv_busy = false;
         match res {
             Ok(0) => {
                 c.proto.recv_done(buf).ok();
-                let why = if c.proto.recv_idle() { "peer closed the connection" } else { "peer closed mid-frame" };
+                let why = if c.proto.recv_idle() {
+                    "peer closed the connection"
+                } else {
+                    "peer closed mid-frame"
+                };
                 self.close(id, why.into(), false);
             }
             Ok(_) => {
@@ -413,12 +532,21 @@ impl Loop {
     }
 
     fn sent(&mut self, id: u64, bufs: Vec<Bytes>, skip: usize, res: io::Result<usize>) {
-        let Some(c) = self.conns.get_mut(&id) else { return };
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
         match res {
             Ok(n) => {
                 let skip = skip + n;
                 if skip < sys::total_len(&bufs) && !c.shut && n > 0 {
-                    self.driver.submit(token(id, SEND), Op::Send { fd: c.fd.as_raw_fd(), bufs, skip });
+                    self.driver.submit(
+                        token(id, SEND),
+                        Op::Send {
+                            fd: c.fd.as_raw_fd(),
+                            bufs,
+                            skip,
+                        },
+                    );
                     return;
                 }
                 c.send_busy = false;
@@ -433,7 +561,9 @@ impl Loop {
     }
 
     fn drain_events(&mut self, id: u64) {
-        let Some(c) = self.conns.get_mut(&id) else { return };
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
         while let Some(ev) = c.proto.poll_event() {
             match ev {
                 Event::Open(peer) => match &c.owner {
@@ -442,34 +572,68 @@ impl Loop {
                         s.update(|st| {
                             st.members.insert(id, peer.name.clone());
                         });
-                        s.callee.events.push(MemberEvent { connected: true, member: peer.name });
+                        s.callee.events.push(MemberEvent {
+                            connected: true,
+                            member: peer.name,
+                        });
                     }
                     Owner::Client(cl) => cl.update(|st| {
                         st.phase = Phase::Open;
                         st.peer = Some(peer);
                     }),
                 },
-                Event::Request { call_id, name, serde, flags, payload } => {
-                    if !c.proto.local().functions.iter().any(|f| *f == name) {
+                Event::Request {
+                    call_id,
+                    name,
+                    serde,
+                    flags,
+                    payload,
+                } => {
+                    if !c.proto.local().functions.contains(&name) {
                         if !flags.no_reply() {
-                            let msg = format!("{:?} exposes no function {name:?}", c.proto.local().name);
-                            c.proto.send_error(call_id, error_code::NO_FUNCTION, Bytes::from(msg));
+                            let msg =
+                                format!("{:?} exposes no function {name:?}", c.proto.local().name);
+                            c.proto
+                                .send_error(call_id, error_code::NO_FUNCTION, Bytes::from(msg));
                             self.dirty.push(id);
                         }
                         continue;
                     }
-                    let call = IncomingCall { conn: id, call_id, name, serde, flags, payload };
+                    let call = IncomingCall {
+                        conn: id,
+                        call_id,
+                        name,
+                        serde,
+                        flags,
+                        payload,
+                    };
                     match &c.owner {
                         Owner::Server(s) => s.callee.calls.push(call),
                         Owner::Client(cl) => cl.callee.calls.push(call),
                     }
                 }
-                Event::Response { call_id, serde, flags, payload } => {
+                Event::Response {
+                    call_id,
+                    serde,
+                    flags,
+                    payload,
+                } => {
                     if let Owner::Client(cl) = &c.owner {
-                        cl.calls.complete(call_id, Ok(Reply { serde, flags, payload }));
+                        cl.calls.complete(
+                            call_id,
+                            Ok(Reply {
+                                serde,
+                                flags,
+                                payload,
+                            }),
+                        );
                     }
                 }
-                Event::Error { call_id, code, payload } => {
+                Event::Error {
+                    call_id,
+                    code,
+                    payload,
+                } => {
                     if let Owner::Client(cl) = &c.owner {
                         let e = if code == error_code::REMOTE {
                             CallError::Remote(payload)
@@ -504,7 +668,9 @@ impl Loop {
     /// Starts closing connection `id`. `graceful`: send what is queued first (bounded by
     /// [`CLOSE_GRACE`]); otherwise shut the socket down now.
     fn close(&mut self, id: u64, reason: String, graceful: bool) {
-        let Some(c) = self.conns.get_mut(&id) else { return };
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
         if c.closing.is_none() {
             c.closing = Some((reason, Instant::now() + CLOSE_GRACE));
         }
@@ -516,7 +682,9 @@ impl Loop {
     }
 
     fn shut(&mut self, id: u64) {
-        let Some(c) = self.conns.get_mut(&id) else { return };
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
         if !c.shut {
             c.shut = true;
             sys::shutdown(c.fd.as_raw_fd());
@@ -542,7 +710,10 @@ impl Loop {
                 });
                 if let Some(member) = left {
                     tracing::debug!("{member} left {} ({reason})", s.name);
-                    s.callee.events.push(MemberEvent { connected: false, member });
+                    s.callee.events.push(MemberEvent {
+                        connected: false,
+                        member,
+                    });
                 }
             }
             Owner::Client(cl) => cl.closed(&reason),

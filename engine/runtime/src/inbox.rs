@@ -28,7 +28,13 @@ pub struct Inbox<T> {
 
 impl<T> Default for Inbox<T> {
     fn default() -> Self {
-        Inbox { state: Mutex::new(State { items: VecDeque::new(), closed: false }), ready: Condvar::new() }
+        Inbox {
+            state: Mutex::new(State {
+                items: VecDeque::new(),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+        }
     }
 }
 
@@ -62,7 +68,10 @@ impl<T> Inbox<T> {
                     if now >= d {
                         return Next::Timeout;
                     }
-                    self.ready.wait_timeout(s, d - now).unwrap_or_else(|e| e.into_inner()).0
+                    self.ready
+                        .wait_timeout(s, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
                 }
             };
         }

@@ -27,4 +27,6 @@ pub use daffi_driver::Backend;
 pub use daffi_proto::{DEFAULT_MAX_MESSAGE_SIZE, Flags};
 pub use engine::Engine;
 pub use inbox::Next;
-pub use node::{Address, Client, ClientConfig, IncomingCall, MemberEvent, Server, ServerConfig, StartError};
+pub use node::{
+    Address, Client, ClientConfig, IncomingCall, MemberEvent, Server, ServerConfig, StartError,
+};

@@ -83,7 +83,10 @@ pub(crate) struct Callee {
 
 impl Callee {
     fn new(functions: Vec<String>) -> Callee {
-        Callee { functions: Mutex::new(functions), ..Default::default() }
+        Callee {
+            functions: Mutex::new(functions),
+            ..Default::default()
+        }
     }
 
     /// Adds new names; returns those that were not exported yet.
@@ -152,8 +155,16 @@ impl Server {
     pub fn start(engine: &Engine, cfg: ServerConfig) -> Result<Server, StartError> {
         let (fd, address, unix_path) = match &cfg.address {
             Address::Tcp { host, port } => {
-                let (fd, addr) = sys::listen_tcp(host, *port).map_err(|e| listen_error(&cfg.address, e))?;
-                (fd, Address::Tcp { host: host.clone(), port: addr.port() }, None)
+                let (fd, addr) =
+                    sys::listen_tcp(host, *port).map_err(|e| listen_error(&cfg.address, e))?;
+                (
+                    fd,
+                    Address::Tcp {
+                        host: host.clone(),
+                        port: addr.port(),
+                    },
+                    None,
+                )
             }
             Address::Unix(p) => {
                 let fd = sys::listen_unix(p).map_err(|e| listen_error(&cfg.address, e))?;
@@ -166,11 +177,21 @@ impl Server {
             max_message_size: cfg.max_message_size,
             callee: Callee::new(cfg.functions),
             unix_path,
-            state: Mutex::new(ServerState { listening: true, ..Default::default() }),
+            state: Mutex::new(ServerState {
+                listening: true,
+                ..Default::default()
+            }),
             changed: Condvar::new(),
         });
-        engine.send(Command::Listen { fd, server: shared.clone() });
-        Ok(Server { engine: engine.clone(), shared, address })
+        engine.send(Command::Listen {
+            fd,
+            server: shared.clone(),
+        });
+        Ok(Server {
+            engine: engine.clone(),
+            shared,
+            address,
+        })
     }
 
     /// The bound address (with the real port when port 0 was asked for).
@@ -204,18 +225,32 @@ impl Server {
     }
 
     pub fn respond(&self, conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
-        self.engine.send(Command::Respond { conn, call_id, serde, flags, payload });
+        self.engine.send(Command::Respond {
+            conn,
+            call_id,
+            serde,
+            flags,
+            payload,
+        });
     }
 
     pub fn respond_error(&self, conn: u64, call_id: u64, code: &'static str, payload: Bytes) {
-        self.engine.send(Command::Fail { conn, call_id, code, payload });
+        self.engine.send(Command::Fail {
+            conn,
+            call_id,
+            code,
+            payload,
+        });
     }
 
     /// Exports more functions, announced to every connected peer.
     pub fn announce(&self, names: &[String]) {
         let new = self.shared.callee.add_functions(names);
         if !new.is_empty() {
-            self.engine.send(Command::Announce { owner: self.shared.id, names: new });
+            self.engine.send(Command::Announce {
+                owner: self.shared.id,
+                names: new,
+            });
         }
     }
 
@@ -228,10 +263,18 @@ impl Server {
         while s.listening || s.connections > 0 {
             let now = Instant::now();
             if now >= deadline {
-                tracing::warn!("server {} did not close every connection in time", self.shared.name);
+                tracing::warn!(
+                    "server {} did not close every connection in time",
+                    self.shared.name
+                );
                 break;
             }
-            s = self.shared.changed.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            s = self
+                .shared
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         drop(s);
         self.shared.callee.calls.close();
@@ -302,7 +345,11 @@ impl ClientShared {
             evicted = s.evicted;
         });
         let reason = lock(&self.state).reason.clone();
-        self.calls.fail_all(if evicted { CallError::Evicted(reason) } else { CallError::Disconnected(reason) });
+        self.calls.fail_all(if evicted {
+            CallError::Evicted(reason)
+        } else {
+            CallError::Disconnected(reason)
+        });
         self.callee.calls.close();
         self.callee.events.close();
     }
@@ -338,16 +385,31 @@ impl Client {
             }),
             changed: Condvar::new(),
         });
-        let local = Local { name: cfg.name, functions: cfg.functions, max_message_size: cfg.max_message_size };
-        engine.send(Command::Attach { fd, client: shared.clone(), local });
-        let client = Client { engine: engine.clone(), shared, address: cfg.address };
+        let local = Local {
+            name: cfg.name,
+            functions: cfg.functions,
+            max_message_size: cfg.max_message_size,
+        };
+        engine.send(Command::Attach {
+            fd,
+            client: shared.clone(),
+            local,
+        });
+        let client = Client {
+            engine: engine.clone(),
+            shared,
+            address: cfg.address,
+        };
         let deadline = started + cfg.connect_timeout;
         let mut s = lock(&client.shared.state);
         loop {
             match s.phase {
                 Phase::Open => break,
                 Phase::Closed => {
-                    return Err(StartError::Handshake(client.address.clone(), s.reason.clone()));
+                    return Err(StartError::Handshake(
+                        client.address.clone(),
+                        s.reason.clone(),
+                    ));
                 }
                 Phase::Connecting => {}
             }
@@ -355,9 +417,17 @@ impl Client {
             if now >= deadline {
                 drop(s);
                 client.close();
-                return Err(StartError::Timeout(client.address.clone(), cfg.connect_timeout));
+                return Err(StartError::Timeout(
+                    client.address.clone(),
+                    cfg.connect_timeout,
+                ));
             }
-            s = client.shared.changed.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            s = client
+                .shared
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         drop(s);
         Ok(client)
@@ -395,7 +465,11 @@ impl Client {
             Phase::Open => {}
             _ if s.evicted => return Err(CallError::Evicted(s.reason.clone())),
             _ => {
-                let why = if s.reason.is_empty() { "not connected".to_owned() } else { s.reason.clone() };
+                let why = if s.reason.is_empty() {
+                    "not connected".to_owned()
+                } else {
+                    s.reason.clone()
+                };
                 return Err(CallError::Disconnected(why));
             }
         }
@@ -466,12 +540,25 @@ impl Client {
     }
 
     /// Waits until every named peer is connected; returns the missing ones on timeout.
-    pub fn wait_for_members(&self, names: &[String], timeout: Option<Duration>) -> Result<(), Vec<String>> {
+    pub fn wait_for_members(
+        &self,
+        names: &[String],
+        timeout: Option<Duration>,
+    ) -> Result<(), Vec<String>> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut s = lock(&self.shared.state);
         loop {
-            let present: Vec<&str> = s.peer.iter().filter(|_| s.phase == Phase::Open).map(|p| p.name.as_str()).collect();
-            let missing: Vec<String> = names.iter().filter(|n| !present.contains(&n.as_str())).cloned().collect();
+            let present: Vec<&str> = s
+                .peer
+                .iter()
+                .filter(|_| s.phase == Phase::Open)
+                .map(|p| p.name.as_str())
+                .collect();
+            let missing: Vec<String> = names
+                .iter()
+                .filter(|n| !present.contains(&n.as_str()))
+                .cloned()
+                .collect();
             if missing.is_empty() {
                 return Ok(());
             }
@@ -485,7 +572,12 @@ impl Client {
                     d - now
                 }
             };
-            s = self.shared.changed.wait_timeout(s, wait).unwrap_or_else(|e| e.into_inner()).0;
+            s = self
+                .shared
+                .changed
+                .wait_timeout(s, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -499,23 +591,40 @@ impl Client {
     }
 
     pub fn respond(&self, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
-        self.engine.send(Command::Respond { conn: self.shared.conn, call_id, serde, flags, payload });
+        self.engine.send(Command::Respond {
+            conn: self.shared.conn,
+            call_id,
+            serde,
+            flags,
+            payload,
+        });
     }
 
     pub fn respond_error(&self, call_id: u64, code: &'static str, payload: Bytes) {
-        self.engine.send(Command::Fail { conn: self.shared.conn, call_id, code, payload });
+        self.engine.send(Command::Fail {
+            conn: self.shared.conn,
+            call_id,
+            code,
+            payload,
+        });
     }
 
     pub fn announce(&self, names: &[String]) {
         let new = self.shared.callee.add_functions(names);
         if !new.is_empty() {
-            self.engine.send(Command::Announce { owner: self.shared.conn, names: new });
+            self.engine.send(Command::Announce {
+                owner: self.shared.conn,
+                names: new,
+            });
         }
     }
 
     /// Sends what is queued, says goodbye and closes; waits (bounded) until closed.
     pub fn close(&self) {
-        self.engine.send(Command::Close { conn: self.shared.conn, reason: "client stopped".into() });
+        self.engine.send(Command::Close {
+            conn: self.shared.conn,
+            reason: "client stopped".into(),
+        });
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut s = lock(&self.shared.state);
         while s.phase != Phase::Closed {
@@ -523,7 +632,12 @@ impl Client {
             if now >= deadline {
                 break;
             }
-            s = self.shared.changed.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            s = self
+                .shared
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }
@@ -531,7 +645,10 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         if lock(&self.shared.state).phase != Phase::Closed {
-            self.engine.send(Command::Close { conn: self.shared.conn, reason: "client dropped".into() });
+            self.engine.send(Command::Close {
+                conn: self.shared.conn,
+                reason: "client dropped".into(),
+            });
         }
     }
 }

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use daffi_runtime::{
-    Address, Backend, CallError, Client, ClientConfig, Engine, MemberEvent, Next, Server, ServerConfig,
-    DEFAULT_MAX_MESSAGE_SIZE,
+    Address, Backend, CallError, Client, ClientConfig, DEFAULT_MAX_MESSAGE_SIZE, Engine,
+    MemberEvent, Next, Server, ServerConfig,
 };
 
 fn backends() -> Vec<Engine> {
@@ -39,9 +39,20 @@ fn serve(engine: &Engine, address: Address) -> Arc<Server> {
                 continue;
             }
             if call.name == "fail" {
-                s.respond_error(call.conn, call.call_id, "remote", Bytes::from_static(b"boom"));
+                s.respond_error(
+                    call.conn,
+                    call.call_id,
+                    "remote",
+                    Bytes::from_static(b"boom"),
+                );
             } else {
-                s.respond(call.conn, call.call_id, call.serde, call.flags.0, Bytes::from(call.payload));
+                s.respond(
+                    call.conn,
+                    call.call_id,
+                    call.serde,
+                    call.flags.0,
+                    Bytes::from(call.payload),
+                );
             }
         }
     });
@@ -69,20 +80,50 @@ fn tcp_port(server: &Server) -> Address {
 #[test]
 fn calls_small_and_large_over_tcp_and_unix() {
     for engine in backends() {
-        let dir = std::env::temp_dir().join(format!("daffi-rt-{}-{}", std::process::id(), engine.backend()));
+        let dir = std::env::temp_dir().join(format!(
+            "daffi-rt-{}-{}",
+            std::process::id(),
+            engine.backend()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let unix = Address::Unix(dir.join("s.sock"));
-        for address in [Address::Tcp { host: "127.0.0.1".into(), port: 0 }, unix] {
+        for address in [
+            Address::Tcp {
+                host: "127.0.0.1".into(),
+                port: 0,
+            },
+            unix,
+        ] {
             let server = serve(&engine, address);
             let c = client(&engine, tcp_port(&server), "c1");
             assert_eq!(c.peer().unwrap().name, "svc");
-            let r = c.call("echo", 2, 0, Bytes::from_static(b"hello"), None).unwrap();
+            let r = c
+                .call("echo", 2, 0, Bytes::from_static(b"hello"), None)
+                .unwrap();
             assert_eq!(r.payload, b"hello");
             let big: Vec<u8> = (0..(20 << 20)).map(|i: u32| (i % 253) as u8).collect();
-            let r = c.call("echo", 0, 0, Bytes::from(big.clone()), Some(Duration::from_secs(20))).unwrap();
-            assert!(r.payload == big, "large payload corrupted on {}", engine.backend());
-            assert_eq!(c.call("fail", 2, 0, Bytes::new(), None), Err(CallError::Remote(b"boom".to_vec())));
-            assert!(matches!(c.call("nope", 2, 0, Bytes::new(), None), Err(CallError::Transmission(_))));
+            let r = c
+                .call(
+                    "echo",
+                    0,
+                    0,
+                    Bytes::from(big.clone()),
+                    Some(Duration::from_secs(20)),
+                )
+                .unwrap();
+            assert!(
+                r.payload == big,
+                "large payload corrupted on {}",
+                engine.backend()
+            );
+            assert_eq!(
+                c.call("fail", 2, 0, Bytes::new(), None),
+                Err(CallError::Remote(b"boom".to_vec()))
+            );
+            assert!(matches!(
+                c.call("nope", 2, 0, Bytes::new(), None),
+                Err(CallError::Transmission(_))
+            ));
             // Many callers on one connection each get their own answer.
             let c = Arc::new(c);
             let threads: Vec<_> = (0..8)
@@ -109,24 +150,52 @@ fn calls_small_and_large_over_tcp_and_unix() {
 #[test]
 fn membership_events_and_stop() {
     for engine in backends() {
-        let server = serve(&engine, Address::Tcp { host: "127.0.0.1".into(), port: 0 });
+        let server = serve(
+            &engine,
+            Address::Tcp {
+                host: "127.0.0.1".into(),
+                port: 0,
+            },
+        );
         let c = client(&engine, tcp_port(&server), "member-a");
         let ev = server.next_event(Some(Duration::from_secs(2)));
-        assert_eq!(ev, Next::Item(MemberEvent { connected: true, member: "member-a".into() }));
+        assert_eq!(
+            ev,
+            Next::Item(MemberEvent {
+                connected: true,
+                member: "member-a".into()
+            })
+        );
         assert_eq!(server.members(), ["member-a"]);
         c.close();
         let ev = server.next_event(Some(Duration::from_secs(2)));
-        assert_eq!(ev, Next::Item(MemberEvent { connected: false, member: "member-a".into() }));
+        assert_eq!(
+            ev,
+            Next::Item(MemberEvent {
+                connected: false,
+                member: "member-a".into()
+            })
+        );
         let c = client(&engine, tcp_port(&server), "member-b");
         let started = Instant::now();
         server.stop();
         assert!(started.elapsed() < Duration::from_secs(2));
         // The client learns at once that the server went away.
-        let e = c.call("echo", 2, 0, Bytes::new(), Some(Duration::from_secs(5))).unwrap_err();
+        let e = c
+            .call("echo", 2, 0, Bytes::new(), Some(Duration::from_secs(5)))
+            .unwrap_err();
         assert!(matches!(e, CallError::Disconnected(_)), "{e:?}");
         // And the port is free again right away.
-        let Address::Tcp { port, .. } = server.address().clone() else { unreachable!() };
-        let again = serve(&engine, Address::Tcp { host: "127.0.0.1".into(), port });
+        let Address::Tcp { port, .. } = server.address().clone() else {
+            unreachable!()
+        };
+        let again = serve(
+            &engine,
+            Address::Tcp {
+                host: "127.0.0.1".into(),
+                port,
+            },
+        );
         again.stop();
     }
 }
@@ -139,26 +208,51 @@ fn timeouts_leave_the_connection_usable() {
             &engine,
             ServerConfig {
                 name: "slow".into(),
-                address: Address::Tcp { host: "127.0.0.1".into(), port: 0 },
+                address: Address::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: 0,
+                },
                 max_message_size: 1 << 20,
                 functions: vec!["f".into()],
             },
         )
         .unwrap();
         let c = client(&engine, server.address().clone(), "c");
-        let e = c.call("f", 2, 0, Bytes::from_static(b"1"), Some(Duration::from_millis(50))).unwrap_err();
+        let e = c
+            .call(
+                "f",
+                2,
+                0,
+                Bytes::from_static(b"1"),
+                Some(Duration::from_millis(50)),
+            )
+            .unwrap_err();
         assert_eq!(e, CallError::Timeout);
-        let Next::Item(late) = server.next_call(Some(Duration::from_secs(1))) else { panic!() };
+        let Next::Item(late) = server.next_call(Some(Duration::from_secs(1))) else {
+            panic!()
+        };
         server.respond(late.conn, late.call_id, 2, 0, Bytes::from_static(b"late"));
         let c = Arc::new(c);
         let c2 = c.clone();
-        let h = std::thread::spawn(move || c2.call("f", 2, 0, Bytes::from_static(b"2"), Some(Duration::from_secs(5))));
-        let Next::Item(call) = server.next_call(Some(Duration::from_secs(2))) else { panic!() };
+        let h = std::thread::spawn(move || {
+            c2.call(
+                "f",
+                2,
+                0,
+                Bytes::from_static(b"2"),
+                Some(Duration::from_secs(5)),
+            )
+        });
+        let Next::Item(call) = server.next_call(Some(Duration::from_secs(2))) else {
+            panic!()
+        };
         assert_eq!(call.payload, b"2");
         server.respond(call.conn, call.call_id, 2, 0, Bytes::from_static(b"fresh"));
         assert_eq!(h.join().unwrap().unwrap().payload, b"fresh");
         // Oversized requests are refused before they leave.
-        let e = c.call("f", 0, 0, Bytes::from(vec![0u8; 2 << 20]), None).unwrap_err();
+        let e = c
+            .call("f", 0, 0, Bytes::from(vec![0u8; 2 << 20]), None)
+            .unwrap_err();
         assert!(matches!(e, CallError::Transmission(m) if m.contains("limit")));
         server.stop();
     }

@@ -1,0 +1,78 @@
+//! Sequential small calls and a large echo between a server and a client in one process.
+//! `cargo run --release --example pingpong -- [uring|poll]`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use daffi_runtime::{Address, Backend, Client, ClientConfig, Engine, Next, Server, ServerConfig};
+
+fn main() {
+    let backend =
+        Backend::parse(&std::env::args().nth(1).unwrap_or_default()).expect("uring|poll|auto");
+    let engine = Engine::get(backend).unwrap();
+    let server = Arc::new(
+        Server::start(
+            &engine,
+            ServerConfig {
+                name: "svc".into(),
+                address: Address::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: 0,
+                },
+                max_message_size: 1 << 30,
+                functions: vec!["echo".into()],
+            },
+        )
+        .unwrap(),
+    );
+    let s = server.clone();
+    std::thread::spawn(move || {
+        while let Next::Item(c) = s.next_call(None) {
+            s.respond(
+                c.conn,
+                c.call_id,
+                c.serde,
+                c.flags.0,
+                Bytes::from(c.payload),
+            );
+        }
+    });
+    let client = Client::connect(
+        &engine,
+        ClientConfig {
+            name: "cli".into(),
+            address: server.address().clone(),
+            max_message_size: 1 << 30,
+            functions: vec![],
+            connect_timeout: Duration::from_secs(5),
+        },
+    )
+    .unwrap();
+    let small = Bytes::from(vec![7u8; 1500]);
+    let n = 50_000;
+    let t = Instant::now();
+    for _ in 0..n {
+        client.call("echo", 0, 0, small.clone(), None).unwrap();
+    }
+    println!(
+        "{}: {:.0} calls/s",
+        engine.backend(),
+        n as f64 / t.elapsed().as_secs_f64()
+    );
+    for size in [28usize << 20, 256 << 20] {
+        let big = Bytes::from(vec![1u8; size]);
+        client.call("echo", 0, 0, big.clone(), None).unwrap();
+        let k = 5;
+        let t = Instant::now();
+        for _ in 0..k {
+            client.call("echo", 0, 0, big.clone(), None).unwrap();
+        }
+        let dt = t.elapsed().as_secs_f64() / k as f64;
+        println!(
+            "{} MiB echo: {:.2} GiB/s",
+            size >> 20,
+            2.0 * size as f64 / dt / (1u64 << 30) as f64
+        );
+    }
+}
