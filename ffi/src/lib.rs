@@ -19,7 +19,10 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyTuple};
 
+mod body;
 mod msgpack;
+
+use body::payload_bytes;
 
 /// Raises `daffi.exceptions.<name>(msg)`.
 fn daffi_error(py: Python<'_>, name: &str, msg: String) -> PyErr {
@@ -110,8 +113,7 @@ fn call_tuple<'py>(
     py: Python<'py>,
     c: daffi_runtime::IncomingCall,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let payload = PyBytes::new(py, &c.payload);
-    drop(c.payload);
+    let payload = payload_bytes(py, c.payload);
     (c.conn, c.call_id, c.name, c.serde, c.flags.0, payload).into_pyobject(py)
 }
 
@@ -323,7 +325,7 @@ impl Client {
         let t = self::timeout(timeout)?;
         let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
         match py.detach(|| self.inner.call(name, serde, flags, p, t)) {
-            Ok(r) => Ok((true, r.serde, r.flags.text(), PyBytes::new(py, &r.payload))),
+            Ok(r) => Ok((true, r.serde, r.flags.text(), payload_bytes(py, r.payload))),
             Err(CallError::Remote(e)) => Ok((false, serde, false, PyBytes::new(py, &e))),
             Err(e) => Err(call_error(py, e)),
         }
@@ -433,6 +435,13 @@ fn resolve_backend(py: Python<'_>, backend: Option<&str>) -> PyResult<&'static s
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    daffi_runtime::set_body_allocator(Box::new(body::alloc));
+    if std::env::var("DAFFI_MALLOC_TUNING")
+        .map(|v| v != "0")
+        .unwrap_or(true)
+    {
+        daffi_runtime::tune_allocator();
+    }
     m.add_class::<Server>()?;
     m.add_class::<Client>()?;
     m.add_function(wrap_pyfunction!(resolve_backend, m)?)?;

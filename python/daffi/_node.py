@@ -14,6 +14,7 @@ import secrets
 import signal
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -192,10 +193,14 @@ class _Node:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        # Idle workers and the event thread exit at once (their native queue closed). A worker
+        # still inside a long callback is not waited for: stop() and signals stay prompt, and
+        # its answer is dropped since the connection is gone. The threads are daemons.
         current = threading.current_thread()
+        deadline = time.monotonic() + 0.25
         for t in self._threads:
             if t is not current:
-                t.join(timeout=5)
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
         self._threads = []
 
     def join(self) -> None:

@@ -27,8 +27,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+pub mod buf;
 pub mod poll;
 pub mod sys;
+
+pub use buf::{Body, HeapBuf, RawBuf, RecvBuf};
 #[cfg(all(target_os = "linux", feature = "io-uring"))]
 pub mod uring;
 
@@ -40,8 +43,8 @@ pub type Token = u64;
 pub enum Op {
     /// Accept connections until cancelled: one completion per connection.
     Accept { fd: RawFd },
-    /// Receive at most `max` bytes into the spare capacity of `buf` (`max <= spare capacity`).
-    Recv { fd: RawFd, buf: Vec<u8>, max: usize },
+    /// Receive at most `max` bytes into the free part of `buf`.
+    Recv { fd: RawFd, buf: RecvBuf, max: usize },
     /// Send the concatenation of `bufs`, less its first `skip` bytes. May send only part.
     Send {
         fd: RawFd,
@@ -59,9 +62,10 @@ pub enum Outcome {
         res: io::Result<OwnedFd>,
         more: bool,
     },
-    /// Bytes received; `buf.len()` has grown by that many. `Ok(0)` is end of stream.
+    /// Bytes received; the filled part of `buf` has grown by that many. `Ok(0)` is end of
+    /// stream.
     Recv {
-        buf: Vec<u8>,
+        buf: RecvBuf,
         res: io::Result<usize>,
     },
     /// Bytes sent.

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll};
 
-use crate::{Completion, Op, Outcome, Token, Wake, sys};
+use crate::{Completion, Op, Outcome, RecvBuf, Token, Wake, sys};
 
 const WAKE: mio::Token = mio::Token(usize::MAX);
 
@@ -23,7 +23,7 @@ const WAKE: mio::Token = mio::Token(usize::MAX);
 struct Parked {
     registered: bool,
     accept: Option<Token>,
-    recv: Option<(Token, Vec<u8>, usize)>,
+    recv: Option<(Token, RecvBuf, usize)>,
     send: Option<(Token, Vec<Bytes>, usize)>,
 }
 

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
 use slab::Slab;
 
-use crate::{Completion, Op, Outcome, Token, Wake};
+use crate::{Completion, Op, Outcome, RecvBuf, Token, Wake};
 
 const ENTRIES: u32 = 1024;
 
@@ -31,7 +31,7 @@ enum InFlight {
     },
     Recv {
         token: Token,
-        buf: Vec<u8>,
+        buf: RecvBuf,
     },
     Send {
         token: Token,
@@ -187,8 +187,9 @@ impl Driver {
                     unreachable!()
                 };
                 let res = if res >= 0 {
-                    // SAFETY: the kernel wrote `res` bytes into the spare capacity we lent it.
-                    unsafe { buf.set_len(buf.len() + res as usize) };
+                    // SAFETY: the kernel wrote `res` bytes at the target we lent it, and never
+                    // more than the room we gave.
+                    unsafe { buf.filled(res as usize) };
                     Ok(res as usize)
                 } else {
                     Err(err())
@@ -239,10 +240,10 @@ impl crate::Driver for Driver {
                 self.push(sqe);
             }
             Op::Recv { fd, mut buf, max } => {
-                let max = max.min(buf.capacity() - buf.len()).min(u32::MAX as usize);
-                // SAFETY: points at the vector's spare capacity; the heap block does not move
-                // when the Vec is moved into the slab below.
-                let ptr = unsafe { buf.as_mut_ptr().add(buf.len()) };
+                // The target's memory is on the heap (a Vec's block or a RawBuf, which promises
+                // not to move), so moving `buf` into the slab below keeps `ptr` valid.
+                let (ptr, room) = buf.target(max);
+                let max = room.min(u32::MAX as usize);
                 let key = self.ops.insert(InFlight::Recv { token, buf });
                 let sqe = opcode::Recv::new(types::Fd(fd), ptr, max as u32)
                     .build()

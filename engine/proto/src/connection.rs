@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use crate::frame::{Flags, Kind, encode_head, error_code};
+use crate::frame::{Flags, Kind, Payload, encode_head, error_code};
 use crate::handshake::{Hello, decode_names, encode_names};
 use crate::reader::{DecodeError, FrameReader, Item, RecvTarget};
 
@@ -49,14 +49,14 @@ pub enum Event {
         name: String,
         serde: u8,
         flags: Flags,
-        payload: Vec<u8>,
+        payload: Payload,
     },
     /// The result of one of our calls.
     Response {
         call_id: u64,
         serde: u8,
         flags: Flags,
-        payload: Vec<u8>,
+        payload: Payload,
     },
     /// One of our calls failed on the other side.
     Error {
@@ -156,8 +156,36 @@ impl Connection {
     /// Takes back the receive buffer and parses every complete frame in it.
     pub fn recv_done(&mut self, buf: Vec<u8>) -> Result<(), DecodeError> {
         self.reader.filled(buf);
+        self.parse()
+    }
+
+    /// Bytes of a large payload the runtime still has to receive into its own buffer (see
+    /// [`crate::reader`]); while this is `Some`, receive into that buffer, not the staging one.
+    pub fn body_wanted(&self) -> Option<u64> {
+        self.reader.body_wanted()
+    }
+
+    /// Length of the large payload in progress.
+    pub fn body_len(&self) -> Option<u64> {
+        self.reader.body_len()
+    }
+
+    /// Staged bytes that start the large payload in progress: copy them to its buffer first.
+    pub fn take_body_prefix(&mut self) -> &[u8] {
+        self.reader.take_body_prefix()
+    }
+
+    /// The runtime received `n` more bytes of the large payload; parse on.
+    pub fn body_received(&mut self, n: u64) -> Result<(), DecodeError> {
+        self.reader.body_received(n);
+        self.parse()
+    }
+
+    fn parse(&mut self) -> Result<(), DecodeError> {
         while let Some(item) = self.reader.next_item()? {
             match item {
+                // The runtime must provide a buffer before parsing can go on.
+                Item::BodyStart(_) => break,
                 Item::Frame(f) => self.handle_frame(f)?,
                 Item::Oversized(h) => {
                     if h.kind == Kind::Request && !h.flags.no_reply() {
@@ -195,7 +223,7 @@ impl Connection {
         match (self.state, self.role, h.kind) {
             (State::Handshake, Role::Server, Kind::Hello)
             | (State::Handshake, Role::Client, Kind::Welcome) => {
-                let hello = Hello::decode(&f.payload)?;
+                let hello = Hello::decode(f.payload.inline())?;
                 let peer = Peer {
                     name: f.meta,
                     functions: hello.functions,
@@ -231,10 +259,13 @@ impl Connection {
             (State::Open, _, Kind::Error) => self.events.push_back(Event::Error {
                 call_id: h.call_id,
                 code: f.meta,
-                payload: f.payload,
+                payload: match f.payload {
+                    Payload::Inline(v) => v,
+                    Payload::External(_) => Vec::new(),
+                },
             }),
             (State::Open, _, Kind::Announce) => {
-                let names = decode_names(&f.payload)?;
+                let names = decode_names(f.payload.inline())?;
                 if let Some(p) = &mut self.peer {
                     for n in &names {
                         if !p.functions.contains(n) {
@@ -406,7 +437,7 @@ mod tests {
                 name: "add".into(),
                 serde: 2,
                 flags: Flags(0),
-                payload: b"args".to_vec()
+                payload: Payload::Inline(b"args".to_vec())
             }]
         );
         server
@@ -421,7 +452,7 @@ mod tests {
                 call_id: u64::MAX,
                 serde: 2,
                 flags: Flags(Flags::TEXT),
-                payload: b"3".to_vec()
+                payload: Payload::Inline(b"3".to_vec())
             }
         );
         assert_eq!(ev[1], Event::Announce(vec!["late".into()]));

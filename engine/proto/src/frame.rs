@@ -159,13 +159,32 @@ impl Header {
     }
 }
 
+/// Where a received frame's payload is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// Parsed out of the staging buffer.
+    Inline(Vec<u8>),
+    /// Received by the runtime into a buffer of its own; this many bytes.
+    External(u64),
+}
+
+impl Payload {
+    /// The inline bytes (empty for an external payload).
+    pub fn inline(&self) -> &[u8] {
+        match self {
+            Payload::Inline(v) => v,
+            Payload::External(_) => &[],
+        }
+    }
+}
+
 /// A whole received frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub header: Header,
     /// Kind-specific metadata: a function name, a peer name, an error code.
     pub meta: String,
-    pub payload: Vec<u8>,
+    pub payload: Payload,
 }
 
 /// Encodes a header and its meta into one buffer; the payload travels separately so that a large

@@ -19,7 +19,7 @@ pub mod handshake;
 pub mod reader;
 
 pub use connection::{Connection, Event, Local, Peer, Role};
-pub use frame::{Flags, Frame, HEADER_LEN, Header, Kind, MAGIC, VERSION};
+pub use frame::{Flags, Frame, HEADER_LEN, Header, Kind, MAGIC, Payload, VERSION};
 pub use handshake::Hello;
 pub use reader::{DecodeError, FrameReader, RecvTarget};
 

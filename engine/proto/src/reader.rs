@@ -1,17 +1,22 @@
 //! Splits a received byte stream into frames.
 //!
-//! Small frames are parsed out of one reusable staging buffer. A frame whose payload is large is
-//! given a buffer of its own, sized once from the header, and the bytes that follow are received
-//! straight into it: a multi-GiB payload is never copied between buffers on the way in.
+//! Frames are parsed out of one reusable staging buffer, except the payloads of large requests
+//! and responses: when such a header arrives the reader stops and reports
+//! [`Item::BodyStart`], and the runtime receives the payload straight into a buffer of its own
+//! (one that can become the caller's object without a copy), telling the reader how far it got
+//! with [`FrameReader::body_received`]. A multi-GiB payload is never copied between buffers on
+//! the way in.
 
-use crate::frame::{Frame, HEADER_LEN, Header, HeaderError};
+use crate::frame::{Frame, HEADER_LEN, Header, HeaderError, Kind, MAGIC, Payload};
 
-/// Payloads up to this size are parsed out of the staging buffer.
+/// Request and response payloads up to this size are parsed out of the staging buffer.
 pub const SMALL_PAYLOAD: usize = 16 * 1024;
 /// Longest meta a frame may carry.
 pub const MAX_META: u32 = 16 * 1024;
-/// Capacity of the staging buffer; holds the largest small frame with room to spare.
+/// Usual capacity of the staging buffer; holds the largest small frame with room to spare.
 pub const STAGING: usize = 64 * 1024;
+/// Largest payload of a control frame (hello, error, announce...), which is always staged.
+pub const MAX_CONTROL_PAYLOAD: u64 = 16 << 20;
 
 /// Why the received bytes are not a valid frame stream. Each of these closes the connection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,14 +26,14 @@ pub enum DecodeError {
     Header(#[from] HeaderError),
     #[error("frame meta of {0} bytes exceeds the {MAX_META}-byte limit")]
     MetaTooLong(u32),
+    #[error("{0:?} frame payload of {1} bytes exceeds the control-frame limit")]
+    ControlTooLong(Kind, u64),
     #[error("{0} is not valid UTF-8")]
     Utf8(&'static str),
     #[error("bad handshake: {0}")]
     Handshake(&'static str),
-    #[error("cannot allocate {0} bytes for a payload")]
-    OutOfMemory(u64),
     #[error("unexpected {0:?} frame {1}")]
-    Unexpected(crate::frame::Kind, &'static str),
+    Unexpected(Kind, &'static str),
 }
 
 /// One item read off the stream.
@@ -37,6 +42,10 @@ pub enum Item {
     Frame(Frame),
     /// A frame larger than the reader's limit. Its bytes are being skipped, never stored.
     Oversized(Header),
+    /// The payload of a large request or response, of this many bytes, follows: the runtime
+    /// receives it (see [`FrameReader::take_body_prefix`]), then the frame is reported with a
+    /// [`Payload::External`] payload.
+    BodyStart(u64),
 }
 
 /// Where the next receive should write: the spare capacity of `buf`, at most `max` bytes.
@@ -47,28 +56,21 @@ pub struct RecvTarget {
 }
 
 #[derive(Debug)]
-struct Large {
+struct Body {
     header: Header,
     meta: String,
-    payload: Vec<u8>,
+    remaining: u64,
 }
 
-/// Incremental frame parser over owned buffers (hand a buffer to the kernel, get it back).
+/// Incremental frame parser over an owned staging buffer (lent to the kernel and returned).
 #[derive(Debug)]
 pub struct FrameReader {
     max_message_size: u64,
     staging: Vec<u8>,
     pos: usize,
-    large: Option<Large>,
+    body: Option<Body>,
     skip: u64,
-    /// Which buffer is out with the kernel right now.
-    lent: Option<Lent>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Lent {
-    Staging,
-    Payload,
+    lent: bool,
 }
 
 impl FrameReader {
@@ -77,130 +79,160 @@ impl FrameReader {
             max_message_size,
             staging: Vec::with_capacity(STAGING),
             pos: 0,
-            large: None,
+            body: None,
             skip: 0,
-            lent: None,
+            lent: false,
         }
     }
 
-    /// Lends out the buffer the next receive should fill.
+    /// Lends out the staging buffer for the next receive.
     ///
     /// # Panics
-    /// If the previous target was not returned with [`FrameReader::filled`] (a runtime bug, not
-    /// something a peer can cause).
+    /// If it is already lent (a runtime bug, not something a peer can cause).
     pub fn target(&mut self) -> RecvTarget {
-        assert!(self.lent.is_none(), "receive target lent twice");
-        if let Some(large) = &mut self.large {
-            let max = large.header.payload_len as usize - large.payload.len();
-            if max > 0 {
-                self.lent = Some(Lent::Payload);
-                return RecvTarget {
-                    buf: std::mem::take(&mut large.payload),
-                    max,
-                };
-            }
-        }
+        assert!(!self.lent, "staging buffer lent twice");
         if self.pos > 0 {
             self.staging.copy_within(self.pos.., 0);
             self.staging.truncate(self.staging.len() - self.pos);
             self.pos = 0;
         }
-        self.lent = Some(Lent::Staging);
-        let max = STAGING - self.staging.len();
+        if self.staging.is_empty() && self.staging.capacity() > 4 * STAGING {
+            // A big control frame grew the buffer; give the memory back.
+            self.staging = Vec::with_capacity(STAGING);
+        }
+        self.lent = true;
+        let max = self.staging.capacity() - self.staging.len();
         RecvTarget {
             buf: std::mem::take(&mut self.staging),
             max,
         }
     }
 
-    /// Takes back the buffer lent by [`FrameReader::target`], with the received bytes appended.
+    /// Takes back the staging buffer with the received bytes appended.
     pub fn filled(&mut self, buf: Vec<u8>) {
-        match self.lent.take() {
-            Some(Lent::Payload) => {
-                self.large
-                    .as_mut()
-                    .expect("payload lent without a large frame")
-                    .payload = buf
-            }
-            Some(Lent::Staging) => self.staging = buf,
-            None => panic!("receive buffer returned but none was lent"),
-        }
+        assert!(self.lent, "staging buffer returned but not lent");
+        self.lent = false;
+        self.staging = buf;
     }
 
     /// True when no frame is partially received (a clean place for the stream to end).
     pub fn is_idle(&self) -> bool {
-        self.large.is_none() && self.skip == 0 && self.staging.len() == self.pos
+        self.body.is_none() && self.skip == 0 && self.staging.len() == self.pos
+    }
+
+    /// Bytes of a large payload still to be received by the runtime, if one is in progress.
+    pub fn body_wanted(&self) -> Option<u64> {
+        self.body.as_ref().map(|b| b.remaining).filter(|r| *r > 0)
+    }
+
+    /// Length of the large payload in progress.
+    pub fn body_len(&self) -> Option<u64> {
+        self.body.as_ref().map(|b| b.header.payload_len)
+    }
+
+    /// The staged bytes that belong to the large payload in progress; they count as received.
+    pub fn take_body_prefix(&mut self) -> &[u8] {
+        let Some(body) = &mut self.body else {
+            return &[];
+        };
+        let n = (self.staging.len() - self.pos).min(body.remaining as usize);
+        body.remaining -= n as u64;
+        self.pos += n;
+        &self.staging[self.pos - n..self.pos]
+    }
+
+    /// The runtime received `n` more bytes of the large payload into its own buffer.
+    pub fn body_received(&mut self, n: u64) {
+        if let Some(body) = &mut self.body {
+            body.remaining = body.remaining.saturating_sub(n);
+        }
     }
 
     /// Parses the next complete item, if the received bytes hold one.
     pub fn next_item(&mut self) -> Result<Option<Item>, DecodeError> {
-        loop {
+        if self.skip > 0 {
+            let d = (self.staging.len() - self.pos).min(self.skip as usize);
+            self.pos += d;
+            self.skip -= d as u64;
             if self.skip > 0 {
-                let d = (self.staging.len() - self.pos).min(self.skip as usize);
-                self.pos += d;
-                self.skip -= d as u64;
-                if self.skip > 0 {
-                    return Ok(None);
-                }
-            }
-            if let Some(large) = &self.large {
-                if large.payload.len() as u64 == large.header.payload_len {
-                    let large = self.large.take().expect("checked above");
-                    return Ok(Some(Item::Frame(Frame {
-                        header: large.header,
-                        meta: large.meta,
-                        payload: large.payload,
-                    })));
-                }
                 return Ok(None);
             }
-            let avail = &self.staging[self.pos..];
-            if avail.len() < HEADER_LEN {
+        }
+        if let Some(body) = &self.body {
+            if body.remaining > 0 {
                 return Ok(None);
             }
-            let header = Header::decode(avail[..HEADER_LEN].try_into().expect("header length"))?;
-            if header.meta_len > MAX_META {
-                return Err(DecodeError::MetaTooLong(header.meta_len));
+            let body = self.body.take().expect("checked above");
+            let payload = Payload::External(body.header.payload_len);
+            return Ok(Some(Item::Frame(Frame {
+                header: body.header,
+                meta: body.meta,
+                payload,
+            })));
+        }
+        let avail = &self.staging[self.pos..];
+        if avail.len() < HEADER_LEN {
+            // A stranger (an HTTP client, a port scanner) is told apart by its first bytes,
+            // without waiting for a whole header that may never come.
+            let n = avail.len().min(MAGIC.len());
+            if avail[..n] != MAGIC[..n] {
+                return Err(
+                    HeaderError::Magic([avail[0], avail.get(1).copied().unwrap_or(0)]).into(),
+                );
             }
-            if header.body_len() > self.max_message_size {
-                self.pos += HEADER_LEN;
-                self.skip = header.body_len();
-                return Ok(Some(Item::Oversized(header)));
-            }
-            let head_len = HEADER_LEN + header.meta_len as usize;
+            return Ok(None);
+        }
+        let header = Header::decode(avail[..HEADER_LEN].try_into().expect("header length"))?;
+        if header.meta_len > MAX_META {
+            return Err(DecodeError::MetaTooLong(header.meta_len));
+        }
+        if header.body_len() > self.max_message_size {
+            self.pos += HEADER_LEN;
+            self.skip = header.body_len();
+            return Ok(Some(Item::Oversized(header)));
+        }
+        let head_len = HEADER_LEN + header.meta_len as usize;
+        let is_call = matches!(header.kind, Kind::Request | Kind::Response);
+        if is_call && header.payload_len > SMALL_PAYLOAD as u64 {
             if avail.len() < head_len {
                 return Ok(None);
             }
-            let meta = std::str::from_utf8(&avail[HEADER_LEN..head_len])
-                .map_err(|_| DecodeError::Utf8("frame meta"))?
-                .to_owned();
-            let payload_len = header.payload_len as usize;
-            if payload_len <= SMALL_PAYLOAD {
-                if avail.len() < head_len + payload_len {
-                    return Ok(None);
-                }
-                let payload = avail[head_len..head_len + payload_len].to_vec();
-                self.pos += head_len + payload_len;
-                return Ok(Some(Item::Frame(Frame {
-                    header,
-                    meta,
-                    payload,
-                })));
-            }
-            let mut payload = Vec::new();
-            payload
-                .try_reserve_exact(payload_len)
-                .map_err(|_| DecodeError::OutOfMemory(header.payload_len))?;
-            let have = (avail.len() - head_len).min(payload_len);
-            payload.extend_from_slice(&avail[head_len..head_len + have]);
-            self.pos += head_len + have;
-            self.large = Some(Large {
+            let meta = meta_str(&avail[HEADER_LEN..head_len])?;
+            self.pos += head_len;
+            self.body = Some(Body {
                 header,
                 meta,
-                payload,
+                remaining: header.payload_len,
             });
+            return Ok(Some(Item::BodyStart(header.payload_len)));
         }
+        if !is_call && header.payload_len > MAX_CONTROL_PAYLOAD {
+            return Err(DecodeError::ControlTooLong(header.kind, header.payload_len));
+        }
+        let total = head_len + header.payload_len as usize;
+        if avail.len() < total {
+            // Make room for the whole frame (only control frames can exceed the usual size).
+            if self.staging.capacity() - self.pos < total {
+                self.staging
+                    .reserve(total - (self.staging.len() - self.pos));
+            }
+            return Ok(None);
+        }
+        let meta = meta_str(&avail[HEADER_LEN..head_len])?;
+        let payload = Payload::Inline(avail[head_len..total].to_vec());
+        self.pos += total;
+        Ok(Some(Item::Frame(Frame {
+            header,
+            meta,
+            payload,
+        })))
     }
+}
+
+fn meta_str(b: &[u8]) -> Result<String, DecodeError> {
+    Ok(std::str::from_utf8(b)
+        .map_err(|_| DecodeError::Utf8("frame meta"))?
+        .to_owned())
 }
 
 #[cfg(test)]
@@ -214,21 +246,45 @@ mod tests {
         v
     }
 
-    /// Feeds `stream` to a reader in pieces of at most `step` bytes, as a kernel might.
-    fn feed(reader: &mut FrameReader, stream: &[u8], step: usize) -> Vec<Item> {
+    /// Feeds `stream` to a reader in pieces of at most `step` bytes, as a kernel might; large
+    /// bodies are collected the way the runtime does. Returns items and the external bodies.
+    fn feed(reader: &mut FrameReader, stream: &[u8], step: usize) -> (Vec<Item>, Vec<Vec<u8>>) {
         let mut items = Vec::new();
+        let mut bodies = Vec::new();
+        let mut body: Option<Vec<u8>> = None;
         let mut at = 0;
-        while at < stream.len() {
+        loop {
+            while let Some(item) = reader.next_item().unwrap() {
+                if let Item::BodyStart(_) = item {
+                    body = Some(reader.take_body_prefix().to_vec());
+                }
+                if let Item::Frame(Frame {
+                    payload: Payload::External(_),
+                    ..
+                }) = &item
+                {
+                    bodies.push(body.take().unwrap());
+                }
+                items.push(item);
+            }
+            if at == stream.len() {
+                return (items, bodies);
+            }
+            if let Some(want) = reader.body_wanted() {
+                let n = (want as usize).min(step).min(stream.len() - at);
+                body.as_mut()
+                    .unwrap()
+                    .extend_from_slice(&stream[at..at + n]);
+                reader.body_received(n as u64);
+                at += n;
+                continue;
+            }
             let mut t = reader.target();
             let n = t.max.min(step).min(stream.len() - at);
             t.buf.extend_from_slice(&stream[at..at + n]);
             at += n;
             reader.filled(t.buf);
-            while let Some(item) = reader.next_item().unwrap() {
-                items.push(item);
-            }
         }
-        items
     }
 
     #[test]
@@ -237,16 +293,25 @@ mod tests {
         let mut stream = frame_bytes(Kind::Request, 1, "echo", b"hi");
         stream.extend(frame_bytes(Kind::Request, 2, "echo", &big));
         stream.extend(frame_bytes(Kind::Response, 3, "", b""));
+        // A control frame larger than the usual staging size is staged whole.
+        let err = vec![b'e'; 100_000];
+        stream.extend(frame_bytes(Kind::Error, 4, "remote", &err));
         for step in [1, 7, 31, 32, 33, 4096, 1 << 20] {
             let mut r = FrameReader::new(1 << 30);
-            let items = feed(&mut r, &stream, step);
-            assert_eq!(items.len(), 3, "step {step}");
-            let Item::Frame(f) = &items[1] else { panic!() };
-            assert_eq!(f.header.call_id, 2);
-            assert_eq!(f.meta, "echo");
-            assert_eq!(f.payload, big);
+            let (items, bodies) = feed(&mut r, &stream, step);
+            assert_eq!(items.len(), 5, "step {step}");
+            assert_eq!(items[1], Item::BodyStart(big.len() as u64));
             let Item::Frame(f) = &items[2] else { panic!() };
-            assert_eq!((f.header.kind, f.payload.len()), (Kind::Response, 0));
+            assert_eq!((f.header.call_id, f.meta.as_str()), (2, "echo"));
+            assert_eq!(f.payload, Payload::External(big.len() as u64));
+            assert!(bodies == [big.clone()], "body differs at step {step}");
+            let Item::Frame(f) = &items[3] else { panic!() };
+            assert_eq!(
+                (f.header.kind, &f.payload),
+                (Kind::Response, &Payload::Inline(vec![]))
+            );
+            let Item::Frame(f) = &items[4] else { panic!() };
+            assert_eq!(f.payload, Payload::Inline(err.clone()));
             assert!(r.is_idle());
         }
     }
@@ -256,9 +321,11 @@ mod tests {
         let mut stream = frame_bytes(Kind::Request, 1, "f", &vec![7u8; 5000]);
         stream.extend(frame_bytes(Kind::Request, 2, "f", b"ok"));
         let mut r = FrameReader::new(1000);
-        let items = feed(&mut r, &stream, 100);
+        let (items, _) = feed(&mut r, &stream, 100);
         assert!(matches!(&items[0], Item::Oversized(h) if h.call_id == 1));
-        assert!(matches!(&items[1], Item::Frame(f) if f.payload == b"ok"));
+        assert!(
+            matches!(&items[1], Item::Frame(f) if f.payload == Payload::Inline(b"ok".to_vec()))
+        );
     }
 
     #[test]

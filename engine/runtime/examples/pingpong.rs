@@ -34,7 +34,7 @@ fn main() {
                 c.call_id,
                 c.serde,
                 c.flags.0,
-                Bytes::from(c.payload),
+                c.payload.into_bytes(),
             );
         }
     });

@@ -7,12 +7,14 @@ use std::time::Instant;
 
 use daffi_proto::Flags;
 
+use crate::payload::Payload;
+
 /// A successful answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Reply {
     pub serde: u8,
     pub flags: Flags,
-    pub payload: Vec<u8>,
+    pub payload: Payload,
 }
 
 /// Why a call produced no result.
@@ -167,10 +169,11 @@ mod tests {
         let reply = Reply {
             serde: 0,
             flags: Flags(0),
-            payload: b"x".to_vec(),
+            payload: Payload::Inline(b"x".to_vec()),
         };
-        assert!(t.complete(b, Ok(reply.clone())));
-        assert_eq!(sb.wait(None), Some(Ok(reply)));
+        assert!(t.complete(b, Ok(reply)));
+        let got = sb.wait(None).unwrap().unwrap();
+        assert_eq!(got.payload.as_slice(), b"x");
         assert!(t.is_empty());
     }
 }

@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_queue::SegQueue;
-use daffi_driver::{AnyDriver, Backend, Completion, Driver, Op, Outcome, Wake, sys};
+use daffi_driver::{AnyDriver, Backend, Body, Completion, Driver, Op, Outcome, RecvBuf, Wake, sys};
 use daffi_proto::frame::error_code;
-use daffi_proto::{Connection, Event, Local, Role};
+use daffi_proto::{Connection, Event, Local, Payload as Wire, Role};
 
 use crate::call::{CallError, Reply};
 use crate::node::{ClientShared, IncomingCall, MemberEvent, Phase, ServerShared};
+use crate::payload::{Payload, alloc_body};
 
 /// Work handed to the engine thread by node handles.
 #[derive(Debug)]
@@ -202,6 +203,8 @@ struct Conn {
     closing: Option<(String, Instant)>,
     /// Shut down: nothing more is sent or received.
     shut: bool,
+    /// The buffer of the large payload being received, while it is not lent to the kernel.
+    body: Option<Body>,
 }
 
 #[derive(Debug)]
@@ -380,6 +383,7 @@ impl Loop {
             opened: Instant::now(),
             closing: None,
             shut: false,
+            body: None,
         };
         self.conns.insert(id, c);
         self.start_recv(id);
@@ -393,14 +397,22 @@ impl Loop {
         if c.recv_busy || c.shut {
             return;
         }
-        let t = c.proto.recv_target();
+        let (buf, max) = match (c.proto.body_wanted(), c.body.take()) {
+            // A large payload goes straight into its own buffer.
+            (Some(want), Some(body)) => (RecvBuf::Body(body), want.min(usize::MAX as u64) as usize),
+            (_, body) => {
+                c.body = body;
+                let t = c.proto.recv_target();
+                (RecvBuf::Vec(t.buf), t.max)
+            }
+        };
         c.recv_busy = true;
         self.driver.submit(
             token(id, RECV),
             Op::Recv {
                 fd: c.fd.as_raw_fd(),
-                buf: t.buf,
-                max: t.max,
+                buf,
+                max,
             },
         );
     }
@@ -494,14 +506,22 @@ impl Loop {
         }
     }
 
-    fn received(&mut self, id: u64, buf: Vec<u8>, res: io::Result<usize>) {
+    fn received(&mut self, id: u64, buf: RecvBuf, res: io::Result<usize>) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
         c.recv_busy = false;
-        match res {
-            Ok(0) => {
-                c.proto.recv_done(buf).ok();
+        // Every buffer goes back where it came from, whatever the outcome.
+        let n = *res.as_ref().unwrap_or(&0) as u64;
+        let parsed = match buf {
+            RecvBuf::Vec(v) => c.proto.recv_done(v),
+            RecvBuf::Body(b) => {
+                c.body = Some(b);
+                c.proto.body_received(n)
+            }
+        };
+        match (res, parsed) {
+            (Ok(0), _) => {
                 let why = if c.proto.recv_idle() {
                     "peer closed the connection"
                 } else {
@@ -509,26 +529,48 @@ impl Loop {
                 };
                 self.close(id, why.into(), false);
             }
-            Ok(_) => {
-                if let Err(e) = c.proto.recv_done(buf) {
-                    tracing::warn!("closing connection {id}: protocol error: {e}");
-                    c.proto.goodbye(&format!("protocol error: {e}"));
-                    self.dirty.push(id);
-                    self.close(id, format!("protocol error: {e}"), true);
-                } else {
-                    self.drain_events(id);
-                    // The handshake answer, `no function` errors, ... were queued by proto.
-                    self.dirty.push(id);
+            (Ok(_), Err(e)) => self.protocol_error(id, e.to_string()),
+            (Ok(_), Ok(())) => {
+                if let Err(e) = self.after_parse(id) {
+                    self.protocol_error(id, e);
                 }
+                // The handshake answer, `no function` errors, ... were queued by proto.
+                self.dirty.push(id);
                 self.start_recv(id);
             }
-            Err(e) => {
-                // Give the buffer back so the connection's state stays whole while it closes.
-                c.proto.recv_done(buf).ok();
-                self.close(id, e.to_string(), false);
-            }
+            (Err(e), _) => self.close(id, e.to_string(), false),
         }
         self.maybe_finish(id);
+    }
+
+    fn protocol_error(&mut self, id: u64, e: String) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        tracing::warn!("closing connection {id}: protocol error: {e}");
+        c.proto.goodbye(&format!("protocol error: {e}"));
+        self.dirty.push(id);
+        self.close(id, format!("protocol error: {e}"), true);
+    }
+
+    /// Hands parsed frames to their owners and, when a large payload starts, gives it a buffer
+    /// (filled first with the part already received with the header).
+    fn after_parse(&mut self, id: u64) -> Result<(), String> {
+        loop {
+            self.drain_events(id);
+            let Some(c) = self.conns.get_mut(&id) else {
+                return Ok(());
+            };
+            let len = match (c.body.is_some(), c.proto.body_len()) {
+                (false, Some(len)) => len,
+                _ => return Ok(()),
+            };
+            let len = usize::try_from(len).map_err(|_| format!("payload of {len} bytes"))?;
+            let mut body = alloc_body(len).ok_or_else(|| format!("cannot allocate {len} bytes"))?;
+            body.extend_from_slice(c.proto.take_body_prefix());
+            c.body = Some(body);
+            c.proto.body_received(0).map_err(|e| e.to_string())?;
+        }
     }
 
     fn sent(&mut self, id: u64, bufs: Vec<Bytes>, skip: usize, res: io::Result<usize>) {
@@ -599,6 +641,9 @@ impl Loop {
                         }
                         continue;
                     }
+                    let Some(payload) = take_payload(payload, &mut c.body) else {
+                        continue;
+                    };
                     let call = IncomingCall {
                         conn: id,
                         call_id,
@@ -618,6 +663,9 @@ impl Loop {
                     flags,
                     payload,
                 } => {
+                    let Some(payload) = take_payload(payload, &mut c.body) else {
+                        continue;
+                    };
                     if let Owner::Client(cl) = &c.owner {
                         cl.calls.complete(
                             call_id,
@@ -739,5 +787,20 @@ impl Loop {
                 self.shut(id);
             }
         }
+    }
+}
+
+/// The payload of a parsed frame: inline bytes, or the large-payload buffer it was received into.
+fn take_payload(wire: Wire, body: &mut Option<Body>) -> Option<Payload> {
+    match wire {
+        Wire::Inline(v) => Some(Payload::Inline(v)),
+        Wire::External(len) => match body.take() {
+            Some(b) if b.len() as u64 == len => Some(Payload::Body(b)),
+            other => {
+                tracing::error!("large payload of {len} bytes arrived without its buffer");
+                *body = other;
+                None
+            }
+        },
     }
 }

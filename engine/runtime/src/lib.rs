@@ -21,12 +21,15 @@ pub mod call;
 pub mod engine;
 pub mod inbox;
 pub mod node;
+pub mod payload;
 
 pub use call::{CallError, Reply};
-pub use daffi_driver::Backend;
+pub use daffi_driver::sys::{advise_huge, tune_allocator};
+pub use daffi_driver::{Backend, Body, RawBuf};
 pub use daffi_proto::{DEFAULT_MAX_MESSAGE_SIZE, Flags};
 pub use engine::Engine;
 pub use inbox::Next;
 pub use node::{
     Address, Client, ClientConfig, IncomingCall, MemberEvent, Server, ServerConfig, StartError,
 };
+pub use payload::{Payload, set_body_allocator};

@@ -17,6 +17,7 @@ use daffi_proto::{Flags, Local, Peer};
 use crate::call::{CallError, CallTable, Reply};
 use crate::engine::{Command, Engine};
 use crate::inbox::{Inbox, Next};
+use crate::payload::Payload;
 
 /// Where a node listens or connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +44,7 @@ pub struct IncomingCall {
     pub name: String,
     pub serde: u8,
     pub flags: Flags,
-    pub payload: Vec<u8>,
+    pub payload: Payload,
 }
 
 /// A peer joined or left.
