@@ -31,7 +31,7 @@ fn pair(engine: &Engine) -> (Arc<Server>, Client) {
                 c.call_id,
                 c.serde,
                 c.flags.0,
-                Bytes::from(c.payload),
+                c.payload.into_bytes(),
             );
         }
     });

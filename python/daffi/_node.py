@@ -93,7 +93,8 @@ class _Node:
             raise InitializationError("give either host/port or unix_sock_path, not both")
         if unix_sock_path is None and port is None:
             raise InitializationError("an address is needed: port=... (with host=...) or unix_sock_path=...")
-        if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535):
+        bad_port = not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535
+        if port is not None and bad_port:
             raise InitializationError(f"port must be an integer in 0..65535, not {port!r}")
         if not isinstance(workers, int) or isinstance(workers, bool):
             raise ValueError(f"workers must be an integer, not {workers!r}")
@@ -171,7 +172,9 @@ class _Node:
         # Anything registered between the native start and the subscription above.
         native.announce(REGISTRY.names())
         threads = [
-            threading.Thread(target=_serve, args=(native,), name=f"daffi-worker-{self.app_name}-{i}", daemon=True)
+            threading.Thread(
+                target=_serve, args=(native,), name=f"daffi-worker-{self.app_name}-{i}", daemon=True
+            )
             for i in range(self.workers)
         ]
         threads.append(
