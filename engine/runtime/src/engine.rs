@@ -1,6 +1,6 @@
 //! The engine thread: one driver, every connection of every node of the process.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,11 +11,12 @@ use bytes::Bytes;
 use crossbeam_queue::SegQueue;
 use daffi_driver::{AnyDriver, Backend, Body, Completion, Driver, Op, Outcome, RecvBuf, Wake, sys};
 use daffi_proto::frame::error_code;
-use daffi_proto::{Connection, Event, Local, Payload as Wire, Role};
+use daffi_proto::{Connection, Event, Local, Payload as WirePayload, Role};
 
 use crate::call::{CallError, Reply};
 use crate::node::{ClientShared, IncomingCall, MemberEvent, Phase, ServerShared};
 use crate::payload::{Payload, alloc_body};
+use crate::wire::Wire;
 
 /// Work handed to the engine thread by node handles.
 #[derive(Debug)]
@@ -29,26 +30,12 @@ pub(crate) enum Command {
         client: Arc<ClientShared>,
         local: Local,
     },
-    Request {
+    /// An encoded frame from a binding thread (see [`crate::wire`]), less its first `skip`
+    /// bytes, which went out directly.
+    SendRaw {
         conn: u64,
-        call_id: u64,
-        name: String,
-        serde: u8,
-        flags: u8,
-        payload: Bytes,
-    },
-    Respond {
-        conn: u64,
-        call_id: u64,
-        serde: u8,
-        flags: u8,
-        payload: Bytes,
-    },
-    Fail {
-        conn: u64,
-        call_id: u64,
-        code: &'static str,
-        payload: Bytes,
+        bufs: Vec<Bytes>,
+        skip: usize,
     },
     Announce {
         owner: u64,
@@ -205,6 +192,10 @@ struct Conn {
     shut: bool,
     /// The buffer of the large payload being received, while it is not lent to the kernel.
     body: Option<Body>,
+    /// Shared with the binding threads that send on this connection.
+    wire: Arc<Wire>,
+    /// Frames from binding threads, sent before the engine's own (`proto`'s) frames.
+    raw: VecDeque<(Vec<Bytes>, usize)>,
 }
 
 #[derive(Debug)]
@@ -282,63 +273,19 @@ impl Loop {
             Command::Attach { fd, client, local } => {
                 let id = client.conn;
                 let proto = Connection::new(Role::Client, local);
-                self.add_conn(id, fd, proto, Owner::Client(client));
+                let wire = client.wire.clone();
+                self.add_conn(id, fd, proto, Owner::Client(client), wire);
             }
-            Command::Request {
-                conn,
-                call_id,
-                name,
-                serde,
-                flags,
-                payload,
-            } => {
+            Command::SendRaw { conn, bufs, skip } => {
                 let Some(c) = self.conns.get_mut(&conn) else {
+                    tracing::debug!("dropping a frame for connection {conn}: it is closed");
                     return;
                 };
-                if c.closing.is_some() {
-                    return;
-                }
-                if let Err(e) = c.proto.request(call_id, &name, serde, flags, payload) {
-                    if let Owner::Client(cl) = &c.owner {
-                        cl.calls
-                            .complete(call_id, Err(CallError::Transmission(e.to_string())));
-                    }
-                    return;
-                }
-                self.dirty.push(conn);
-            }
-            Command::Respond {
-                conn,
-                call_id,
-                serde,
-                flags,
-                payload,
-            } => {
-                let Some(c) = self.conns.get_mut(&conn) else {
-                    tracing::debug!("dropping the answer to call {call_id}: its caller left");
-                    return;
-                };
+                c.wire.taken();
                 if c.shut {
                     return;
                 }
-                if let Err(e) = c.proto.respond(call_id, serde, flags, payload) {
-                    tracing::warn!("answer to call {call_id} not sent: {e}");
-                }
-                self.dirty.push(conn);
-            }
-            Command::Fail {
-                conn,
-                call_id,
-                code,
-                payload,
-            } => {
-                let Some(c) = self.conns.get_mut(&conn) else {
-                    return;
-                };
-                if c.shut {
-                    return;
-                }
-                c.proto.send_error(call_id, code, payload);
+                c.raw.push_back((bufs, skip));
                 self.dirty.push(conn);
             }
             Command::Announce { owner, names } => {
@@ -370,7 +317,7 @@ impl Loop {
         }
     }
 
-    fn add_conn(&mut self, id: u64, fd: OwnedFd, proto: Connection, owner: Owner) {
+    fn add_conn(&mut self, id: u64, fd: OwnedFd, proto: Connection, owner: Owner, wire: Arc<Wire>) {
         if let Owner::Server(s) = &owner {
             s.update(|st| st.connections += 1);
         }
@@ -384,6 +331,8 @@ impl Loop {
             closing: None,
             shut: false,
             body: None,
+            wire,
+            raw: VecDeque::new(),
         };
         self.conns.insert(id, c);
         self.start_recv(id);
@@ -436,14 +385,25 @@ impl Loop {
         if c.send_busy || c.shut {
             return;
         }
-        if !c.proto.has_transmit() {
+        if c.raw.is_empty() && !c.proto.has_transmit() {
             // A graceful close waits for the queue to drain.
             if c.closing.is_some() {
                 self.shut(id);
             }
             return;
         }
+        if !c.wire.engine_may_send() {
+            // Frames handed over by binding threads must go first; they are on their way.
+            return;
+        }
         let mut bufs = Vec::new();
+        let mut skip = 0;
+        for (i, (frame, s)) in c.raw.drain(..).enumerate() {
+            if i == 0 {
+                skip = s;
+            }
+            bufs.extend(frame);
+        }
         c.proto.poll_transmit(&mut bufs, 64);
         c.send_busy = true;
         self.driver.submit(
@@ -451,7 +411,7 @@ impl Loop {
             Op::Send {
                 fd: c.fd.as_raw_fd(),
                 bufs,
-                skip: 0,
+                skip,
             },
         );
     }
@@ -500,7 +460,11 @@ impl Loop {
                 }
                 let conn_id = self.shared.ids.fetch_add(1, Ordering::Relaxed);
                 let proto = Connection::new(Role::Server, server.local());
-                self.add_conn(conn_id, fd, proto, Owner::Server(server));
+                let wire = Arc::new(Wire::new(conn_id, fd.as_raw_fd()));
+                server.update(|st| {
+                    st.wires.insert(conn_id, wire.clone());
+                });
+                self.add_conn(conn_id, fd, proto, Owner::Server(server), wire);
             }
             Err(e) => tracing::warn!("accept on server {} failed: {e}", server.name),
         }
@@ -592,6 +556,9 @@ impl Loop {
                     return;
                 }
                 c.send_busy = false;
+                if c.raw.is_empty() && !c.proto.has_transmit() {
+                    c.wire.engine_idle();
+                }
                 self.flush(id);
             }
             Err(e) => {
@@ -608,22 +575,25 @@ impl Loop {
         };
         while let Some(ev) = c.proto.poll_event() {
             match ev {
-                Event::Open(peer) => match &c.owner {
-                    Owner::Server(s) => {
-                        tracing::debug!("{} connected to {}", peer.name, s.name);
-                        s.update(|st| {
-                            st.members.insert(id, peer.name.clone());
-                        });
-                        s.callee.events.push(MemberEvent {
-                            connected: true,
-                            member: peer.name,
-                        });
+                Event::Open(peer) => {
+                    c.wire.set_peer_max(peer.max_message_size);
+                    match &c.owner {
+                        Owner::Server(s) => {
+                            tracing::debug!("{} connected to {}", peer.name, s.name);
+                            s.update(|st| {
+                                st.members.insert(id, peer.name.clone());
+                            });
+                            s.callee.events.push(MemberEvent {
+                                connected: true,
+                                member: peer.name,
+                            });
+                        }
+                        Owner::Client(cl) => cl.update(|st| {
+                            st.phase = Phase::Open;
+                            st.peer = Some(peer);
+                        }),
                     }
-                    Owner::Client(cl) => cl.update(|st| {
-                        st.phase = Phase::Open;
-                        st.peer = Some(peer);
-                    }),
-                },
+                }
                 Event::Request {
                     call_id,
                     name,
@@ -748,11 +718,13 @@ impl Loop {
         }
         let c = self.conns.remove(&id).expect("checked above");
         let reason = c.closing.map(|(r, _)| r).unwrap_or_default();
+        c.wire.close();
         self.driver.close(c.fd);
         match c.owner {
             Owner::Server(s) => {
                 let mut left = None;
                 s.update(|st| {
+                    st.wires.remove(&id);
                     st.connections -= 1;
                     left = st.members.remove(&id);
                 });
@@ -791,10 +763,10 @@ impl Loop {
 }
 
 /// The payload of a parsed frame: inline bytes, or the large-payload buffer it was received into.
-fn take_payload(wire: Wire, body: &mut Option<Body>) -> Option<Payload> {
+fn take_payload(wire: WirePayload, body: &mut Option<Body>) -> Option<Payload> {
     match wire {
-        Wire::Inline(v) => Some(Payload::Inline(v)),
-        Wire::External(len) => match body.take() {
+        WirePayload::Inline(v) => Some(Payload::Inline(v)),
+        WirePayload::External(len) => match body.take() {
             Some(b) if b.len() as u64 == len => Some(Payload::Body(b)),
             other => {
                 tracing::error!("large payload of {len} bytes arrived without its buffer");

@@ -22,6 +22,7 @@ pub mod engine;
 pub mod inbox;
 pub mod node;
 pub mod payload;
+mod wire;
 
 pub use call::{CallError, Reply};
 pub use daffi_driver::sys::{advise_huge, tune_allocator};

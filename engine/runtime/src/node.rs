@@ -5,19 +5,21 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use daffi_driver::sys;
+use daffi_proto::frame::{Kind, encode_head, error_code};
 use daffi_proto::{Flags, Local, Peer};
 
 use crate::call::{CallError, CallTable, Reply};
 use crate::engine::{Command, Engine};
 use crate::inbox::{Inbox, Next};
 use crate::payload::Payload;
+use crate::wire::Wire;
 
 /// Where a node listens or connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +117,8 @@ pub(crate) struct ServerState {
     pub(crate) members: HashMap<u64, String>,
     pub(crate) listening: bool,
     pub(crate) connections: usize,
+    /// The sending side of every connection, for answers.
+    pub(crate) wires: HashMap<u64, Arc<Wire>>,
 }
 
 #[derive(Debug)]
@@ -225,23 +229,23 @@ impl Server {
         self.shared.callee.events.pop(timeout)
     }
 
+    /// Answers the peer's call `call_id` on connection `conn` (dropped when the caller left).
     pub fn respond(&self, conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
-        self.engine.send(Command::Respond {
-            conn,
-            call_id,
-            serde,
-            flags,
-            payload,
-        });
+        let wire = lock(&self.shared.state).wires.get(&conn).cloned();
+        if let Some(wire) = wire {
+            respond(&self.engine, &wire, call_id, serde, flags, payload);
+        }
     }
 
+    /// Answers the peer's call with an error (`code` is one of `daffi_proto::frame::error_code`).
     pub fn respond_error(&self, conn: u64, call_id: u64, code: &'static str, payload: Bytes) {
-        self.engine.send(Command::Fail {
-            conn,
-            call_id,
-            code,
-            payload,
-        });
+        let wire = lock(&self.shared.state).wires.get(&conn).cloned();
+        if let Some(wire) = wire {
+            wire.send(
+                &self.engine,
+                frame(Kind::Error, call_id, 0, 0, code, payload),
+            );
+        }
     }
 
     /// Exports more functions, announced to every connected peer.
@@ -324,6 +328,7 @@ pub(crate) struct ClientShared {
     pub(crate) name: String,
     pub(crate) callee: Callee,
     pub(crate) calls: CallTable,
+    pub(crate) wire: Arc<Wire>,
     pub(crate) state: Mutex<ClientState>,
     pub(crate) changed: Condvar,
 }
@@ -373,8 +378,10 @@ impl Client {
             Address::Unix(p) => sys::connect_unix(p),
         }
         .map_err(|e| StartError::Connect(cfg.address.clone(), e))?;
+        let conn = engine.next_id();
         let shared = Arc::new(ClientShared {
-            conn: engine.next_id(),
+            wire: Arc::new(Wire::new(conn, fd.as_raw_fd())),
+            conn,
             name: cfg.name.clone(),
             callee: Callee::new(cfg.functions.clone()),
             calls: CallTable::default(),
@@ -508,14 +515,15 @@ impl Client {
             self.shared.calls.abandon(call_id);
             return Err(CallError::Disconnected(self.close_reason()));
         }
-        self.engine.send(Command::Request {
-            conn: self.shared.conn,
+        let f = frame(
+            Kind::Request,
             call_id,
-            name: name.to_owned(),
             serde,
-            flags: flags & !Flags::NO_REPLY,
+            flags & !Flags::NO_REPLY,
+            name,
             payload,
-        });
+        );
+        self.shared.wire.send(&self.engine, f);
         match slot.wait(deadline) {
             Some(r) => r,
             None => {
@@ -529,14 +537,15 @@ impl Client {
     /// Sends a call that wants no answer; returns once it is queued for sending.
     pub fn send(&self, name: &str, serde: u8, flags: u8, payload: Bytes) -> Result<(), CallError> {
         self.check_sendable(name, payload.len())?;
-        self.engine.send(Command::Request {
-            conn: self.shared.conn,
-            call_id: 0,
-            name: name.to_owned(),
+        let f = frame(
+            Kind::Request,
+            0,
             serde,
-            flags: flags | Flags::NO_REPLY,
+            flags | Flags::NO_REPLY,
+            name,
             payload,
-        });
+        );
+        self.shared.wire.send(&self.engine, f);
         Ok(())
     }
 
@@ -592,22 +601,19 @@ impl Client {
     }
 
     pub fn respond(&self, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
-        self.engine.send(Command::Respond {
-            conn: self.shared.conn,
+        respond(
+            &self.engine,
+            &self.shared.wire,
             call_id,
             serde,
             flags,
             payload,
-        });
+        );
     }
 
     pub fn respond_error(&self, call_id: u64, code: &'static str, payload: Bytes) {
-        self.engine.send(Command::Fail {
-            conn: self.shared.conn,
-            call_id,
-            code,
-            payload,
-        });
+        let f = frame(Kind::Error, call_id, 0, 0, code, payload);
+        self.shared.wire.send(&self.engine, f);
     }
 
     pub fn announce(&self, names: &[String]) {
@@ -652,4 +658,41 @@ impl Drop for Client {
             });
         }
     }
+}
+
+/// One encoded frame: header and meta, then the payload (sent from its own memory).
+fn frame(kind: Kind, call_id: u64, serde: u8, flags: u8, meta: &str, payload: Bytes) -> Vec<Bytes> {
+    let head = encode_head(kind, call_id, serde, flags, meta, payload.len() as u64);
+    if payload.is_empty() {
+        vec![head]
+    } else {
+        vec![head, payload]
+    }
+}
+
+/// Sends an answer, or a `too-large` error when the caller would refuse it.
+fn respond(engine: &Engine, wire: &Wire, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
+    let limit = wire.peer_max();
+    if payload.len() as u64 > limit {
+        let msg = format!(
+            "result of {} bytes exceeds the caller's limit of {limit} bytes",
+            payload.len()
+        );
+        wire.send(
+            engine,
+            frame(
+                Kind::Error,
+                call_id,
+                0,
+                0,
+                error_code::TOO_LARGE,
+                Bytes::from(msg),
+            ),
+        );
+        return;
+    }
+    wire.send(
+        engine,
+        frame(Kind::Response, call_id, serde, flags, "", payload),
+    );
 }

@@ -1,0 +1,135 @@
+//! The sending side of one connection, shared by the engine and the binding's threads.
+//!
+//! A thread that sends a frame while the connection has nothing queued writes it to the socket
+//! itself (a non-blocking `sendmsg`), sparing the hand-off to the engine thread and its wake-up,
+//! the largest cost of a small call. Whatever cannot go out at once, and every frame sent while
+//! something is already queued, goes through the engine in order. The lock is held for one
+//! non-blocking system call at most.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::Bytes;
+use daffi_driver::sys;
+
+use crate::engine::{Command, Engine};
+
+/// Larger frames always go through the engine: the wake-up is negligible next to their
+/// transfer, and the engine streams them without holding this lock.
+const DIRECT_MAX: usize = 256 * 1024;
+
+#[derive(Debug)]
+struct State {
+    fd: RawFd,
+    /// The engine has a send in flight or frames of its own to send.
+    engine_sending: bool,
+    /// Frames handed to the engine that it has not taken yet.
+    queued: usize,
+    /// The descriptor is closed (or about to be): nobody may use it.
+    closed: bool,
+    /// The largest message the peer accepts (known once the handshake completed).
+    peer_max: u64,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub(crate) struct Wire {
+    conn: u64,
+    state: Mutex<State>,
+}
+
+impl Wire {
+    pub(crate) fn new(conn: u64, fd: RawFd) -> Wire {
+        Wire {
+            conn,
+            state: Mutex::new(State {
+                fd,
+                engine_sending: false,
+                queued: 0,
+                closed: false,
+                peer_max: u64::MAX,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn peer_max(&self) -> u64 {
+        self.lock().peer_max
+    }
+
+    /// Sends one encoded frame: at once when possible, else through `engine`, in order with
+    /// every other frame of this connection. After the connection closed it is dropped.
+    pub(crate) fn send(&self, engine: &Engine, bufs: Vec<Bytes>) {
+        let mut s = self.lock();
+        if s.closed {
+            return;
+        }
+        let mut skip = 0;
+        let total = sys::total_len(&bufs);
+        if !s.engine_sending && s.queued == 0 && total <= DIRECT_MAX {
+            loop {
+                match sys::send(s.fd, &bufs, skip) {
+                    Ok(n) => {
+                        skip += n;
+                        if skip == total {
+                            return;
+                        }
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // The connection is broken; the engine's receive side notices and closes
+                    // it, failing the calls that wait.
+                    Err(_) => return,
+                }
+            }
+            // Part of the frame is out: the rest must be next on the wire, before the
+            // engine's own frames.
+            s.engine_sending = true;
+        }
+        s.queued += 1;
+        engine.send(Command::SendRaw {
+            conn: self.conn,
+            bufs,
+            skip,
+        });
+    }
+
+    // ── engine side ──
+
+    /// A frame handed over by [`Wire::send`] was taken.
+    pub(crate) fn taken(&self) {
+        let mut s = self.lock();
+        s.queued = s.queued.saturating_sub(1);
+    }
+
+    /// The engine wants to send: allowed unless frames it has not taken yet must go first.
+    pub(crate) fn engine_may_send(&self) -> bool {
+        let mut s = self.lock();
+        if s.queued > 0 {
+            return false;
+        }
+        s.engine_sending = true;
+        true
+    }
+
+    /// The engine has nothing more to send.
+    pub(crate) fn engine_idle(&self) {
+        self.lock().engine_sending = false;
+    }
+
+    pub(crate) fn set_peer_max(&self, max: u64) {
+        self.lock().peer_max = max;
+    }
+
+    /// The descriptor is about to be closed.
+    pub(crate) fn close(&self) {
+        self.lock().closed = true;
+    }
+}
