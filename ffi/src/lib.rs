@@ -20,6 +20,7 @@ use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyTuple};
 
 mod body;
+mod logging;
 mod msgpack;
 
 use body::payload_bytes;
@@ -435,6 +436,7 @@ fn resolve_backend(py: Python<'_>, backend: Option<&str>) -> PyResult<&'static s
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    logging::install(m.py())?;
     daffi_runtime::set_body_allocator(Box::new(body::alloc));
     if std::env::var("DAFFI_MALLOC_TUNING")
         .map(|v| v != "0")

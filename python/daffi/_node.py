@@ -153,7 +153,7 @@ class _Node:
             result = fn(arg)
             if asyncio.iscoroutine(result):
                 asyncio.run(result)
-        except Exception:
+        except BaseException:  # even SystemExit: a handler never stops the node's events
             logger.exception("event handler %r raised", fn)
 
     # -- engine side --------------------------------------------------------------------
@@ -266,7 +266,7 @@ def _serve(native: Any) -> None:
             if reply:
                 out, text = encode_result(serde, result)
                 native.respond(conn, call_id, serde, text, out)
-        except Exception as exc:
+        except BaseException as exc:  # even SystemExit: it answers the caller, not this worker
             if reply:
                 native.respond_error(conn, call_id, encode_error(exc, traceback.format_exc()))
             else:
