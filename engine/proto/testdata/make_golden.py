@@ -38,8 +38,9 @@ TEXT = 0x02
 
 def frame(kind: int, call_id: int, serde: int, flags: int, meta: str, payload: bytes) -> bytes:
     meta_bytes = meta.encode("utf-8")
-    header = HEADER.pack(MAGIC, VERSION, kind, serde, flags, b"\0\0", call_id, len(meta_bytes),
-                         b"\0\0\0\0", len(payload))
+    header = HEADER.pack(
+        MAGIC, VERSION, kind, serde, flags, b"\0\0", call_id, len(meta_bytes), b"\0\0\0\0", len(payload)
+    )
     return header + meta_bytes + payload
 
 
