@@ -90,6 +90,16 @@ impl Wake for EventFd {
 impl Driver {
     /// Creates a ring and checks that the kernel has every operation daffi uses.
     pub fn new() -> io::Result<Driver> {
+        // Multishot accept shares its opcode with plain accept, so the probe below cannot see
+        // it: it arrived in Linux 5.19.
+        if let Some(v) = crate::sys::kernel_version() {
+            if v < (5, 19) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("Linux {}.{} lacks multishot accept (5.19+)", v.0, v.1),
+                ));
+            }
+        }
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()

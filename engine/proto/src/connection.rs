@@ -62,7 +62,7 @@ pub enum Event {
     Error {
         call_id: u64,
         code: String,
-        payload: Vec<u8>,
+        payload: Payload,
     },
     /// The peer exports more functions now.
     Announce(Vec<String>),
@@ -187,28 +187,43 @@ impl Connection {
                 // The runtime must provide a buffer before parsing can go on.
                 Item::BodyStart(_) => break,
                 Item::Frame(f) => self.handle_frame(f)?,
-                Item::Oversized(h) => {
-                    if h.kind == Kind::Request && !h.flags.no_reply() {
-                        let msg = format!(
-                            "message of {} bytes exceeds the receiver's limit of {} bytes",
-                            h.body_len(),
-                            self.local.max_message_size
-                        );
-                        self.send_error(h.call_id, error_code::TOO_LARGE, Bytes::from(msg));
-                    } else if h.kind != Kind::Request {
-                        self.events.push_back(Event::Error {
-                            call_id: h.call_id,
-                            code: error_code::TOO_LARGE.to_owned(),
-                            payload: format!(
-                                "response of {} bytes exceeds this side's limit of {} bytes",
-                                h.body_len(),
-                                self.local.max_message_size
-                            )
-                            .into_bytes(),
-                        });
-                    }
-                }
+                Item::Oversized(h) => self.oversized(h)?,
             }
+        }
+        Ok(())
+    }
+
+    /// A frame over our limit, whose bytes the reader skips: a request is refused with an
+    /// error its caller sees, an answer becomes that error locally; any other kind (a hello,
+    /// an announce...) cannot be skipped without losing the connection's meaning.
+    fn oversized(&mut self, h: crate::frame::Header) -> Result<(), DecodeError> {
+        if self.state != State::Open
+            || !matches!(h.kind, Kind::Request | Kind::Response | Kind::Error)
+        {
+            return Err(DecodeError::Unexpected(
+                h.kind,
+                "larger than this side's message limit",
+            ));
+        }
+        let what = if h.kind == Kind::Request {
+            "message"
+        } else {
+            "response"
+        };
+        let msg = format!(
+            "{what} of {} bytes exceeds the limit of {} bytes of {:?}",
+            h.body_len(),
+            self.local.max_message_size,
+            self.local.name
+        );
+        if h.kind != Kind::Request {
+            self.events.push_back(Event::Error {
+                call_id: h.call_id,
+                code: error_code::TOO_LARGE.to_owned(),
+                payload: Payload::Inline(msg.into_bytes()),
+            });
+        } else if !h.flags.no_reply() {
+            self.send_error(h.call_id, error_code::TOO_LARGE, Bytes::from(msg));
         }
         Ok(())
     }
@@ -259,10 +274,7 @@ impl Connection {
             (State::Open, _, Kind::Error) => self.events.push_back(Event::Error {
                 call_id: h.call_id,
                 code: f.meta,
-                payload: match f.payload {
-                    Payload::Inline(v) => v,
-                    Payload::External(_) => Vec::new(),
-                },
+                payload: f.payload,
             }),
             (State::Open, _, Kind::Announce) => {
                 let names = decode_names(f.payload.inline())?;

@@ -22,7 +22,7 @@ pub enum Kind {
     Request = 3,
     /// The result of a call: payload = encoded result.
     Response = 4,
-    /// A call failed: meta = error code (see [`crate::frame::ErrorCode`]), payload = details.
+    /// A call failed: meta = error code (see [`error_code`]), payload = details.
     Error = 5,
     /// New functions exported on a live connection: payload = name list.
     Announce = 6,

@@ -9,7 +9,7 @@
 
 use crate::frame::{Frame, HEADER_LEN, Header, HeaderError, Kind, MAGIC, Payload};
 
-/// Request and response payloads up to this size are parsed out of the staging buffer.
+/// Request, response and error payloads up to this size are parsed out of the staging buffer.
 pub const SMALL_PAYLOAD: usize = 16 * 1024;
 /// Longest meta a frame may carry.
 pub const MAX_META: u32 = 16 * 1024;
@@ -192,7 +192,7 @@ impl FrameReader {
             return Ok(Some(Item::Oversized(header)));
         }
         let head_len = HEADER_LEN + header.meta_len as usize;
-        let is_call = matches!(header.kind, Kind::Request | Kind::Response);
+        let is_call = matches!(header.kind, Kind::Request | Kind::Response | Kind::Error);
         if is_call && header.payload_len > SMALL_PAYLOAD as u64 {
             if avail.len() < head_len {
                 return Ok(None);
@@ -293,25 +293,32 @@ mod tests {
         let mut stream = frame_bytes(Kind::Request, 1, "echo", b"hi");
         stream.extend(frame_bytes(Kind::Request, 2, "echo", &big));
         stream.extend(frame_bytes(Kind::Response, 3, "", b""));
-        // A control frame larger than the usual staging size is staged whole.
+        // A large error travels like a large answer; a large control frame is staged whole.
         let err = vec![b'e'; 100_000];
         stream.extend(frame_bytes(Kind::Error, 4, "remote", &err));
+        let names: Vec<String> = (0..5000).map(|i| format!("function_{i:05}")).collect();
+        let announce = crate::handshake::encode_names(&names);
+        stream.extend(frame_bytes(Kind::Announce, 0, "", &announce));
         for step in [1, 7, 31, 32, 33, 4096, 1 << 20] {
             let mut r = FrameReader::new(1 << 30);
             let (items, bodies) = feed(&mut r, &stream, step);
-            assert_eq!(items.len(), 5, "step {step}");
+            assert_eq!(items.len(), 7, "step {step}");
             assert_eq!(items[1], Item::BodyStart(big.len() as u64));
             let Item::Frame(f) = &items[2] else { panic!() };
             assert_eq!((f.header.call_id, f.meta.as_str()), (2, "echo"));
             assert_eq!(f.payload, Payload::External(big.len() as u64));
-            assert!(bodies == [big.clone()], "body differs at step {step}");
+            assert!(
+                bodies == [big.clone(), err.clone()],
+                "bodies differ at step {step}"
+            );
             let Item::Frame(f) = &items[3] else { panic!() };
             assert_eq!(
                 (f.header.kind, &f.payload),
                 (Kind::Response, &Payload::Inline(vec![]))
             );
-            let Item::Frame(f) = &items[4] else { panic!() };
-            assert_eq!(f.payload, Payload::Inline(err.clone()));
+            assert_eq!(items[4], Item::BodyStart(err.len() as u64));
+            let Item::Frame(f) = &items[6] else { panic!() };
+            assert_eq!(f.payload, Payload::Inline(announce.to_vec()));
             assert!(r.is_idle());
         }
     }

@@ -401,7 +401,7 @@ fn client_connection_speaks_the_golden_bytes() {
             Event::Error {
                 call_id: 260,
                 code: error_code::REMOTE.into(),
-                payload: REMOTE_ERROR_JSON.as_bytes().to_vec(),
+                payload: Payload::Inline(REMOTE_ERROR_JSON.as_bytes().to_vec()),
             },
             Event::Announce(strings(&["late", "grüß"])),
             Event::Goodbye("protocol error: bad magic [47, 45]: not a daffi peer".into()),

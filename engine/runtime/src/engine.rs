@@ -48,6 +48,8 @@ pub(crate) enum Command {
     StopServer {
         id: u64,
     },
+    /// Ends an engine that has no nodes (a duplicate started by `auto`).
+    Exit,
 }
 
 #[derive(Debug)]
@@ -77,14 +79,28 @@ impl Engine {
         if let Some(e) = engines.get(&backend) {
             return Ok(e.clone());
         }
+        if backend == Backend::Auto {
+            if let Some(e) = engines.get(&Backend::Uring) {
+                return Ok(e.clone());
+            }
+        }
         let engine = Engine::spawn(backend)?;
         let resolved = if engine.backend() == "uring" {
             Backend::Uring
         } else {
             Backend::Poll
         };
-        // `auto` shares the engine of the backend it resolved to.
-        let engine = engines.entry(resolved).or_insert(engine).clone();
+        // `auto` shares the engine of the backend it resolved to; a duplicate thread ends.
+        let engine = match engines.get(&resolved) {
+            Some(existing) => {
+                engine.send(Command::Exit);
+                existing.clone()
+            }
+            None => {
+                engines.insert(resolved, engine.clone());
+                engine
+            }
+        };
         engines.insert(backend, engine.clone());
         Ok(engine)
     }
@@ -230,6 +246,9 @@ impl Loop {
         let mut last_tick = Instant::now();
         loop {
             while let Some(cmd) = self.shared.queue.pop() {
+                if let Command::Exit = cmd {
+                    return;
+                }
                 self.apply(cmd);
             }
             self.flush_dirty();
@@ -296,7 +315,15 @@ impl Loop {
                     }
                 }
             }
-            Command::Close { conn, reason } => self.close(conn, reason, true),
+            Command::Close { conn, reason } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    if c.closing.is_none() && c.proto.is_open() {
+                        c.proto.goodbye(&reason);
+                    }
+                }
+                self.close(conn, reason, true)
+            }
+            Command::Exit => unreachable!("handled by the loop"),
             Command::StopServer { id } => {
                 if let Some(l) = self.listeners.get_mut(&id) {
                     if !l.stopping {
@@ -311,6 +338,11 @@ impl Loop {
                     .map(|(k, _)| *k)
                     .collect();
                 for c in ids {
+                    if let Some(conn) = self.conns.get_mut(&c) {
+                        if conn.closing.is_none() && conn.proto.is_open() {
+                            conn.proto.goodbye("server stopping");
+                        }
+                    }
                     self.close(c, "server stopping".into(), true);
                 }
             }
@@ -542,9 +574,15 @@ impl Loop {
             return;
         };
         match res {
+            Ok(0) if skip < sys::total_len(&bufs) => {
+                // A stream socket that takes nothing is gone; never let a truncated frame be
+                // followed by another.
+                c.send_busy = false;
+                self.close(id, "send made no progress".into(), false);
+            }
             Ok(n) => {
                 let skip = skip + n;
-                if skip < sys::total_len(&bufs) && !c.shut && n > 0 {
+                if skip < sys::total_len(&bufs) && !c.shut {
                     self.driver.submit(
                         token(id, SEND),
                         Op::Send {
@@ -652,11 +690,18 @@ impl Loop {
                     code,
                     payload,
                 } => {
+                    let Some(payload) = take_payload(payload, &mut c.body) else {
+                        continue;
+                    };
                     if let Owner::Client(cl) = &c.owner {
+                        let bytes = match payload {
+                            Payload::Inline(v) => v,
+                            Payload::Body(b) => b.as_slice().to_vec(),
+                        };
                         let e = if code == error_code::REMOTE {
-                            CallError::Remote(payload)
+                            CallError::Remote(bytes)
                         } else {
-                            CallError::Transmission(String::from_utf8_lossy(&payload).into_owned())
+                            CallError::Transmission(String::from_utf8_lossy(&bytes).into_owned())
                         };
                         cl.calls.complete(call_id, Err(e));
                     }
