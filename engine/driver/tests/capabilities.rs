@@ -1,0 +1,257 @@
+//! Each driver capability, on every backend this machine has.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use daffi_driver::{
+    AnyDriver, Backend, Body, Completion, Driver, HeapBuf, Op, Outcome, RecvBuf, sys,
+};
+
+fn drivers() -> Vec<AnyDriver> {
+    let mut v = vec![AnyDriver::new(Backend::Poll).unwrap()];
+    #[cfg(all(target_os = "linux", feature = "io-uring"))]
+    match AnyDriver::new(Backend::Uring) {
+        Ok(d) => v.push(d),
+        Err(e) => eprintln!("io_uring unavailable here, testing poll only: {e}"),
+    }
+    v
+}
+
+/// Waits until a completion for `token` arrives (others are kept for later).
+fn wait_for(d: &mut AnyDriver, pending: &mut Vec<Completion>, token: u64) -> Completion {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(i) = pending.iter().position(|c| c.token == token) {
+            return pending.remove(i);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: no completion for token {token}",
+            d.name()
+        );
+        d.wait(pending, Some(Duration::from_millis(100))).unwrap();
+    }
+}
+
+/// A listener, and a connected pair: (accepted server side, std client side).
+fn pair(d: &mut AnyDriver, pending: &mut Vec<Completion>) -> (OwnedFd, OwnedFd, TcpStream) {
+    let (listener, addr) = sys::listen_tcp("127.0.0.1", 0).unwrap();
+    d.submit(
+        1,
+        Op::Accept {
+            fd: listener.as_raw_fd(),
+        },
+    );
+    let client = TcpStream::connect(addr).unwrap();
+    let c = wait_for(d, pending, 1);
+    let Outcome::Accepted { res, more } = c.outcome else {
+        panic!("not an accept")
+    };
+    assert!(more, "{}: multishot accept ended early", d.name());
+    let server = res.unwrap();
+    sys::prepare_accepted(&server).unwrap();
+    (listener, server, client)
+}
+
+#[test]
+fn accept_many_then_cancel() {
+    for mut d in drivers() {
+        let mut pending = Vec::new();
+        let (listener, addr) = sys::listen_tcp("127.0.0.1", 0).unwrap();
+        d.submit(
+            7,
+            Op::Accept {
+                fd: listener.as_raw_fd(),
+            },
+        );
+        let clients: Vec<_> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        for _ in 0..3 {
+            let c = wait_for(&mut d, &mut pending, 7);
+            assert!(
+                matches!(
+                    c.outcome,
+                    Outcome::Accepted {
+                        res: Ok(_),
+                        more: true
+                    }
+                ),
+                "{}",
+                d.name()
+            );
+        }
+        d.cancel_accept(7);
+        let c = wait_for(&mut d, &mut pending, 7);
+        assert!(
+            matches!(c.outcome, Outcome::Accepted { more: false, .. }),
+            "{}",
+            d.name()
+        );
+        drop(clients);
+        d.close(listener);
+    }
+}
+
+#[test]
+fn receive_into_vec_and_body_then_end_of_stream() {
+    for mut d in drivers() {
+        let mut pending = Vec::new();
+        let (listener, server, mut client) = pair(&mut d, &mut pending);
+        client.write_all(b"hello").unwrap();
+        d.submit(
+            2,
+            Op::Recv {
+                fd: server.as_raw_fd(),
+                buf: RecvBuf::Vec(Vec::with_capacity(64)),
+                max: 64,
+            },
+        );
+        let Outcome::Recv {
+            buf: RecvBuf::Vec(v),
+            res,
+        } = wait_for(&mut d, &mut pending, 2).outcome
+        else {
+            panic!()
+        };
+        assert_eq!((res.unwrap(), &v[..]), (5, &b"hello"[..]), "{}", d.name());
+
+        // A large body is received straight into its own buffer, never past its end.
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
+        let writer = {
+            let mut c = client.try_clone().unwrap();
+            let big = big.clone();
+            std::thread::spawn(move || {
+                c.write_all(&big).unwrap();
+                c.write_all(b"tail").unwrap();
+            })
+        };
+        let mut body = Body::new(Box::new(HeapBuf::new(big.len()).unwrap()));
+        while !body.is_full() {
+            let want = body.capacity() - body.len();
+            d.submit(
+                3,
+                Op::Recv {
+                    fd: server.as_raw_fd(),
+                    buf: RecvBuf::Body(body),
+                    max: want,
+                },
+            );
+            let Outcome::Recv {
+                buf: RecvBuf::Body(b),
+                res,
+            } = wait_for(&mut d, &mut pending, 3).outcome
+            else {
+                panic!()
+            };
+            assert!(res.unwrap() > 0);
+            body = b;
+        }
+        assert!(body.as_slice() == &big[..], "{}: body differs", d.name());
+        writer.join().unwrap();
+        let mut rest = Vec::new();
+        while rest.len() < 4 {
+            d.submit(
+                4,
+                Op::Recv {
+                    fd: server.as_raw_fd(),
+                    buf: RecvBuf::Vec(Vec::with_capacity(16)),
+                    max: 16,
+                },
+            );
+            let Outcome::Recv {
+                buf: RecvBuf::Vec(v),
+                res,
+            } = wait_for(&mut d, &mut pending, 4).outcome
+            else {
+                panic!()
+            };
+            res.unwrap();
+            rest.extend(v);
+        }
+        assert_eq!(rest, b"tail");
+
+        drop(client);
+        d.submit(
+            5,
+            Op::Recv {
+                fd: server.as_raw_fd(),
+                buf: RecvBuf::Vec(Vec::with_capacity(16)),
+                max: 16,
+            },
+        );
+        let Outcome::Recv { res, .. } = wait_for(&mut d, &mut pending, 5).outcome else {
+            panic!()
+        };
+        assert_eq!(res.unwrap(), 0, "{}: end of stream", d.name());
+        d.close(server);
+        d.close(listener);
+    }
+}
+
+#[test]
+fn vectored_sends_resume_after_partial_writes() {
+    for mut d in drivers() {
+        let mut pending = Vec::new();
+        let (listener, server, mut client) = pair(&mut d, &mut pending);
+        let parts: Vec<Bytes> = (0..40u8).map(|i| Bytes::from(vec![i; 100_000])).collect();
+        let expected: Vec<u8> = parts.iter().flat_map(|b| b.iter().copied()).collect();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 4_000_000];
+            client.read_exact(&mut got).unwrap();
+            got
+        });
+        let (mut bufs, mut skip) = (parts, 0);
+        while skip < sys::total_len(&bufs) {
+            d.submit(
+                6,
+                Op::Send {
+                    fd: server.as_raw_fd(),
+                    bufs,
+                    skip,
+                },
+            );
+            let Outcome::Sent {
+                bufs: b,
+                skip: s,
+                res,
+            } = wait_for(&mut d, &mut pending, 6).outcome
+            else {
+                panic!()
+            };
+            let n = res.unwrap();
+            assert!(n > 0);
+            bufs = b;
+            skip = s + n;
+        }
+        assert!(
+            reader.join().unwrap() == expected,
+            "{}: bytes differ",
+            d.name()
+        );
+        d.close(server);
+        d.close(listener);
+    }
+}
+
+#[test]
+fn waker_interrupts_a_wait() {
+    for mut d in drivers() {
+        let waker: Arc<dyn daffi_driver::Wake> = d.waker();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            waker.wake();
+        });
+        let started = Instant::now();
+        let mut out = Vec::new();
+        d.wait(&mut out, Some(Duration::from_secs(10))).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{}: wake-up lost",
+            d.name()
+        );
+        t.join().unwrap();
+    }
+}
