@@ -185,16 +185,24 @@ pub fn total_len(bufs: &[Bytes]) -> usize {
 }
 
 /// Keeps glibc from returning multi-MiB blocks to the kernel after each use: payloads up to
-/// 64 MiB are then served from memory that is already mapped, instead of fresh pages the kernel
+/// 32 MiB (glibc's largest mmap threshold) are then served from memory that is already mapped, instead of fresh pages the kernel
 /// must fault in and zero on every message (the dominant cost of large transfers otherwise).
 /// Up to 128 MiB of freed memory may stay mapped. Larger payloads still use their own mappings.
+/// Threads started afterwards (the engine's among them) share the main arena: a secondary arena
+/// maps a fresh 64 MiB heap whenever two large payloads are alive at once and unmaps it when
+/// they are freed, so every message would fault its pages in again.
 /// No effect on other C libraries.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes glibc's allocation thresholds; it takes plain integers.
+    // SAFETY: mallopt only changes glibc's allocation parameters; it takes plain integers.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+        // Each returns 0 when glibc refuses the value; the defaults then stay, which is safe.
+        let ok = libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20) == 1
+            && libc::mallopt(libc::M_ARENA_MAX, 1) == 1;
+        if !ok {
+            tracing::debug!("glibc refused part of daffi's allocator tuning");
+        }
     }
 }
 

@@ -212,9 +212,7 @@ impl Connection {
         };
         let msg = format!(
             "{what} of {} bytes exceeds the limit of {} bytes of {:?}",
-            h.body_len(),
-            self.local.max_message_size,
-            self.local.name
+            h.payload_len, self.local.max_message_size, self.local.name
         );
         if h.kind != Kind::Request {
             self.events.push_back(Event::Error {
@@ -295,9 +293,9 @@ impl Connection {
         self.events.pop_front()
     }
 
-    fn check_size(&self, meta: &str, payload: usize) -> Result<(), SendError> {
+    fn check_size(&self, payload: usize) -> Result<(), SendError> {
         let peer = self.peer.as_ref().ok_or(SendError::NotOpen)?;
-        let size = (meta.len() + payload) as u64;
+        let size = payload as u64;
         if size > peer.max_message_size {
             return Err(SendError::TooLarge {
                 size,
@@ -316,7 +314,7 @@ impl Connection {
         flags: u8,
         payload: Bytes,
     ) -> Result<(), SendError> {
-        self.check_size(name, payload.len())?;
+        self.check_size(payload.len())?;
         self.push(Kind::Request, call_id, serde, flags, name, payload);
         Ok(())
     }
@@ -329,7 +327,7 @@ impl Connection {
         flags: u8,
         payload: Bytes,
     ) -> Result<(), SendError> {
-        if let Err(SendError::TooLarge { size, limit }) = self.check_size("", payload.len()) {
+        if let Err(SendError::TooLarge { size, limit }) = self.check_size(payload.len()) {
             let msg = format!("result of {size} bytes exceeds the caller's limit of {limit} bytes");
             self.send_error(call_id, error_code::TOO_LARGE, Bytes::from(msg));
             return Err(SendError::TooLarge { size, limit });
@@ -483,7 +481,7 @@ mod tests {
         assert_eq!(
             client.request(1, "f", 0, 0, Bytes::from(vec![0; 2000])),
             Err(SendError::TooLarge {
-                size: 2001,
+                size: 2000,
                 limit: 1000
             })
         );

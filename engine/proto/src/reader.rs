@@ -186,7 +186,8 @@ impl FrameReader {
         if header.meta_len > MAX_META {
             return Err(DecodeError::MetaTooLong(header.meta_len));
         }
-        if header.body_len() > self.max_message_size {
+        // The limit is on the payload; meta is bounded by MAX_META above.
+        if header.payload_len > self.max_message_size {
             self.pos += HEADER_LEN;
             self.skip = header.body_len();
             return Ok(Some(Item::Oversized(header)));

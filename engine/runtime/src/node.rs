@@ -488,7 +488,7 @@ impl Client {
                 peer.name
             )));
         }
-        let size = (name.len() + size) as u64;
+        let size = size as u64;
         if size > peer.max_message_size {
             return Err(CallError::Transmission(format!(
                 "message of {size} bytes exceeds {:?}'s limit of {} bytes",
