@@ -68,6 +68,7 @@ fn codec(c: &mut Criterion) {
             daffi_proto::Hello {
                 max_message_size: 1 << 30,
                 functions: vec!["a".into(), "b".into()],
+                token: Vec::new(),
             }
             .encode()
             .len()

@@ -19,6 +19,8 @@ fn pair(engine: &Engine) -> (Arc<Server>, Client) {
                 },
                 max_message_size: 1 << 30,
                 functions: vec!["echo".into()],
+                token: Vec::new(),
+                serde_formats: None,
             },
         )
         .expect("server"),
@@ -43,6 +45,7 @@ fn pair(engine: &Engine) -> (Arc<Server>, Client) {
             max_message_size: 1 << 30,
             functions: vec![],
             connect_timeout: Duration::from_secs(5),
+            token: Vec::new(),
         },
     )
     .expect("client");

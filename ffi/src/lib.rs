@@ -127,7 +127,7 @@ struct Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (name, host=None, port=None, unix_path=None, max_message_size=daffi_runtime::DEFAULT_MAX_MESSAGE_SIZE, functions=Vec::new(), backend=None))]
+    #[pyo3(signature = (name, host=None, port=None, unix_path=None, max_message_size=daffi_runtime::DEFAULT_MAX_MESSAGE_SIZE, functions=Vec::new(), backend=None, token=None, serde_formats=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -138,6 +138,8 @@ impl Server {
         max_message_size: u64,
         functions: Vec<String>,
         backend: Option<&str>,
+        token: Option<PyBackedBytes>,
+        serde_formats: Option<Vec<u8>>,
     ) -> PyResult<Server> {
         let engine = engine(py, backend)?;
         let cfg = ServerConfig {
@@ -145,6 +147,8 @@ impl Server {
             address: address(host, port, unix_path)?,
             max_message_size,
             functions,
+            token: token.map(|t| t.to_vec()).unwrap_or_default(),
+            serde_formats,
         };
         let inner = py
             .detach(|| RtServer::start(&engine, cfg))
@@ -254,7 +258,7 @@ struct Client {
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (name, host=None, port=None, unix_path=None, max_message_size=daffi_runtime::DEFAULT_MAX_MESSAGE_SIZE, functions=Vec::new(), connect_timeout=10.0, backend=None))]
+    #[pyo3(signature = (name, host=None, port=None, unix_path=None, max_message_size=daffi_runtime::DEFAULT_MAX_MESSAGE_SIZE, functions=Vec::new(), connect_timeout=10.0, backend=None, token=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -266,6 +270,7 @@ impl Client {
         functions: Vec<String>,
         connect_timeout: f64,
         backend: Option<&str>,
+        token: Option<PyBackedBytes>,
     ) -> PyResult<Client> {
         let engine = engine(py, backend)?;
         let cfg = ClientConfig {
@@ -274,6 +279,7 @@ impl Client {
             max_message_size,
             functions,
             connect_timeout: timeout(Some(connect_timeout))?.unwrap_or(Duration::from_secs(3600)),
+            token: token.map(|t| t.to_vec()).unwrap_or_default(),
         };
         let inner = py
             .detach(|| RtClient::connect(&engine, cfg))

@@ -16,6 +16,8 @@ class Server:
         max_message_size: int = ...,
         functions: list[str] = ...,
         backend: str | None = None,
+        token: bytes | None = None,
+        serde_formats: list[int] | None = None,
     ) -> None: ...
     @property
     def backend(self) -> str: ...
@@ -44,6 +46,7 @@ class Client:
         functions: list[str] = ...,
         connect_timeout: float = 10.0,
         backend: str | None = None,
+        token: bytes | None = None,
     ) -> None: ...
     @property
     def backend(self) -> str: ...

@@ -60,6 +60,19 @@ def _check_app_name(name: Any) -> str:
     return name
 
 
+def _token_option(token: str | bytes | None) -> bytes | None:
+    """The shared secret as bytes (a server requires it, a client presents it)."""
+    if token is None:
+        return None
+    if isinstance(token, str):
+        token = token.encode("utf-8")
+    if not isinstance(token, bytes) or not token:
+        raise InitializationError("token must be a non-empty str or bytes")
+    if len(token) > 0xFFFF:
+        raise InitializationError("token must be at most 65535 bytes")
+    return token
+
+
 def _backend_option(backend: str | None) -> str | None:
     if backend is None:
         return None
@@ -87,6 +100,7 @@ class _Node:
         *,
         max_message_size: int = _native.DEFAULT_MAX_MESSAGE_SIZE,
         backend: str | None = None,
+        token: str | bytes | None = None,
     ) -> None:
         self.app_name = _check_app_name(app_name)
         if unix_sock_path is not None and (host is not None or port is not None):
@@ -114,6 +128,7 @@ class _Node:
         self.cert_file, self.key_file, self.ca_file = cert_file, key_file, ca_file
         self.max_message_size = max_message_size
         self._backend_option = _backend_option(backend)
+        self._token = _token_option(token)
         self._handlers: list[Callable[[dict], Any]] = []
         self._added: list[Callable[[str], Any]] = []
         self._removed: list[Callable[[str], Any]] = []
@@ -274,7 +289,23 @@ def _serve(native: Any) -> None:
 
 
 class Service(_Node):
-    """A server that exposes the process's ``@callback`` functions to Clients."""
+    """A server that exposes the process's ``@callback`` functions to Clients.
+
+    Options beyond the common ones: ``token=`` makes every client present the same secret in
+    its handshake (others are refused before any call is read); ``serde_formats=`` lists the
+    formats accepted in requests (for example ``[SerdeFormat.JSON]`` so that no peer can make
+    this process unpickle anything); other requests fail with ``TransmissionFailure``.
+    """
+
+    def __init__(self, *args: Any, serde_formats: Iterable[SerdeFormat] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if serde_formats is None:
+            self._serde_formats = None
+        else:
+            formats = [SerdeFormat(f) for f in serde_formats]
+            if not formats:
+                raise InitializationError("serde_formats must name at least one format")
+            self._serde_formats = [int(f) for f in formats]
 
     def start(self) -> Service:
         """Bind and start serving; returns once connections are accepted."""
@@ -292,6 +323,8 @@ class Service(_Node):
                 max_message_size=self.max_message_size,
                 functions=REGISTRY.names(),
                 backend=self._backend_option,
+                token=self._token,
+                serde_formats=self._serde_formats,
             )
             if self.port == 0:
                 self.port = native.port
@@ -348,6 +381,7 @@ class Client(_Node):
                 functions=REGISTRY.names(),
                 connect_timeout=self.connect_timeout,
                 backend=self._backend_option,
+                token=self._token,
             )
             self._native = native
             self._stopped.clear()

@@ -27,6 +27,9 @@ pub struct Local {
     pub name: String,
     pub functions: Vec<String>,
     pub max_message_size: u64,
+    /// A shared secret (empty: none): a client sends it in its hello; a server refuses a
+    /// hello that does not carry the same one, before any call is read.
+    pub token: Vec<u8>,
 }
 
 /// The other side, as it announced itself.
@@ -132,9 +135,15 @@ impl Connection {
     }
 
     fn push_hello(&mut self, kind: Kind) {
+        let token = if kind == Kind::Hello {
+            self.local.token.clone()
+        } else {
+            Vec::new()
+        };
         let body = Hello {
             max_message_size: self.local.max_message_size,
             functions: self.local.functions.clone(),
+            token,
         }
         .encode();
         self.out.push_back(encode_head(
@@ -237,6 +246,9 @@ impl Connection {
             (State::Handshake, Role::Server, Kind::Hello)
             | (State::Handshake, Role::Client, Kind::Welcome) => {
                 let hello = Hello::decode(f.payload.inline())?;
+                if self.role == Role::Server && !same_secret(&self.local.token, &hello.token) {
+                    return Err(DecodeError::Handshake("authentication failed"));
+                }
                 let peer = Peer {
                     name: f.meta,
                     functions: hello.functions,
@@ -382,6 +394,19 @@ impl Connection {
     }
 }
 
+/// Compares a required token with the one given, in time that depends only on their lengths.
+fn same_secret(required: &[u8], given: &[u8]) -> bool {
+    if required.is_empty() {
+        return true;
+    }
+    required.len() == given.len()
+        && required
+            .iter()
+            .zip(given)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,6 +416,7 @@ mod tests {
             name: name.into(),
             functions: functions.iter().map(|s| s.to_string()).collect(),
             max_message_size: max,
+            token: Vec::new(),
         }
     }
 
@@ -491,6 +517,33 @@ mod tests {
         assert!(
             matches!(&events(&mut client)[..], [Event::Error { call_id: 9, code, .. }] if code == "too-large")
         );
+    }
+
+    #[test]
+    fn a_server_with_a_token_refuses_hellos_without_it() {
+        let mut with = local("svc", &["f"], 1000);
+        with.token = b"open sesame".to_vec();
+        for (given, ok) in [
+            (&b""[..], false),
+            (&b"open sesamE"[..], false),
+            (&b"open sesame"[..], true),
+        ] {
+            let mut server = Connection::new(Role::Server, with.clone());
+            let mut cli = local("cli", &[], 1000);
+            cli.token = given.to_vec();
+            let mut client = Connection::new(Role::Client, cli);
+            let mut bufs = Vec::new();
+            while client.poll_transmit(&mut bufs, 16) > 0 {}
+            let mut t = server.recv_target();
+            for b in &bufs {
+                t.buf.extend_from_slice(b);
+            }
+            let r = server.recv_done(t.buf);
+            assert_eq!(r.is_ok(), ok, "token {given:?}");
+            if !ok {
+                assert_eq!(r, Err(DecodeError::Handshake("authentication failed")));
+            }
+        }
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub mod error_code {
     pub const TOO_LARGE: &str = "too-large";
     /// The request could not be delivered; payload = UTF-8 message.
     pub const UNDELIVERABLE: &str = "undeliverable";
+    /// The receiver does not accept the request (for example its serde format); payload =
+    /// UTF-8 message.
+    pub const REFUSED: &str = "refused";
 }
 
 /// The fixed header of a frame, decoded.

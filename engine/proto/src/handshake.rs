@@ -1,8 +1,9 @@
 //! The payload of `Hello`, `Welcome` and `Announce` frames.
 //!
 //! ```text
-//! Hello / Welcome payload:  max_message_size: u64 LE, names
+//! Hello / Welcome payload:  max_message_size: u64 LE, names, [token]
 //! Announce payload:         names
+//! token (optional):         len: u16 LE, bytes — a client's shared secret
 //! names:                    count: u32 LE, then per name: len: u16 LE, UTF-8 bytes
 //! ```
 
@@ -17,6 +18,8 @@ pub struct Hello {
     pub max_message_size: u64,
     /// The functions the sender exports.
     pub functions: Vec<String>,
+    /// A client's shared secret (empty: none). Servers never send one.
+    pub token: Vec<u8>,
 }
 
 impl Hello {
@@ -25,18 +28,31 @@ impl Hello {
             BytesMut::with_capacity(12 + self.functions.iter().map(|f| 2 + f.len()).sum::<usize>());
         out.put_u64_le(self.max_message_size);
         put_names(&mut out, &self.functions);
+        if !self.token.is_empty() {
+            let token = &self.token[..self.token.len().min(u16::MAX as usize)];
+            out.put_u16_le(token.len() as u16);
+            out.put_slice(token);
+        }
         out.freeze()
     }
 
-    pub fn decode(mut b: &[u8]) -> Result<Hello, DecodeError> {
+    pub fn decode(b: &[u8]) -> Result<Hello, DecodeError> {
         if b.len() < 8 {
             return Err(DecodeError::Handshake("hello shorter than 8 bytes"));
         }
         let max_message_size = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
-        b = &b[8..];
+        let (functions, rest) = names_prefix(&b[8..])?;
+        let token = match rest {
+            [] => Vec::new(),
+            [lo, hi, token @ ..] if token.len() == u16::from_le_bytes([*lo, *hi]) as usize => {
+                token.to_vec()
+            }
+            _ => return Err(DecodeError::Handshake("bad token after the name list")),
+        };
         Ok(Hello {
             max_message_size,
-            functions: decode_names(b)?,
+            functions,
+            token,
         })
     }
 }
@@ -59,7 +75,16 @@ fn put_names(out: &mut BytesMut, names: &[String]) {
 }
 
 /// Decodes a list of names; every length is checked against what is actually there.
-pub fn decode_names(mut b: &[u8]) -> Result<Vec<String>, DecodeError> {
+pub fn decode_names(b: &[u8]) -> Result<Vec<String>, DecodeError> {
+    let (names, rest) = names_prefix(b)?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Handshake("trailing bytes after name list"));
+    }
+    Ok(names)
+}
+
+/// Decodes a list of names at the start of `b`; returns them and the bytes after them.
+fn names_prefix(mut b: &[u8]) -> Result<(Vec<String>, &[u8]), DecodeError> {
     if b.len() < 4 {
         return Err(DecodeError::Handshake("name list shorter than its count"));
     }
@@ -84,10 +109,7 @@ pub fn decode_names(mut b: &[u8]) -> Result<Vec<String>, DecodeError> {
         names.push(name.to_owned());
         b = &b[len..];
     }
-    if !b.is_empty() {
-        return Err(DecodeError::Handshake("trailing bytes after name list"));
-    }
-    Ok(names)
+    Ok((names, b))
 }
 
 #[cfg(test)]
@@ -99,8 +121,22 @@ mod tests {
         let h = Hello {
             max_message_size: 1 << 40,
             functions: vec!["add".into(), "grüß".into(), String::new()],
+            token: Vec::new(),
         };
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
+    }
+
+    #[test]
+    fn token_round_trip() {
+        let h = Hello {
+            max_message_size: 5,
+            functions: vec!["f".into()],
+            token: b"s3cret".to_vec(),
+        };
+        assert_eq!(Hello::decode(&h.encode()), Ok(h.clone()));
+        let mut bad = h.encode().to_vec();
+        bad.push(0);
+        assert!(Hello::decode(&bad).is_err());
     }
 
     #[test]

@@ -127,6 +127,7 @@ fn hello() {
         Hello {
             max_message_size: GIB,
             functions: strings(&["add", "echo"]),
+            token: Vec::new(),
         }
     );
     assert_eq!(&hello.encode()[..], inline(&f));
@@ -155,6 +156,7 @@ fn welcome() {
         Hello {
             max_message_size: 5 * GIB,
             functions: strings(&["add", "echo", "grüß"]),
+            token: Vec::new(),
         }
     );
     assert_eq!(&hello.encode()[..], inline(&f));
@@ -352,6 +354,7 @@ fn client_connection_speaks_the_golden_bytes() {
             name: "cli".into(),
             functions: strings(&["add", "echo"]),
             max_message_size: GIB,
+            token: Vec::new(),
         },
     );
     assert_eq!(transmit(&mut client), HELLO);
@@ -424,6 +427,7 @@ fn server_connection_speaks_the_golden_bytes() {
             name: "svc".into(),
             functions: strings(&["add", "echo", "grüß"]),
             max_message_size: 5 * GIB,
+            token: Vec::new(),
         },
     );
     assert_eq!(transmit(&mut server), b"");
@@ -470,6 +474,7 @@ fn handshake_order_is_enforced() {
         name: "svc".into(),
         functions: Vec::new(),
         max_message_size: GIB,
+        token: Vec::new(),
     };
     for early in [
         WELCOME,

@@ -22,6 +22,8 @@ fn main() {
                 },
                 max_message_size: 1 << 30,
                 functions: vec!["echo".into()],
+                token: Vec::new(),
+                serde_formats: None,
             },
         )
         .unwrap(),
@@ -46,6 +48,7 @@ fn main() {
             max_message_size: 1 << 30,
             functions: vec![],
             connect_timeout: Duration::from_secs(5),
+            token: Vec::new(),
         },
     )
     .unwrap();

@@ -652,6 +652,18 @@ impl Loop {
                     let Some(payload) = take_payload(payload, &mut c.body) else {
                         continue;
                     };
+                    if let Owner::Server(s) = &c.owner {
+                        if serde >= 64 || s.serde_mask & (1 << serde) == 0 {
+                            if !flags.no_reply() {
+                                let msg =
+                                    format!("{:?} does not accept serde format {serde}", s.name);
+                                c.proto
+                                    .send_error(call_id, error_code::REFUSED, Bytes::from(msg));
+                                self.dirty.push(id);
+                            }
+                            continue;
+                        }
+                    }
                     let call = IncomingCall {
                         conn: id,
                         call_id,

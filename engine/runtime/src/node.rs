@@ -109,6 +109,11 @@ pub struct ServerConfig {
     pub address: Address,
     pub max_message_size: u64,
     pub functions: Vec<String>,
+    /// A shared secret every client must present in its handshake (empty: none).
+    pub token: Vec<u8>,
+    /// The serde formats (numbers) accepted in requests; others are refused unread. `None`:
+    /// all of them.
+    pub serde_formats: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Default)]
@@ -126,6 +131,9 @@ pub(crate) struct ServerShared {
     pub(crate) id: u64,
     pub(crate) name: String,
     pub(crate) max_message_size: u64,
+    pub(crate) token: Vec<u8>,
+    /// Bit `n` set: serde format `n` is accepted.
+    pub(crate) serde_mask: u64,
     pub(crate) callee: Callee,
     pub(crate) unix_path: Option<PathBuf>,
     pub(crate) state: Mutex<ServerState>,
@@ -138,6 +146,7 @@ impl ServerShared {
             name: self.name.clone(),
             functions: lock(&self.callee.functions).clone(),
             max_message_size: self.max_message_size,
+            token: self.token.clone(),
         }
     }
 
@@ -180,6 +189,11 @@ impl Server {
             id: engine.next_id(),
             name: cfg.name,
             max_message_size: cfg.max_message_size,
+            token: cfg.token,
+            serde_mask: match &cfg.serde_formats {
+                None => u64::MAX,
+                Some(f) => f.iter().filter(|n| **n < 64).fold(0, |m, n| m | 1 << n),
+            },
             callee: Callee::new(cfg.functions),
             unix_path,
             state: Mutex::new(ServerState {
@@ -303,6 +317,8 @@ pub struct ClientConfig {
     pub address: Address,
     pub max_message_size: u64,
     pub functions: Vec<String>,
+    /// The server's shared secret, if it requires one.
+    pub token: Vec<u8>,
     /// Limit for the TCP connect plus the handshake.
     pub connect_timeout: Duration,
 }
@@ -397,6 +413,7 @@ impl Client {
             name: cfg.name,
             functions: cfg.functions,
             max_message_size: cfg.max_message_size,
+            token: cfg.token,
         };
         engine.send(Command::Attach {
             fd,

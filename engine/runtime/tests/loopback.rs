@@ -28,6 +28,8 @@ fn serve(engine: &Engine, address: Address) -> Arc<Server> {
                 address,
                 max_message_size: 64 << 20,
                 functions: vec!["echo".into(), "fail".into()],
+                token: Vec::new(),
+                serde_formats: None,
             },
         )
         .unwrap(),
@@ -68,6 +70,7 @@ fn client(engine: &Engine, address: Address, name: &str) -> Client {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             functions: vec![],
             connect_timeout: Duration::from_secs(5),
+            token: Vec::new(),
         },
     )
     .unwrap()
@@ -214,6 +217,8 @@ fn timeouts_leave_the_connection_usable() {
                 },
                 max_message_size: 1 << 20,
                 functions: vec!["f".into()],
+                token: Vec::new(),
+                serde_formats: None,
             },
         )
         .unwrap();
