@@ -1,5 +1,6 @@
-//! Sequential small calls and a large echo between a server and a client in one process.
-//! `cargo run --release --example pingpong -- [uring|poll]`
+//! Sequential small calls and a large echo between a server and a client.
+//! `cargo run --release --example pingpong -- [uring|poll] [PORT]`: with a port, only the
+//! client runs, against a server started with `-- [uring|poll] serve` in another process.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +12,11 @@ fn main() {
     let backend =
         Backend::parse(&std::env::args().nth(1).unwrap_or_default()).expect("uring|poll|auto");
     let engine = Engine::get(backend).unwrap();
+    let arg = std::env::args().nth(2);
+    let port: u16 = match arg.as_deref() {
+        Some("serve") => 7878,
+        _ => 0,
+    };
     let server = Arc::new(
         Server::start(
             &engine,
@@ -18,7 +24,7 @@ fn main() {
                 name: "svc".into(),
                 address: Address::Tcp {
                     host: "127.0.0.1".into(),
-                    port: 0,
+                    port,
                 },
                 max_message_size: 1 << 30,
                 functions: vec!["echo".into()],
@@ -40,11 +46,22 @@ fn main() {
             );
         }
     });
+    if arg.as_deref() == Some("serve") {
+        println!("serving on 127.0.0.1:{port}");
+        std::thread::park();
+    }
+    let address = match arg.as_deref().and_then(|a| a.parse::<u16>().ok()) {
+        Some(p) => Address::Tcp {
+            host: "127.0.0.1".into(),
+            port: p,
+        },
+        None => server.address().clone(),
+    };
     let client = Client::connect(
         &engine,
         ClientConfig {
             name: "cli".into(),
-            address: server.address().clone(),
+            address,
             max_message_size: 1 << 30,
             functions: vec![],
             connect_timeout: Duration::from_secs(5),
