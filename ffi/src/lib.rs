@@ -50,6 +50,19 @@ fn call_error(py: Python<'_>, e: CallError) -> PyErr {
     }
 }
 
+/// `CallTimeout(call=name, timeout=..., receivers=[peer])`, which words its own message.
+fn timeout_error(py: Python<'_>, name: &str, timeout: Option<f64>, peer: Option<String>) -> PyErr {
+    let make = || -> PyResult<PyErr> {
+        let cls = py.import("daffi.exceptions")?.getattr("CallTimeout")?;
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item("call", name)?;
+        kwargs.set_item("timeout", timeout)?;
+        kwargs.set_item("receivers", peer.map(|p| vec![p]))?;
+        Ok(PyErr::from_value(cls.call((), Some(&kwargs))?))
+    };
+    make().unwrap_or_else(|e| e)
+}
+
 fn start_error(py: Python<'_>, e: StartError) -> PyErr {
     daffi_error(py, "InitializationError", e.to_string())
 }
@@ -334,6 +347,12 @@ impl Client {
         match py.detach(|| self.inner.call(name, serde, flags, p, t)) {
             Ok(r) => Ok((true, r.serde, r.flags.text(), payload_bytes(py, r.payload))),
             Err(CallError::Remote(e)) => Ok((false, serde, false, PyBytes::new(py, &e))),
+            Err(CallError::Timeout) => Err(timeout_error(
+                py,
+                name,
+                timeout,
+                self.inner.peer().map(|p| p.name),
+            )),
             Err(e) => Err(call_error(py, e)),
         }
     }

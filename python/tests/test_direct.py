@@ -1801,3 +1801,11 @@ def test_a_closed_bad_connection_is_logged_under_daffi(svc, conn, caplog):
         f"the engine closed a connection without a logged reason: {[r.getMessage() for r in caplog.records]}"
     )
     assert conn.rpc(timeout=5).dx_echo(1) == 1
+
+
+def test_call_timeout_names_the_call_and_the_deadline(svc, conn):
+    with pytest.raises(CallTimeout) as info:
+        conn.rpc(timeout=0.2).dx_sleep(1)
+    e = info.value
+    assert (e.call, e.timeout, e.receivers) == ("dx_sleep", 0.2, [svc.app_name])
+    assert "dx_sleep" in str(e) and "0.2 s" in str(e)
