@@ -129,9 +129,9 @@ class _Node:
         self.max_message_size = max_message_size
         self._backend_option = _backend_option(backend)
         self._token = _token_option(token)
-        self._handlers: list[Callable[[dict], Any]] = []
-        self._added: list[Callable[[str], Any]] = []
-        self._removed: list[Callable[[str], Any]] = []
+        # (which events, handler) in registration order: "all" handlers get the event dict,
+        # "added"/"removed" handlers get the member name.
+        self._handlers: list[tuple[str, Callable[[Any], Any]]] = []
         self._lock = threading.RLock()
         self._native: Any = None
         self._threads: list[threading.Thread] = []
@@ -143,25 +143,27 @@ class _Node:
 
     def add_event_handler(self, fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
         """Call ``fn({"type": "connected" | "disconnected", "member": name})`` on changes."""
-        self._handlers.append(fn)
+        self._handlers.append(("all", fn))
         return fn
 
     def on_member_added(self, fn: Callable[[str], Any]) -> Callable[[str], Any]:
         """Call ``fn(name)`` when a peer connects (usable as a decorator)."""
-        self._added.append(fn)
+        self._handlers.append(("added", fn))
         return fn
 
     def on_member_removed(self, fn: Callable[[str], Any]) -> Callable[[str], Any]:
         """Call ``fn(name)`` when a peer leaves (usable as a decorator)."""
-        self._removed.append(fn)
+        self._handlers.append(("removed", fn))
         return fn
 
     def _dispatch_event(self, connected: bool, member: str) -> None:
         event = {"type": "connected" if connected else "disconnected", "member": member}
-        for fn in list(self._handlers):
-            self._run_handler(fn, event)
-        for fn in list(self._added if connected else self._removed):
-            self._run_handler(fn, member)
+        mine = "added" if connected else "removed"
+        for kind, fn in list(self._handlers):
+            if kind == "all":
+                self._run_handler(fn, event)
+            elif kind == mine:
+                self._run_handler(fn, member)
 
     def _run_handler(self, fn: Callable[[Any], Any], arg: Any) -> None:
         try:

@@ -1809,3 +1809,16 @@ def test_call_timeout_names_the_call_and_the_deadline(svc, conn):
     e = info.value
     assert (e.call, e.timeout, e.receivers) == ("dx_sleep", 0.2, [svc.app_name])
     assert "dx_sleep" in str(e) and "0.2 s" in str(e)
+
+
+def test_handlers_of_every_kind_run_in_registration_order(make_service, make_client):
+    svc = make_service()
+    seen = []
+    done = threading.Event()
+    svc.on_member_added(lambda name: seen.append("added-1"))
+    svc.add_event_handler(lambda ev: seen.append(f"all-{ev['type']}"))
+    svc.on_member_removed(lambda name: seen.append("removed"))
+    svc.on_member_added(lambda name: (seen.append("added-2"), done.set()))
+    make_client(svc)
+    assert done.wait(5)
+    assert seen == ["added-1", "all-connected", "added-2"]
