@@ -47,10 +47,10 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         print(f"rpc add(i, 1), PICKLE:      {calls / elapsed:10,.0f} calls/s")
 
-        size = 256 << 20
+        size = 28 << 20
         payload = os.urandom(1 << 20) * (size >> 20)
         conn.rpc(timeout=30, serde=SerdeFormat.OPAQUE).echo(payload)  # warm-up
-        rounds = 4
+        rounds = 20
         start = time.perf_counter()
         for _ in range(rounds):
             back = conn.rpc(timeout=30, serde=SerdeFormat.OPAQUE).echo(payload)
