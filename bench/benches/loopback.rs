@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use daffi_runtime::{Address, Backend, Client, ClientConfig, Engine, Next, Server, ServerConfig};
+use daffi_runtime::{
+    Address, Backend, Client, ClientConfig, Engine, Next, Node, Server, ServerConfig,
+};
 
 fn pair(engine: &Engine) -> (Arc<Server>, Client) {
     let server = Arc::new(

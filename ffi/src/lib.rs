@@ -6,11 +6,12 @@
 //! `daffi.exceptions`. The protocol and the event loop are in `daffi-runtime`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use daffi_runtime::{
-    Address, Backend, CallError, Client as RtClient, ClientConfig, Engine, Next,
+    Address, Backend, CallError, Client as RtClient, ClientConfig, Engine, Next, Node,
     Server as RtServer, ServerConfig, StartError,
 };
 use pyo3::buffer::PyBuffer;
@@ -131,10 +132,74 @@ fn call_tuple<'py>(
     (c.conn, c.call_id, c.name, c.serde, c.flags.0, payload).into_pyobject(py)
 }
 
+/// What servers and clients share: running the calls they receive (`daffi_runtime::Node`).
+#[pyclass(frozen, subclass, module = "daffi._native", name = "Node")]
+struct NodeBase {
+    node: Arc<dyn Node + Send + Sync>,
+}
+
+#[pymethods]
+impl NodeBase {
+    /// `(conn, call_id, name, serde, flags, payload)`, or None on timeout or once stopped.
+    #[pyo3(signature = (timeout=None))]
+    fn next_call<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let t = self::timeout(timeout)?;
+        match py.detach(|| self.node.next_call(t)) {
+            Next::Item(c) => Ok(Some(call_tuple(py, c)?)),
+            Next::Timeout | Next::Closed => Ok(None),
+        }
+    }
+
+    /// `(connected, member)`, or None on timeout or once stopped.
+    #[pyo3(signature = (timeout=None))]
+    fn next_event(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<(bool, String)>> {
+        let t = self::timeout(timeout)?;
+        Ok(match py.detach(|| self.node.next_event(t)) {
+            Next::Item(e) => Some((e.connected, e.member)),
+            _ => None,
+        })
+    }
+
+    fn respond(
+        &self,
+        py: Python<'_>,
+        conn: u64,
+        call_id: u64,
+        serde: u8,
+        text: bool,
+        payload: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let p = self::payload(py, payload)?;
+        let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
+        py.detach(|| self.node.respond(conn, call_id, serde, flags, p));
+        Ok(())
+    }
+
+    fn respond_error(
+        &self,
+        py: Python<'_>,
+        conn: u64,
+        call_id: u64,
+        payload: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let p = self::payload(py, payload)?;
+        py.detach(|| self.node.respond_error(conn, call_id, "remote", p));
+        Ok(())
+    }
+
+    fn announce(&self, names: Vec<String>) {
+        self.node.announce(&names);
+    }
+}
+
 /// A listening node. Binds on construction.
-#[pyclass(frozen, module = "daffi._native")]
+#[pyclass(frozen, extends = NodeBase, module = "daffi._native")]
 struct Server {
-    inner: RtServer,
+    inner: Arc<RtServer>,
 }
 
 #[pymethods]
@@ -153,7 +218,7 @@ impl Server {
         backend: Option<&str>,
         token: Option<PyBackedBytes>,
         serde_formats: Option<Vec<u8>>,
-    ) -> PyResult<Server> {
+    ) -> PyResult<PyClassInitializer<Server>> {
         let engine = engine(py, backend)?;
         let cfg = ServerConfig {
             name,
@@ -166,7 +231,11 @@ impl Server {
         let inner = py
             .detach(|| RtServer::start(&engine, cfg))
             .map_err(|e| start_error(py, e))?;
-        Ok(Server { inner })
+        let inner = Arc::new(inner);
+        Ok(PyClassInitializer::from(NodeBase {
+            node: inner.clone(),
+        })
+        .add_subclass(Server { inner }))
     }
 
     #[getter]
@@ -197,75 +266,15 @@ impl Server {
         self.inner.members()
     }
 
-    /// `(conn, call_id, name, serde, flags, payload)`, or None on timeout or once stopped.
-    #[pyo3(signature = (timeout=None))]
-    fn next_call<'py>(
-        &self,
-        py: Python<'py>,
-        timeout: Option<f64>,
-    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        let t = self::timeout(timeout)?;
-        match py.detach(|| self.inner.next_call(t)) {
-            Next::Item(c) => Ok(Some(call_tuple(py, c)?)),
-            Next::Timeout | Next::Closed => Ok(None),
-        }
-    }
-
-    /// `(connected, member)`, or None on timeout or once stopped.
-    #[pyo3(signature = (timeout=None))]
-    fn next_event(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<(bool, String)>> {
-        let t = self::timeout(timeout)?;
-        Ok(match py.detach(|| self.inner.next_event(t)) {
-            Next::Item(e) => Some((e.connected, e.member)),
-            _ => None,
-        })
-    }
-
-    fn respond(
-        &self,
-        py: Python<'_>,
-        conn: u64,
-        call_id: u64,
-        serde: u8,
-        text: bool,
-        payload: &Bound<'_, PyAny>,
-    ) -> PyResult<()> {
-        let p = self::payload(py, payload)?;
-        self.inner.respond(
-            conn,
-            call_id,
-            serde,
-            if text { daffi_runtime::Flags::TEXT } else { 0 },
-            p,
-        );
-        Ok(())
-    }
-
-    fn respond_error(
-        &self,
-        py: Python<'_>,
-        conn: u64,
-        call_id: u64,
-        payload: &Bound<'_, PyAny>,
-    ) -> PyResult<()> {
-        let p = self::payload(py, payload)?;
-        self.inner.respond_error(conn, call_id, "remote", p);
-        Ok(())
-    }
-
-    fn announce(&self, names: Vec<String>) {
-        self.inner.announce(&names);
-    }
-
     fn stop(&self, py: Python<'_>) {
         py.detach(|| self.inner.stop());
     }
 }
 
 /// A connected node. Connects (and completes the handshake) on construction.
-#[pyclass(frozen, module = "daffi._native")]
+#[pyclass(frozen, extends = NodeBase, module = "daffi._native")]
 struct Client {
-    inner: RtClient,
+    inner: Arc<RtClient>,
 }
 
 #[pymethods]
@@ -284,7 +293,7 @@ impl Client {
         connect_timeout: f64,
         backend: Option<&str>,
         token: Option<PyBackedBytes>,
-    ) -> PyResult<Client> {
+    ) -> PyResult<PyClassInitializer<Client>> {
         let engine = engine(py, backend)?;
         let cfg = ClientConfig {
             name,
@@ -297,7 +306,11 @@ impl Client {
         let inner = py
             .detach(|| RtClient::connect(&engine, cfg))
             .map_err(|e| start_error(py, e))?;
-        Ok(Client { inner })
+        let inner = Arc::new(inner);
+        Ok(PyClassInitializer::from(NodeBase {
+            node: inner.clone(),
+        })
+        .add_subclass(Client { inner }))
     }
 
     #[getter]
@@ -388,65 +401,6 @@ impl Client {
             .unwrap_or_default())
     }
 
-    #[pyo3(signature = (timeout=None))]
-    fn next_call<'py>(
-        &self,
-        py: Python<'py>,
-        timeout: Option<f64>,
-    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        let t = self::timeout(timeout)?;
-        match py.detach(|| self.inner.next_call(t)) {
-            Next::Item(c) => Ok(Some(call_tuple(py, c)?)),
-            Next::Timeout | Next::Closed => Ok(None),
-        }
-    }
-
-    #[pyo3(signature = (timeout=None))]
-    fn next_event(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<(bool, String)>> {
-        let t = self::timeout(timeout)?;
-        Ok(match py.detach(|| self.inner.next_event(t)) {
-            Next::Item(e) => Some((e.connected, e.member)),
-            _ => None,
-        })
-    }
-
-    fn respond(
-        &self,
-        py: Python<'_>,
-        conn: u64,
-        call_id: u64,
-        serde: u8,
-        text: bool,
-        payload: &Bound<'_, PyAny>,
-    ) -> PyResult<()> {
-        let _ = conn;
-        let p = self::payload(py, payload)?;
-        self.inner.respond(
-            call_id,
-            serde,
-            if text { daffi_runtime::Flags::TEXT } else { 0 },
-            p,
-        );
-        Ok(())
-    }
-
-    fn respond_error(
-        &self,
-        py: Python<'_>,
-        conn: u64,
-        call_id: u64,
-        payload: &Bound<'_, PyAny>,
-    ) -> PyResult<()> {
-        let _ = conn;
-        let p = self::payload(py, payload)?;
-        self.inner.respond_error(call_id, "remote", p);
-        Ok(())
-    }
-
-    fn announce(&self, names: Vec<String>) {
-        self.inner.announce(&names);
-    }
-
     fn close(&self, py: Python<'_>) {
         py.detach(|| self.inner.close());
     }
@@ -469,6 +423,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     {
         daffi_runtime::tune_allocator();
     }
+    m.add_class::<NodeBase>()?;
     m.add_class::<Server>()?;
     m.add_class::<Client>()?;
     m.add_function(wrap_pyfunction!(resolve_backend, m)?)?;

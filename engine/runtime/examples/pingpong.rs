@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use daffi_runtime::{Address, Backend, Client, ClientConfig, Engine, Next, Server, ServerConfig};
+use daffi_runtime::{
+    Address, Backend, Client, ClientConfig, Engine, Next, Node, Server, ServerConfig,
+};
 
 fn main() {
     let backend =

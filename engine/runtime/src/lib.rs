@@ -31,6 +31,7 @@ pub use daffi_proto::{DEFAULT_MAX_MESSAGE_SIZE, Flags};
 pub use engine::Engine;
 pub use inbox::Next;
 pub use node::{
-    Address, Client, ClientConfig, IncomingCall, MemberEvent, Server, ServerConfig, StartError,
+    Address, Client, ClientConfig, IncomingCall, MemberEvent, Node, Server, ServerConfig,
+    StartError,
 };
 pub use payload::{Payload, set_body_allocator};

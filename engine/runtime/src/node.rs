@@ -233,44 +233,8 @@ impl Server {
         m
     }
 
-    /// Waits for the next call to run.
-    pub fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
-        self.shared.callee.calls.pop(timeout)
-    }
-
-    /// Waits for the next membership event.
-    pub fn next_event(&self, timeout: Option<Duration>) -> Next<MemberEvent> {
-        self.shared.callee.events.pop(timeout)
-    }
-
-    /// Answers the peer's call `call_id` on connection `conn` (dropped when the caller left).
-    pub fn respond(&self, conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
-        let wire = lock(&self.shared.state).wires.get(&conn).cloned();
-        if let Some(wire) = wire {
-            respond(&self.engine, &wire, call_id, serde, flags, payload);
-        }
-    }
-
-    /// Answers the peer's call with an error (`code` is one of `daffi_proto::frame::error_code`).
-    pub fn respond_error(&self, conn: u64, call_id: u64, code: &'static str, payload: Bytes) {
-        let wire = lock(&self.shared.state).wires.get(&conn).cloned();
-        if let Some(wire) = wire {
-            wire.send(
-                &self.engine,
-                frame(Kind::Error, call_id, 0, 0, code, payload),
-            );
-        }
-    }
-
-    /// Exports more functions, announced to every connected peer.
-    pub fn announce(&self, names: &[String]) {
-        let new = self.shared.callee.add_functions(names);
-        if !new.is_empty() {
-            self.engine.send(Command::Announce {
-                owner: self.shared.id,
-                names: new,
-            });
-        }
+    fn wire(&self, conn: u64) -> Option<Arc<Wire>> {
+        lock(&self.shared.state).wires.get(&conn).cloned()
     }
 
     /// Closes the listener and every connection. Returns once the address can be bound again
@@ -608,41 +572,6 @@ impl Client {
         }
     }
 
-    /// Waits for the next call from the peer to one of this client's functions.
-    pub fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
-        self.shared.callee.calls.pop(timeout)
-    }
-
-    pub fn next_event(&self, timeout: Option<Duration>) -> Next<MemberEvent> {
-        self.shared.callee.events.pop(timeout)
-    }
-
-    pub fn respond(&self, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
-        respond(
-            &self.engine,
-            &self.shared.wire,
-            call_id,
-            serde,
-            flags,
-            payload,
-        );
-    }
-
-    pub fn respond_error(&self, call_id: u64, code: &'static str, payload: Bytes) {
-        let f = frame(Kind::Error, call_id, 0, 0, code, payload);
-        self.shared.wire.send(&self.engine, f);
-    }
-
-    pub fn announce(&self, names: &[String]) {
-        let new = self.shared.callee.add_functions(names);
-        if !new.is_empty() {
-            self.engine.send(Command::Announce {
-                owner: self.shared.conn,
-                names: new,
-            });
-        }
-    }
-
     /// Sends what is queued, says goodbye and closes; waits (bounded) until closed.
     pub fn close(&self) {
         self.engine.send(Command::Close {
@@ -663,6 +592,88 @@ impl Client {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+}
+
+/// What a binding uses to run the calls a node receives; Servers and Clients both offer it.
+pub trait Node {
+    /// Waits for the next call to run, at most `timeout` (`None`: no limit).
+    fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall>;
+    /// Waits for the next membership event.
+    fn next_event(&self, timeout: Option<Duration>) -> Next<MemberEvent>;
+    /// Answers call `call_id` that arrived on connection `conn` (`IncomingCall::conn`); dropped
+    /// when the caller has left.
+    fn respond(&self, conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes);
+    /// Answers a call with an error (`code` is one of `daffi_proto::frame::error_code`).
+    fn respond_error(&self, conn: u64, call_id: u64, code: &'static str, payload: Bytes);
+    /// Exports more functions, announced to every connected peer.
+    fn announce(&self, names: &[String]);
+}
+
+impl Node for Server {
+    fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
+        self.shared.callee.calls.pop(timeout)
+    }
+
+    fn next_event(&self, timeout: Option<Duration>) -> Next<MemberEvent> {
+        self.shared.callee.events.pop(timeout)
+    }
+
+    fn respond(&self, conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
+        if let Some(wire) = self.wire(conn) {
+            respond(&self.engine, &wire, call_id, serde, flags, payload);
+        }
+    }
+
+    fn respond_error(&self, conn: u64, call_id: u64, code: &'static str, payload: Bytes) {
+        if let Some(wire) = self.wire(conn) {
+            wire.send(
+                &self.engine,
+                frame(Kind::Error, call_id, 0, 0, code, payload),
+            );
+        }
+    }
+
+    fn announce(&self, names: &[String]) {
+        announce(&self.engine, &self.shared.callee, self.shared.id, names);
+    }
+}
+
+impl Node for Client {
+    fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
+        self.shared.callee.calls.pop(timeout)
+    }
+
+    fn next_event(&self, timeout: Option<Duration>) -> Next<MemberEvent> {
+        self.shared.callee.events.pop(timeout)
+    }
+
+    /// A client has one connection; `conn` is ignored.
+    fn respond(&self, _conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
+        respond(
+            &self.engine,
+            &self.shared.wire,
+            call_id,
+            serde,
+            flags,
+            payload,
+        );
+    }
+
+    fn respond_error(&self, _conn: u64, call_id: u64, code: &'static str, payload: Bytes) {
+        let f = frame(Kind::Error, call_id, 0, 0, code, payload);
+        self.shared.wire.send(&self.engine, f);
+    }
+
+    fn announce(&self, names: &[String]) {
+        announce(&self.engine, &self.shared.callee, self.shared.conn, names);
+    }
+}
+
+fn announce(engine: &Engine, callee: &Callee, owner: u64, names: &[String]) {
+    let new = callee.add_functions(names);
+    if !new.is_empty() {
+        engine.send(Command::Announce { owner, names: new });
     }
 }
 

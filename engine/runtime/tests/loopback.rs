@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use daffi_runtime::{
     Address, Backend, CallError, Client, ClientConfig, DEFAULT_MAX_MESSAGE_SIZE, Engine,
-    MemberEvent, Next, Server, ServerConfig,
+    MemberEvent, Next, Node, Server, ServerConfig,
 };
 
 fn backends() -> Vec<Engine> {
