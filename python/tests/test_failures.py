@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -16,7 +17,7 @@ import time
 import pytest
 from conftest import free_port, unique_name, wait_until
 from daffi import SerdeFormat, Service, callback
-from daffi.exceptions import CallTimeout, Disconnected, TransmissionFailure
+from daffi.exceptions import CallTimeout, Disconnected, InitializationError, TransmissionFailure
 
 SERVICE_SCRIPT = """
 import os
@@ -291,3 +292,45 @@ def test_service_restart_in_another_process_and_reconnect(remote_service, make_c
     proc2, _, _ = remote_service(port=port)  # same port, at once
     conn = client.connect()  # same Client object, same name
     assert conn.rpc(timeout=5).fx_pid() == proc2.pid
+
+
+FD_LIMITED_SERVICE = """
+import resource
+import sys
+
+from daffi import Service, callback
+
+
+@callback
+def fx_limited_echo(value):
+    return value
+
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+svc = Service(app_name="fd-limited", host="127.0.0.1", port=int(sys.argv[1]))
+svc.start()
+print("READY", flush=True)
+svc.join()
+"""
+
+
+def test_running_out_of_descriptors_only_pauses_accepting(spawn, make_client):
+    port = free_port()
+    proc = spawn(FD_LIMITED_SERVICE, port, name="fd_limited_service.py")
+    proc.wait_line("READY")
+    hogs = []
+    for _ in range(100):  # more connections than the service may have descriptors
+        hogs.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+    time.sleep(0.5)
+    for s in hogs:
+        s.close()
+    # Once descriptors are free again, the service accepts new clients without a restart.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            client, conn = make_client(port, connect_timeout=2)
+            break
+        except InitializationError:
+            assert time.monotonic() < deadline, "the service never accepted again"
+            time.sleep(0.2)
+    assert conn.rpc(timeout=5).fx_limited_echo("back") == "back"

@@ -219,6 +219,9 @@ struct Listener {
     fd: Option<OwnedFd>,
     server: Arc<ServerShared>,
     stopping: bool,
+    /// The accept operation ended by itself (e.g. out of descriptors): start it again at the
+    /// next tick rather than at once, so a lasting error does not spin.
+    rearm: bool,
 }
 
 struct Loop {
@@ -286,6 +289,7 @@ impl Loop {
                         fd: Some(fd),
                         server,
                         stopping: false,
+                        rearm: false,
                     },
                 );
             }
@@ -328,7 +332,12 @@ impl Loop {
                 if let Some(l) = self.listeners.get_mut(&id) {
                     if !l.stopping {
                         l.stopping = true;
-                        self.driver.cancel_accept(token(id, ACCEPT));
+                        if l.rearm {
+                            // No accept in flight: nothing will complete; close right away.
+                            self.close_listener(id);
+                        } else {
+                            self.driver.cancel_accept(token(id, ACCEPT));
+                        }
                     }
                 }
                 let ids: Vec<u64> = self
@@ -457,28 +466,38 @@ impl Loop {
         }
     }
 
+    fn close_listener(&mut self, id: u64) {
+        let Some(mut l) = self.listeners.remove(&id) else {
+            return;
+        };
+        if let Some(fd) = l.fd.take() {
+            self.driver.close(fd);
+        }
+        if let Some(p) = &l.server.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+        l.server.update(|s| s.listening = false);
+    }
+
     fn accepted(&mut self, id: u64, res: io::Result<OwnedFd>, more: bool) {
         let Some(l) = self.listeners.get_mut(&id) else {
             return;
         };
         let server = l.server.clone();
+        if !more && !l.stopping {
+            // The kernel ended the multishot accept (out of descriptors, out of memory...):
+            // keep the listener and try again shortly.
+            tracing::warn!(
+                "server {} paused accepting: {:?}",
+                server.name,
+                res.as_ref().err()
+            );
+            l.rearm = true;
+            return;
+        }
         if !more {
-            // The accept operation ended: after a stop, or on a fatal listener error.
-            if let Some(fd) = l.fd.take() {
-                self.driver.close(fd);
-            }
-            if !l.stopping {
-                tracing::error!(
-                    "server {} stopped accepting: {:?}",
-                    server.name,
-                    res.as_ref().err()
-                );
-            }
-            self.listeners.remove(&id);
-            if let Some(p) = &server.unix_path {
-                let _ = std::fs::remove_file(p);
-            }
-            server.update(|s| s.listening = false);
+            // The accept operation ended after a stop: the listener can go.
+            self.close_listener(id);
             return;
         }
         if l.stopping {
@@ -798,6 +817,15 @@ impl Loop {
     }
 
     fn tick(&mut self, now: Instant) {
+        for (id, l) in self.listeners.iter_mut() {
+            if l.rearm && !l.stopping {
+                if let Some(fd) = &l.fd {
+                    l.rearm = false;
+                    self.driver
+                        .submit(token(*id, ACCEPT), Op::Accept { fd: fd.as_raw_fd() });
+                }
+            }
+        }
         let mut cut = Vec::new();
         for (id, c) in &self.conns {
             match &c.closing {
