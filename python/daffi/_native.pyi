@@ -1,6 +1,10 @@
 """Type stubs for daffi's native engine module (built from ffi/ with maturin)."""
 
-from collections.abc import Buffer
+import array
+import mmap
+
+# Any object with the buffer protocol is accepted (collections.abc.Buffer on 3.12+).
+Buffer = bytes | bytearray | memoryview | array.array | mmap.mmap
 
 DEFAULT_MAX_MESSAGE_SIZE: int
 
