@@ -119,7 +119,9 @@ fn timeout(t: Option<f64>) -> PyResult<Option<Duration>> {
         Some(t) if t.is_nan() || t < 0.0 => Err(PyValueError::new_err(
             "timeout must be a non-negative number",
         )),
-        Some(t) if t == 0.0 || t.is_infinite() => Ok(None),
+        // No deadline: zero, infinity, or beyond any meaningful wait (Instant + Duration would
+        // overflow).
+        Some(t) if t == 0.0 || t > 1e9 => Ok(None),
         Some(t) => Ok(Some(Duration::from_secs_f64(t))),
     }
 }
@@ -262,8 +264,8 @@ impl Server {
         self.inner.address().to_string()
     }
 
-    fn members(&self) -> Vec<String> {
-        self.inner.members()
+    fn members(&self, py: Python<'_>) -> Vec<String> {
+        py.detach(|| self.inner.members())
     }
 
     fn stop(&self, py: Python<'_>) {

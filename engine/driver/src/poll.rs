@@ -96,14 +96,19 @@ impl Driver {
                 }),
                 Err(e) if would_block(&e) => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // A connection that died in the backlog, or a transient resource shortage:
-                // report it and keep accepting.
+                // A connection that died in the backlog: skip it.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+                // Out of descriptors or memory: the backlog cannot be drained now, and with
+                // edge-triggered readiness no new event would come for it. End this accept
+                // (as io_uring ends a multishot accept) so that its owner starts it again.
                 Err(e) => {
+                    p.accept = None;
+                    self.accept_fds.remove(&token);
                     self.ready.push_back(Completion {
                         token,
                         outcome: Outcome::Accepted {
                             res: Err(e),
-                            more: true,
+                            more: false,
                         },
                     });
                     return;

@@ -193,6 +193,13 @@ impl Connection {
     fn parse(&mut self) -> Result<(), DecodeError> {
         while let Some(item) = self.reader.next_item()? {
             match item {
+                // A large payload before the handshake is refused before any memory is set
+                // aside for it.
+                Item::BodyStart(_) if self.state != State::Open => {
+                    return Err(DecodeError::Handshake(
+                        "a call arrived before the handshake",
+                    ));
+                }
                 // The runtime must provide a buffer before parsing can go on.
                 Item::BodyStart(_) => break,
                 Item::Frame(f) => self.handle_frame(f)?,

@@ -120,7 +120,7 @@ impl Header {
 
     /// Total bytes following the header.
     pub fn body_len(&self) -> u64 {
-        self.meta_len as u64 + self.payload_len
+        (self.meta_len as u64).saturating_add(self.payload_len)
     }
 
     pub fn encode(&self, out: &mut [u8; HEADER_LEN]) {

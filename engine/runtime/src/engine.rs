@@ -48,6 +48,11 @@ pub(crate) enum Command {
     StopServer {
         id: u64,
     },
+    /// Closes a connection at once, without sending what is queued (its stream is broken).
+    Abort {
+        conn: u64,
+        reason: String,
+    },
     /// Ends an engine that has no nodes (a duplicate started by `auto`).
     Exit,
 }
@@ -328,6 +333,7 @@ impl Loop {
                 self.close(conn, reason, true)
             }
             Command::Exit => unreachable!("handled by the loop"),
+            Command::Abort { conn, reason } => self.close(conn, reason, false),
             Command::StopServer { id } => {
                 if let Some(l) = self.listeners.get_mut(&id) {
                     if !l.stopping {
@@ -440,6 +446,12 @@ impl Loop {
         let mut bufs = Vec::new();
         let mut skip = 0;
         for (i, (frame, s)) in c.raw.drain(..).enumerate() {
+            // Only the first frame can have been started by a binding thread: a direct write
+            // happens only when nothing at all is pending (see `Wire::send`).
+            debug_assert!(
+                i == 0 || s == 0,
+                "a frame after the first was partly written"
+            );
             if i == 0 {
                 skip = s;
             }
@@ -485,14 +497,18 @@ impl Loop {
         };
         let server = l.server.clone();
         if !more && !l.stopping {
-            // The kernel ended the multishot accept (out of descriptors, out of memory...):
-            // keep the listener and try again shortly.
+            // The kernel ended the multishot accept (out of descriptors, out of memory, a full
+            // completion queue...): keep the listener and try again shortly. The last
+            // completion may still carry a connection.
             tracing::warn!(
                 "server {} paused accepting: {:?}",
                 server.name,
                 res.as_ref().err()
             );
             l.rearm = true;
+            if let Ok(fd) = res {
+                self.adopt(server, fd);
+            }
             return;
         }
         if !more {
@@ -504,21 +520,24 @@ impl Loop {
             return;
         }
         match res {
-            Ok(fd) => {
-                if let Err(e) = sys::prepare_accepted(&fd) {
-                    tracing::warn!("dropping an accepted connection: {e}");
-                    return;
-                }
-                let conn_id = self.shared.ids.fetch_add(1, Ordering::Relaxed);
-                let proto = Connection::new(Role::Server, server.local());
-                let wire = Arc::new(Wire::new(conn_id, fd.as_raw_fd()));
-                server.update(|st| {
-                    st.wires.insert(conn_id, wire.clone());
-                });
-                self.add_conn(conn_id, fd, proto, Owner::Server(server), wire);
-            }
+            Ok(fd) => self.adopt(server, fd),
             Err(e) => tracing::warn!("accept on server {} failed: {e}", server.name),
         }
+    }
+
+    /// Starts serving an accepted connection.
+    fn adopt(&mut self, server: Arc<ServerShared>, fd: OwnedFd) {
+        if let Err(e) = sys::prepare_accepted(&fd) {
+            tracing::warn!("dropping an accepted connection: {e}");
+            return;
+        }
+        let conn_id = self.shared.ids.fetch_add(1, Ordering::Relaxed);
+        let proto = Connection::new(Role::Server, server.local());
+        let wire = Arc::new(Wire::new(conn_id, fd.as_raw_fd()));
+        server.update(|st| {
+            st.wires.insert(conn_id, wire.clone());
+        });
+        self.add_conn(conn_id, fd, proto, Owner::Server(server), wire);
     }
 
     fn received(&mut self, id: u64, buf: RecvBuf, res: io::Result<usize>) {
@@ -658,6 +677,8 @@ impl Loop {
                     flags,
                     payload,
                 } => {
+                    // The payload's buffer is consumed whatever happens to the call.
+                    let payload = take_payload(payload, &mut c.body);
                     if !c.proto.local().functions.contains(&name) {
                         if !flags.no_reply() {
                             let msg =
@@ -668,7 +689,7 @@ impl Loop {
                         }
                         continue;
                     }
-                    let Some(payload) = take_payload(payload, &mut c.body) else {
+                    let Some(payload) = payload else {
                         continue;
                     };
                     if let Owner::Server(s) = &c.owner {

@@ -243,13 +243,11 @@ impl Server {
         self.engine.send(Command::StopServer { id: self.shared.id });
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut s = lock(&self.shared.state);
+        let mut in_time = true;
         while s.listening || s.connections > 0 {
             let now = Instant::now();
             if now >= deadline {
-                tracing::warn!(
-                    "server {} did not close every connection in time",
-                    self.shared.name
-                );
+                in_time = false;
                 break;
             }
             s = self
@@ -260,6 +258,14 @@ impl Server {
                 .0;
         }
         drop(s);
+        if !in_time {
+            // Logged after the lock is released: the binding's log handler may need a lock (the
+            // GIL) that another thread holds while it waits for this one.
+            tracing::warn!(
+                "server {} did not close every connection in time",
+                self.shared.name
+            );
+        }
         self.shared.callee.calls.close();
         self.shared.callee.events.close();
     }

@@ -70,29 +70,37 @@ impl Wire {
         }
         let mut skip = 0;
         let total = sys::total_len(&bufs);
-        if !s.engine_sending && s.queued == 0 && total <= DIRECT_MAX {
+        // `engine_sending` is false only when nothing at all is pending: no frame queued, taken
+        // or in flight. Only then may this thread write, and whatever it cannot finish goes to
+        // the engine as the very next bytes of the stream.
+        if !s.engine_sending && total <= DIRECT_MAX {
             loop {
                 match sys::send(s.fd, &bufs, skip) {
-                    Ok(n) => {
+                    Ok(n) if n > 0 => {
                         skip += n;
                         if skip == total {
                             return;
                         }
-                        if n == 0 {
-                            break;
-                        }
                     }
+                    Ok(_) => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    // The connection is broken; the engine's receive side notices and closes
-                    // it, failing the calls that wait.
-                    Err(_) => return,
+                    Err(e) => {
+                        // A broken socket, possibly with part of this frame written: nothing
+                        // more may follow it. Close the connection; the calls waiting on it
+                        // fail with Disconnected.
+                        s.closed = true;
+                        drop(s);
+                        engine.send(Command::Abort {
+                            conn: self.conn,
+                            reason: format!("send failed: {e}"),
+                        });
+                        return;
+                    }
                 }
             }
-            // Part of the frame is out: the rest must be next on the wire, before the
-            // engine's own frames.
-            s.engine_sending = true;
         }
+        s.engine_sending = true;
         s.queued += 1;
         engine.send(Command::SendRaw {
             conn: self.conn,
@@ -119,9 +127,13 @@ impl Wire {
         true
     }
 
-    /// The engine has nothing more to send.
+    /// The engine sent everything it had taken; binding threads may write directly again,
+    /// unless frames are still on their way to the engine.
     pub(crate) fn engine_idle(&self) {
-        self.lock().engine_sending = false;
+        let mut s = self.lock();
+        if s.queued == 0 {
+            s.engine_sending = false;
+        }
     }
 
     pub(crate) fn set_peer_max(&self, max: u64) {
