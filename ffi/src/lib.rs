@@ -7,7 +7,10 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How often a wait without a deadline lets Python run its signal handlers.
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
 use bytes::Bytes;
 use daffi_runtime::{
@@ -359,7 +362,26 @@ impl Client {
         let p = self::payload(py, payload)?;
         let t = self::timeout(timeout)?;
         let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
-        match py.detach(|| self.inner.call(name, serde, flags, p, t)) {
+        let result = match py.detach(|| self.inner.start_call(name, serde, flags, p)) {
+            Err(e) => Err(e),
+            Ok(pending) => {
+                // Wait in slices so that Ctrl+C (or any signal handler that raises) interrupts
+                // a call without a deadline too; dropping `pending` abandons the call.
+                let deadline = t.map(|t| Instant::now() + t);
+                loop {
+                    let slice = Instant::now() + SIGNAL_CHECK;
+                    let until = deadline.map_or(slice, |d| d.min(slice));
+                    if let Some(r) = py.detach(|| pending.wait_until(Some(until))) {
+                        break r;
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        break Err(CallError::Timeout);
+                    }
+                    py.check_signals()?;
+                }
+            }
+        };
+        match result {
             Ok(r) => Ok((true, r.serde, r.flags.text(), payload_bytes(py, r.payload))),
             Err(CallError::Remote(e)) => Ok((false, serde, false, PyBytes::new(py, &e))),
             Err(CallError::Timeout) => Err(timeout_error(
@@ -396,11 +418,21 @@ impl Client {
         names: Vec<String>,
         timeout: Option<f64>,
     ) -> PyResult<Vec<String>> {
-        let t = self::timeout(timeout)?;
-        Ok(py
-            .detach(|| self.inner.wait_for_members(&names, t))
-            .err()
-            .unwrap_or_default())
+        let deadline = self::timeout(timeout)?.map(|t| Instant::now() + t);
+        loop {
+            // In slices, so that signal handlers run while we wait (see `call`).
+            let now = Instant::now();
+            let slice = deadline.map_or(SIGNAL_CHECK, |d| {
+                d.saturating_duration_since(now).min(SIGNAL_CHECK)
+            });
+            match py.detach(|| self.inner.wait_for_members(&names, Some(slice))) {
+                Ok(()) => return Ok(Vec::new()),
+                Err(missing) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                    return Ok(missing);
+                }
+                Err(_) => py.check_signals()?,
+            }
+        }
     }
 
     fn close(&self, py: Python<'_>) {

@@ -334,3 +334,35 @@ def test_running_out_of_descriptors_only_pauses_accepting(spawn, make_client):
             assert time.monotonic() < deadline, "the service never accepted again"
             time.sleep(0.2)
     assert conn.rpc(timeout=5).fx_limited_echo("back") == "back"
+
+
+BLOCKED_CALLER = """
+import sys
+import time
+
+from daffi import Client
+
+client = Client(app_name=sys.argv[2], host="127.0.0.1", port=int(sys.argv[1]))
+conn = client.connect()
+print("CALLING", flush=True)
+try:
+    conn.rpc().fx_sleep(60)  # no deadline: only a signal can end this wait
+except KeyboardInterrupt:
+    print("INTERRUPTED", flush=True)
+    assert conn.rpc(timeout=5).fx_echo("after") == "after"
+    print("USABLE", flush=True)
+client.stop()
+"""
+
+
+def test_ctrl_c_interrupts_a_call_without_a_deadline(spawn, remote_service):
+    _, port, _ = remote_service(workers=2)
+    caller = spawn(BLOCKED_CALLER, port, unique_name("blocked"), name="blocked_caller.py")
+    caller.wait_line("CALLING")
+    time.sleep(0.5)
+    sent_at = time.monotonic()
+    caller.signal(signal.SIGINT)
+    caller.wait_line("INTERRUPTED")
+    assert time.monotonic() - sent_at < 1.5
+    caller.wait_line("USABLE")
+    assert caller.wait(10) == 0

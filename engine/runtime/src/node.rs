@@ -495,11 +495,31 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<Reply, CallError> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        let pending = self.start_call(name, serde, flags, payload)?;
+        pending
+            .wait_until(deadline)
+            .unwrap_or(Err(CallError::Timeout))
+    }
+
+    /// Sends a call and returns at once; the answer is waited for with
+    /// [`PendingCall::wait_until`], in as many steps as the caller likes (a binding checks for
+    /// signals between them). Dropping the handle abandons the call: a late answer is dropped.
+    pub fn start_call(
+        &self,
+        name: &str,
+        serde: u8,
+        flags: u8,
+        payload: Bytes,
+    ) -> Result<PendingCall<'_>, CallError> {
         self.check_sendable(name, payload.len())?;
         let (call_id, slot) = self.shared.calls.open();
+        let pending = PendingCall {
+            client: self,
+            call_id,
+            slot,
+        };
         // Registered before the phase check below, so a close racing with us fails this call.
         if lock(&self.shared.state).phase != Phase::Open {
-            self.shared.calls.abandon(call_id);
             return Err(CallError::Disconnected(self.close_reason()));
         }
         let f = frame(
@@ -511,14 +531,7 @@ impl Client {
             payload,
         );
         self.shared.wire.send(&self.engine, f);
-        match slot.wait(deadline) {
-            Some(r) => r,
-            None => {
-                self.shared.calls.abandon(call_id);
-                // The answer may have landed between the timeout and the abandon.
-                slot.try_take().unwrap_or(Err(CallError::Timeout))
-            }
-        }
+        Ok(pending)
     }
 
     /// Sends a call that wants no answer; returns once it is queued for sending.
@@ -680,6 +693,28 @@ fn announce(engine: &Engine, callee: &Callee, owner: u64, names: &[String]) {
     let new = callee.add_functions(names);
     if !new.is_empty() {
         engine.send(Command::Announce { owner, names: new });
+    }
+}
+
+/// A call sent by [`Client::start_call`] whose answer has not been taken yet.
+#[derive(Debug)]
+pub struct PendingCall<'a> {
+    client: &'a Client,
+    call_id: u64,
+    slot: Arc<crate::call::Slot>,
+}
+
+impl PendingCall<'_> {
+    /// Waits for the answer until `until` (`None`: no limit); `None` if it has not come yet.
+    pub fn wait_until(&self, until: Option<Instant>) -> Option<Result<Reply, CallError>> {
+        self.slot.wait(until)
+    }
+}
+
+impl Drop for PendingCall<'_> {
+    fn drop(&mut self) {
+        // A no-op when the answer came; otherwise a late answer finds no one and is dropped.
+        self.client.shared.calls.abandon(self.call_id);
     }
 }
 
