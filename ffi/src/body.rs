@@ -54,7 +54,8 @@ pub fn alloc(len: usize) -> Option<Box<dyn RawBuf>> {
         return None;
     }
     let size = pyo3::ffi::Py_ssize_t::try_from(len).ok()?;
-    Python::attach(|py| {
+    // Not during interpreter shutdown (try_attach refuses): the engine's own buffer serves then.
+    Python::try_attach(|py| {
         // SAFETY: a NULL source with a size asks CPython for a new, uninitialised bytes object
         // of that size; the GIL is held. A NULL result is a MemoryError, cleared below.
         let raw = unsafe { pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), size) };
@@ -73,6 +74,7 @@ pub fn alloc(len: usize) -> Option<Box<dyn RawBuf>> {
         daffi_runtime::advise_huge(ptr, len);
         Some(Box::new(PyBytesBuf { obj, ptr, len }) as Box<dyn RawBuf>)
     })
+    .flatten()
 }
 
 /// A received payload as a Python `bytes`: the object itself when the kernel wrote into it, a

@@ -53,7 +53,9 @@ impl Subscriber for PyLogging {
         let mut msg = Message(String::new());
         event.record(&mut msg);
         let level = python_level(event.metadata().level());
-        Python::attach(|py| {
+        // During interpreter shutdown the record is dropped rather than attaching to a dying
+        // interpreter.
+        let _ = Python::try_attach(|py| {
             let r = py
                 .import("logging")
                 .and_then(|l| l.call_method1("getLogger", ("daffi.engine",)))

@@ -1844,3 +1844,11 @@ def test_a_large_nowait_chunk_is_never_overtaken_by_a_small_call(make_service, m
         expected += [len(big), i]
         # The rpc must see every chunk sent before it, intact, whatever path each took.
         assert conn.rpc(timeout=10).dx_order_count() == expected
+
+
+def test_a_unix_path_that_is_not_a_socket_is_never_removed(tmp_path):
+    path = tmp_path / "precious.txt"
+    path.write_text("keep me")
+    with pytest.raises(InitializationError, match="not a socket"):
+        Service(app_name=unique_name("unix-file"), unix_sock_path=str(path)).start()
+    assert path.read_text() == "keep me"

@@ -20,9 +20,16 @@ pub fn listen_tcp(host: &str, port: u16) -> io::Result<(OwnedFd, SocketAddr)> {
 }
 
 /// A listening Unix socket. A stale socket file at `path` (no one listening) is removed first;
-/// a live one is an `AddrInUse` error.
+/// a live one is an `AddrInUse` error, and a path that is not a socket is left alone (an error).
 pub fn listen_unix(path: &Path) -> io::Result<OwnedFd> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
         match UnixStream::connect(path) {
             Ok(_) => {
                 return Err(io::Error::new(
