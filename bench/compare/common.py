@@ -29,7 +29,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from typing import Self
@@ -331,6 +331,32 @@ def peak_rss(pid: int | str = "self") -> int:
 
 def current_rss(pid: int | str = "self") -> int:
     return _status_kib(pid, "VmRSS") * KiB
+
+
+def add_echo_workloads(workloads: Workloads, open_echo: Callable[[bool], Any]) -> None:
+    """Registers the large-echo rows and the 2 GiB peak-RSS rows of one contender.
+
+    ``open_echo(big)`` is a context manager yielding ``(echo, peer)``: ``echo(payload)`` returns
+    the echoed payload and ``peer`` is the peer process. ``big`` is true for the GiB-sized rows
+    (a contender may need a larger message limit or longer timeouts for them).
+    """
+
+    def large_echo(size: int, big: bool):
+        def workload(opts: argparse.Namespace) -> dict:
+            with open_echo(big) as (echo, _):
+                return echo_gib_per_s(echo, size, opts.seconds)
+
+        return workload
+
+    for name, size in LARGE_ECHO_SIZES.items():
+        workloads.add(name)(large_echo(size, False))
+    for name, size in HUGE_ECHO_SIZES.items():
+        workloads.add(name, group="huge")(large_echo(size, True))
+
+    @workloads.add("mem_2GiB", group="mem", rows=MEM_ROWS)
+    def mem_2gib(opts: argparse.Namespace) -> dict:
+        with open_echo(True) as (echo, peer):
+            return echo_peak_rss(echo, MEM_SIZE, peer.pid)
 
 
 def echo_peak_rss(echo: Callable[[bytes], object], size: int, server_pid: int) -> dict:

@@ -131,26 +131,13 @@ def seq_opaque(opts) -> dict:
 # --- large OPAQUE echo ------------------------------------------------------------------
 
 
-def large_echo(size: int, timeout: int, big: bool = False):
-    def workload(opts) -> dict:
-        with service(big=big) as (port, _), connected(port, big) as conn:
-            call = conn.rpc(timeout=timeout, serde=SerdeFormat.OPAQUE).echo
-            return common.echo_gib_per_s(call, size, opts.seconds)
-
-    return workload
+@contextmanager
+def opaque_echo(big: bool):
+    with service(big=big) as (port, peer), connected(port, big) as conn:
+        yield conn.rpc(timeout=HUGE_TIMEOUT if big else CALL_TIMEOUT, serde=SerdeFormat.OPAQUE).echo, peer
 
 
-for _name, _size in common.LARGE_ECHO_SIZES.items():
-    W.add(_name)(large_echo(_size, CALL_TIMEOUT))
-for _name, _size in common.HUGE_ECHO_SIZES.items():
-    W.add(_name, group="huge")(large_echo(_size, HUGE_TIMEOUT, big=True))
-
-
-@W.add("mem_2GiB", group="mem", rows=common.MEM_ROWS)
-def mem_2gib(opts) -> dict:
-    with service(big=True) as (port, peer), connected(port, big=True) as conn:
-        call = conn.rpc(timeout=HUGE_TIMEOUT, serde=SerdeFormat.OPAQUE).echo
-        return common.echo_peak_rss(call, common.MEM_SIZE, peer.pid)
+common.add_echo_workloads(W, opaque_echo)
 
 
 # --- concurrent callers (threads) -------------------------------------------------------

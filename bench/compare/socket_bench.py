@@ -146,24 +146,13 @@ def echo_over(conn: Conn):
     return echo
 
 
-def large_echo(size: int):
-    def workload(opts) -> dict:
-        with connected("opaque") as (conn, _):
-            return common.echo_gib_per_s(echo_over(conn), size, opts.seconds)
-
-    return workload
-
-
-for _name, _size in common.LARGE_ECHO_SIZES.items():
-    W.add(_name)(large_echo(_size))
-for _name, _size in common.HUGE_ECHO_SIZES.items():
-    W.add(_name, group="huge")(large_echo(_size))
-
-
-@W.add("mem_2GiB", group="mem", rows=common.MEM_ROWS)
-def mem_2gib(opts) -> dict:
+@contextmanager
+def opaque_echo(big: bool):
     with connected("opaque") as (conn, peer):
-        return common.echo_peak_rss(echo_over(conn), common.MEM_SIZE, peer.pid)
+        yield echo_over(conn), peer
+
+
+common.add_echo_workloads(W, opaque_echo)
 
 
 def main() -> None:

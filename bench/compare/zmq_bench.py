@@ -95,24 +95,13 @@ def zero_copy_echo(req: zmq.Socket):
     return echo
 
 
-def large_echo(size: int):
-    def workload(opts) -> dict:
-        with req_socket("zerocopy") as (req, _):
-            return common.echo_gib_per_s(zero_copy_echo(req), size, opts.seconds)
-
-    return workload
-
-
-for _name, _size in common.LARGE_ECHO_SIZES.items():
-    W.add(_name)(large_echo(_size))
-for _name, _size in common.HUGE_ECHO_SIZES.items():
-    W.add(_name, group="huge")(large_echo(_size))
-
-
-@W.add("mem_2GiB", group="mem", rows=common.MEM_ROWS)
-def mem_2gib(opts) -> dict:
+@contextmanager
+def opaque_echo(big: bool):
     with req_socket("zerocopy") as (req, peer):
-        return common.echo_peak_rss(zero_copy_echo(req), common.MEM_SIZE, peer.pid)
+        yield zero_copy_echo(req), peer
+
+
+common.add_echo_workloads(W, opaque_echo)
 
 
 def main() -> None:
