@@ -459,14 +459,9 @@ impl Loop {
         }
         c.proto.poll_transmit(&mut bufs, 64);
         c.send_busy = true;
-        self.driver.submit(
-            token(id, SEND),
-            Op::Send {
-                fd: c.fd.as_raw_fd(),
-                bufs,
-                skip,
-            },
-        );
+        let fd = c.fd.as_raw_fd();
+        self.driver
+            .submit(token(id, SEND), Op::Send { fd, bufs, skip });
     }
 
     fn complete(&mut self, c: Completion) {
@@ -621,14 +616,10 @@ impl Loop {
             Ok(n) => {
                 let skip = skip + n;
                 if skip < sys::total_len(&bufs) && !c.shut {
-                    self.driver.submit(
-                        token(id, SEND),
-                        Op::Send {
-                            fd: c.fd.as_raw_fd(),
-                            bufs,
-                            skip,
-                        },
-                    );
+                    // The rest of the same buffers, from where the kernel stopped.
+                    let fd = c.fd.as_raw_fd();
+                    self.driver
+                        .submit(token(id, SEND), Op::Send { fd, bufs, skip });
                     return;
                 }
                 c.send_busy = false;
