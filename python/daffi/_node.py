@@ -343,14 +343,13 @@ class Service(_Node):
 
     def stop(self) -> None:
         """Close the listener and every connection; idempotent and bounded in time."""
+        # All of it under the lock: a concurrent start() or stop() waits for this one to end.
         with self._lock:
             native, self._native = self._native, None
-        if native is None:
+            if native is not None:
+                native.stop()
+                self._stop_threads()
             self._stopped.set()
-            return
-        native.stop()
-        self._stop_threads()
-        self._stopped.set()
 
     def __enter__(self) -> Service:
         return self.start()
@@ -411,7 +410,7 @@ class Client(_Node):
         """Disconnect (sending whatever is queued first); idempotent and thread-safe."""
         with self._lock:
             self._shutdown_native()
-        self._stopped.set()
+            self._stopped.set()
 
     def __enter__(self) -> Client:
         self.connect()
