@@ -65,11 +65,80 @@ pub fn connect_tcp(host: &str, port: u16, timeout: Duration) -> io::Result<Owned
     Err(last)
 }
 
-/// Connects to a Unix socket and makes it non-blocking.
-pub fn connect_unix(path: &Path) -> io::Result<OwnedFd> {
-    let s = UnixStream::connect(path)?;
-    s.set_nonblocking(true)?;
-    Ok(OwnedFd::from(s))
+/// Connects to a Unix socket within `timeout` and makes it non-blocking.
+///
+/// A Unix-socket connect never waits for the server to accept: it succeeds at once or fails
+/// with `EAGAIN` while the server's backlog is full. The blocking form would wait without a
+/// limit in that case, so the non-blocking form is retried until `timeout`.
+pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<OwnedFd> {
+    let deadline = std::time::Instant::now() + timeout;
+    let addr = std::os::unix::net::SocketAddr::from_pathname(path)?;
+    loop {
+        // SAFETY: socket() takes no pointers; the result is checked before use.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let stream = UnixStream::from(fd);
+        match connect_unix_once(&stream, &addr) {
+            Ok(()) => return Ok(OwnedFd::from(stream)),
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the server's backlog stayed full",
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn connect_unix_once(stream: &UnixStream, addr: &std::os::unix::net::SocketAddr) -> io::Result<()> {
+    let path = addr
+        .as_pathname()
+        .ok_or_else(|| io::Error::other("unnamed unix address"))?;
+    let bytes = path.as_os_str().as_encoded_bytes();
+    // SAFETY: an all-zero sockaddr_un is a valid (empty) Unix address.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= sun.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "unix socket path too long",
+        ));
+    }
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, b) in sun.sun_path.iter_mut().zip(bytes) {
+        *d = *b as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `sun` is a valid sockaddr_un that lives across the call; `len` covers the family
+    // and the NUL-terminated path within it.
+    let r = unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            &sun as *const libc::sockaddr_un as *const libc::sockaddr,
+            len as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Prepares an accepted socket: non-blocking, and for TCP `TCP_NODELAY` plus keep-alive.

@@ -255,3 +255,24 @@ fn waker_interrupts_a_wait() {
         t.join().unwrap();
     }
 }
+
+#[test]
+fn unix_connect_gives_up_when_the_backlog_stays_full() {
+    let dir = std::env::temp_dir().join(format!("daffi-drv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("full.sock");
+    let _listener = sys::listen_unix(&path).unwrap(); // never accepts
+    let mut held = Vec::new();
+    let started = Instant::now();
+    let err = loop {
+        match sys::connect_unix(&path, Duration::from_millis(200)) {
+            Ok(fd) => held.push(fd),
+            Err(e) => break e,
+        }
+        assert!(held.len() < 100_000, "the backlog never filled");
+    };
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(held);
+    let _ = std::fs::remove_file(&path);
+}

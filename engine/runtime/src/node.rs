@@ -361,7 +361,7 @@ impl Client {
         let started = Instant::now();
         let fd: OwnedFd = match &cfg.address {
             Address::Tcp { host, port } => sys::connect_tcp(host, *port, cfg.connect_timeout),
-            Address::Unix(p) => sys::connect_unix(p),
+            Address::Unix(p) => sys::connect_unix(p, cfg.connect_timeout),
         }
         .map_err(|e| StartError::Connect(cfg.address.clone(), e))?;
         let conn = engine.next_id();
