@@ -137,6 +137,18 @@ fn call_tuple<'py>(
     (c.conn, c.call_id, c.name, c.serde, c.flags.0, payload).into_pyobject(py)
 }
 
+/// The Python object for `inner`: the shared `Node` base plus the class-specific part.
+fn with_base<T, S>(inner: Arc<T>, make: impl FnOnce(Arc<T>) -> S) -> PyClassInitializer<S>
+where
+    T: Node + Send + Sync + 'static,
+    S: pyo3::PyClass<BaseType = NodeBase>,
+{
+    PyClassInitializer::from(NodeBase {
+        node: inner.clone(),
+    })
+    .add_subclass(make(inner))
+}
+
 /// What servers and clients share: running the calls they receive (`daffi_runtime::Node`).
 #[pyclass(frozen, subclass, module = "daffi._native", name = "Node")]
 struct NodeBase {
@@ -145,6 +157,16 @@ struct NodeBase {
 
 #[pymethods]
 impl NodeBase {
+    #[getter]
+    fn backend(&self) -> &'static str {
+        self.node.backend()
+    }
+
+    #[getter]
+    fn name(&self) -> &str {
+        self.node.name()
+    }
+
     /// `(conn, call_id, name, serde, flags, payload)`, or None on timeout or once stopped.
     #[pyo3(signature = (timeout=None))]
     fn next_call<'py>(
@@ -236,21 +258,7 @@ impl Server {
         let inner = py
             .detach(|| RtServer::start(&engine, cfg))
             .map_err(|e| start_error(py, e))?;
-        let inner = Arc::new(inner);
-        Ok(PyClassInitializer::from(NodeBase {
-            node: inner.clone(),
-        })
-        .add_subclass(Server { inner }))
-    }
-
-    #[getter]
-    fn backend(&self) -> &'static str {
-        self.inner.backend()
-    }
-
-    #[getter]
-    fn name(&self) -> &str {
-        self.inner.name()
+        Ok(with_base(Arc::new(inner), |inner| Server { inner }))
     }
 
     /// The bound TCP port, or None for a Unix socket.
@@ -311,21 +319,7 @@ impl Client {
         let inner = py
             .detach(|| RtClient::connect(&engine, cfg))
             .map_err(|e| start_error(py, e))?;
-        let inner = Arc::new(inner);
-        Ok(PyClassInitializer::from(NodeBase {
-            node: inner.clone(),
-        })
-        .add_subclass(Client { inner }))
-    }
-
-    #[getter]
-    fn backend(&self) -> &'static str {
-        self.inner.backend()
-    }
-
-    #[getter]
-    fn name(&self) -> &str {
-        self.inner.name()
+        Ok(with_base(Arc::new(inner), |inner| Client { inner }))
     }
 
     #[getter]

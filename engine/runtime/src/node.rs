@@ -218,14 +218,6 @@ impl Server {
         &self.address
     }
 
-    pub fn name(&self) -> &str {
-        &self.shared.name
-    }
-
-    pub fn backend(&self) -> &'static str {
-        self.engine.backend()
-    }
-
     /// Names of the connected peers.
     pub fn members(&self) -> Vec<String> {
         let mut m: Vec<String> = lock(&self.shared.state).members.values().cloned().collect();
@@ -428,16 +420,8 @@ impl Client {
         Ok(client)
     }
 
-    pub fn name(&self) -> &str {
-        &self.shared.name
-    }
-
     pub fn address(&self) -> &Address {
         &self.address
-    }
-
-    pub fn backend(&self) -> &'static str {
-        self.engine.backend()
     }
 
     pub fn is_open(&self) -> bool {
@@ -616,6 +600,10 @@ impl Client {
 
 /// What a binding uses to run the calls a node receives; Servers and Clients both offer it.
 pub trait Node {
+    /// This node's name.
+    fn name(&self) -> &str;
+    /// The I/O backend it runs on: `"uring"` or `"poll"`.
+    fn backend(&self) -> &'static str;
     /// Waits for the next call to run, at most `timeout` (`None`: no limit).
     fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall>;
     /// Waits for the next membership event.
@@ -630,6 +618,14 @@ pub trait Node {
 }
 
 impl Node for Server {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn backend(&self) -> &'static str {
+        self.engine.backend()
+    }
+
     fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
         self.shared.callee.calls.pop(timeout)
     }
@@ -659,6 +655,14 @@ impl Node for Server {
 }
 
 impl Node for Client {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn backend(&self) -> &'static str {
+        self.engine.backend()
+    }
+
     fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
         self.shared.callee.calls.pop(timeout)
     }
