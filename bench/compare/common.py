@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import socket
 import statistics
 import subprocess
@@ -331,6 +332,20 @@ def peak_rss(pid: int | str = "self") -> int:
 
 def current_rss(pid: int | str = "self") -> int:
     return _status_kib(pid, "VmRSS") * KiB
+
+
+def pickle_echo_rate(send: Callable[[bytes], object], recv: Callable[[], bytes], seconds: float) -> dict:
+    """Sequential PICKLE calls over a bare transport: the call is pickled like daffi's
+    ``(args, kwargs)`` and the echo unpickled, so the row compares with daffi's PICKLE row."""
+    payload = small_dict()
+
+    def call():
+        send(pickle.dumps(((payload,), {})))
+        return pickle.loads(recv())
+
+    if call() != payload:
+        raise AssertionError("echo mismatch")
+    return calls_per_second(call, seconds)
 
 
 def add_echo_workloads(workloads: Workloads, open_echo: Callable[[bool], Any]) -> None:

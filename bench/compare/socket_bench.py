@@ -110,16 +110,8 @@ def connected(*mode: str) -> Iterator[tuple[Conn, Peer]]:
 
 @W.add("seq_pickle_1k5")
 def seq_pickle(opts) -> dict:
-    payload = common.small_dict()
     with connected("pickle") as (conn, _):
-
-        def call():
-            conn.send(pickle.dumps(((payload,), {})))
-            return pickle.loads(conn.recv())
-
-        if call() != payload:
-            raise AssertionError("echo mismatch")
-        return common.calls_per_second(call, opts.seconds)
+        return common.pickle_echo_rate(conn.send, conn.recv, opts.seconds)
 
 
 @W.add("seq_opaque_1k5")

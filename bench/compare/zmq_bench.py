@@ -61,16 +61,8 @@ def req_socket(mode: str) -> Iterator[tuple[zmq.Socket, Peer]]:
 
 @W.add("seq_pickle_1k5")
 def seq_pickle(opts) -> dict:
-    payload = common.small_dict()
     with req_socket("pickle") as (req, _):
-
-        def call():
-            req.send(pickle.dumps(((payload,), {})))
-            return pickle.loads(req.recv())
-
-        if call() != payload:
-            raise AssertionError("echo mismatch")
-        return common.calls_per_second(call, opts.seconds)
+        return common.pickle_echo_rate(req.send, req.recv, opts.seconds)
 
 
 @W.add("seq_opaque_1k5")
