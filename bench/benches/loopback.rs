@@ -70,7 +70,7 @@ fn loopback(c: &mut Criterion) {
             g.bench_function(format!("echo_{size}"), |b| {
                 b.iter(|| {
                     client
-                        .call("echo", 0, 0, payload.clone(), None)
+                        .call(None, "echo", 0, 0, payload.clone(), None)
                         .expect("echo")
                 })
             });

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 
 use crate::frame::{Flags, Kind, Payload, encode_head, error_code};
-use crate::handshake::{Hello, decode_names, encode_names};
+use crate::handshake::{Hello, decode_names, decode_peers, encode_names};
 use crate::reader::{DecodeError, FrameReader, Item, RecvTarget};
 
 /// Which end of the connection this is.
@@ -30,6 +30,9 @@ pub struct Local {
     /// A shared secret (empty: none): a client sends it in its hello; a server refuses a
     /// hello that does not carry the same one, before any call is read.
     pub token: Vec<u8>,
+    /// This side is a Router (a server that forwards between its clients): its `Welcome` says
+    /// so, and requests on the connection name their target peer.
+    pub router: bool,
 }
 
 /// The other side, as it announced itself.
@@ -38,6 +41,8 @@ pub struct Peer {
     pub name: String,
     pub functions: Vec<String>,
     pub max_message_size: u64,
+    /// The peer is a Router (only a server's `Welcome` can say so).
+    pub router: bool,
 }
 
 /// Something the runtime must act on.
@@ -46,9 +51,12 @@ pub struct Peer {
 pub enum Event {
     /// The handshake completed.
     Open(Peer),
-    /// The peer calls one of our functions.
+    /// The peer calls one of our functions. On a routed connection (a Router's, or a client's
+    /// of a Router) `peer` is the other end of the call: the target when a client sends to a
+    /// Router, the caller when a Router delivers to a client.
     Request {
         call_id: u64,
+        peer: Option<String>,
         name: String,
         serde: u8,
         flags: Flags,
@@ -71,6 +79,13 @@ pub enum Event {
     Announce(Vec<String>),
     /// The peer is closing, and says why.
     Goodbye(String),
+    /// From a Router: peers reachable through it (the first one after the handshake lists every
+    /// peer present then, possibly none).
+    Joined(Vec<Peer>),
+    /// From a Router: a peer left.
+    Left(String),
+    /// From a Router: a peer exports more functions now.
+    PeerAnnounce { peer: String, names: Vec<String> },
 }
 
 /// Why a frame could not be sent.
@@ -99,6 +114,8 @@ pub struct Connection {
     reader: FrameReader,
     out: VecDeque<Bytes>,
     events: VecDeque<Event>,
+    /// Requests carry `peer \0 function` in their meta (see [`Event::Request`]).
+    routed: bool,
 }
 
 impl Connection {
@@ -107,6 +124,7 @@ impl Connection {
             role,
             state: State::Handshake,
             reader: FrameReader::new(local.max_message_size),
+            routed: role == Role::Server && local.router,
             local,
             peer: None,
             out: VecDeque::new(),
@@ -126,6 +144,11 @@ impl Connection {
         self.state == State::Open
     }
 
+    /// True on a Router's connections and on a client's connection to a Router.
+    pub fn is_routed(&self) -> bool {
+        self.routed
+    }
+
     pub fn peer(&self) -> Option<&Peer> {
         self.peer.as_ref()
     }
@@ -140,6 +163,11 @@ impl Connection {
         } else {
             Vec::new()
         };
+        let flags = if kind == Kind::Welcome && self.local.router {
+            Flags::ROUTER
+        } else {
+            0
+        };
         let body = Hello {
             max_message_size: self.local.max_message_size,
             functions: self.local.functions.clone(),
@@ -150,7 +178,7 @@ impl Connection {
             kind,
             0,
             0,
-            0,
+            flags,
             &self.local.name,
             body.len() as u64,
         ));
@@ -256,11 +284,16 @@ impl Connection {
                 if self.role == Role::Server && !same_secret(&self.local.token, &hello.token) {
                     return Err(DecodeError::Handshake("authentication failed"));
                 }
+                let router = self.role == Role::Client && h.flags.router();
                 let peer = Peer {
                     name: f.meta,
                     functions: hello.functions,
                     max_message_size: hello.max_message_size,
+                    router,
                 };
+                if router {
+                    self.routed = true;
+                }
                 self.peer = Some(peer.clone());
                 self.state = State::Open;
                 if self.role == Role::Server {
@@ -275,13 +308,27 @@ impl Connection {
             (State::Open, _, Kind::Hello | Kind::Welcome) => {
                 return Err(DecodeError::Unexpected(h.kind, "after the handshake"));
             }
-            (State::Open, _, Kind::Request) => self.events.push_back(Event::Request {
-                call_id: h.call_id,
-                name: f.meta,
-                serde: h.serde,
-                flags: h.flags,
-                payload: f.payload,
-            }),
+            (State::Open, _, Kind::Request) => {
+                let (peer, name) = if self.routed {
+                    let Some((peer, name)) = f.meta.split_once('\0') else {
+                        return Err(DecodeError::Unexpected(
+                            Kind::Request,
+                            "without a peer name on a routed connection",
+                        ));
+                    };
+                    (Some(peer.to_owned()), name.to_owned())
+                } else {
+                    (None, f.meta)
+                };
+                self.events.push_back(Event::Request {
+                    call_id: h.call_id,
+                    peer,
+                    name,
+                    serde: h.serde,
+                    flags: h.flags,
+                    payload: f.payload,
+                })
+            }
             (State::Open, _, Kind::Response) => self.events.push_back(Event::Response {
                 call_id: h.call_id,
                 serde: h.serde,
@@ -293,6 +340,26 @@ impl Connection {
                 code: f.meta,
                 payload: f.payload,
             }),
+            (State::Open, Role::Client, Kind::Announce) if self.routed => {
+                let names = decode_names(f.payload.inline())?;
+                self.events.push_back(Event::PeerAnnounce {
+                    peer: f.meta,
+                    names,
+                });
+            }
+            (State::Open, Role::Client, Kind::Joined) if self.routed => {
+                let peers = decode_peers(f.payload.inline())?;
+                self.events.push_back(Event::Joined(peers));
+            }
+            (State::Open, Role::Client, Kind::Left) if self.routed => {
+                self.events.push_back(Event::Left(f.meta));
+            }
+            (State::Open, _, Kind::Joined | Kind::Left) => {
+                return Err(DecodeError::Unexpected(
+                    h.kind,
+                    "from a peer that is not a Router",
+                ));
+            }
             (State::Open, _, Kind::Announce) => {
                 let names = decode_names(f.payload.inline())?;
                 if let Some(p) = &mut self.peer {
@@ -370,6 +437,19 @@ impl Connection {
         }
     }
 
+    /// Queues any frame (a Router forwarding a call, or telling about peers).
+    pub fn queue_frame(
+        &mut self,
+        kind: Kind,
+        call_id: u64,
+        serde: u8,
+        flags: u8,
+        meta: &str,
+        payload: Bytes,
+    ) {
+        self.push(kind, call_id, serde, flags, meta, payload);
+    }
+
     /// Queues a goodbye; the runtime closes the connection once it is sent.
     pub fn goodbye(&mut self, reason: &str) {
         self.push(Kind::Goodbye, 0, 0, 0, reason, Bytes::new());
@@ -424,6 +504,7 @@ mod tests {
             functions: functions.iter().map(|s| s.to_string()).collect(),
             max_message_size: max,
             token: Vec::new(),
+            router: false,
         }
     }
 
@@ -460,7 +541,8 @@ mod tests {
             vec![Event::Open(Peer {
                 name: "cli".into(),
                 functions: vec![],
-                max_message_size: 1 << 20
+                max_message_size: 1 << 20,
+                router: false,
             })]
         );
         pump(&mut server, &mut client, 3);
@@ -477,6 +559,7 @@ mod tests {
             ev,
             vec![Event::Request {
                 call_id: u64::MAX,
+                peer: None,
                 name: "add".into(),
                 serde: 2,
                 flags: Flags(0),

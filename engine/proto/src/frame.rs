@@ -28,6 +28,11 @@ pub enum Kind {
     Announce = 6,
     /// The sender is closing the connection: meta = reason.
     Goodbye = 7,
+    /// Router → client: peers that are (or became) reachable through the router: payload =
+    /// peer list (see [`crate::handshake::encode_peers`]).
+    Joined = 8,
+    /// Router → client: a peer left: meta = its name.
+    Left = 9,
 }
 
 impl Kind {
@@ -40,6 +45,8 @@ impl Kind {
             5 => Kind::Error,
             6 => Kind::Announce,
             7 => Kind::Goodbye,
+            8 => Kind::Joined,
+            9 => Kind::Left,
             _ => return None,
         })
     }
@@ -54,13 +61,19 @@ impl Flags {
     pub const NO_REPLY: u8 = 0x01;
     /// The payload is UTF-8 text (an OPAQUE `str`).
     pub const TEXT: u8 = 0x02;
-    const KNOWN: u8 = Self::NO_REPLY | Self::TEXT;
+    /// On a `Welcome`: the server is a Router (requests name their target peer, membership
+    /// arrives in `Joined` and `Left` frames).
+    pub const ROUTER: u8 = 0x04;
+    const KNOWN: u8 = Self::NO_REPLY | Self::TEXT | Self::ROUTER;
 
     pub fn no_reply(self) -> bool {
         self.0 & Self::NO_REPLY != 0
     }
     pub fn text(self) -> bool {
         self.0 & Self::TEXT != 0
+    }
+    pub fn router(self) -> bool {
+        self.0 & Self::ROUTER != 0
     }
 }
 
@@ -72,8 +85,11 @@ pub mod error_code {
     pub const NO_FUNCTION: &str = "no-function";
     /// The request was larger than the receiver accepts; payload = UTF-8 message.
     pub const TOO_LARGE: &str = "too-large";
-    /// The request could not be delivered; payload = UTF-8 message.
+    /// The request could not be delivered (a Router knows no such peer, or the peer does not
+    /// export the function); payload = UTF-8 message.
     pub const UNDELIVERABLE: &str = "undeliverable";
+    /// The peer the request was delivered to left before answering; payload = UTF-8 message.
+    pub const DISCONNECTED: &str = "disconnected";
     /// The receiver does not accept the request (for example its serde format); payload =
     /// UTF-8 message.
     pub const REFUSED: &str = "refused";

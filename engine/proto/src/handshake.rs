@@ -3,12 +3,15 @@
 //! ```text
 //! Hello / Welcome payload:  max_message_size: u64 LE, names, [token]
 //! Announce payload:         names
+//! Joined payload:           count: u32 LE, then per peer: len: u16 LE, UTF-8 name,
+//!                           max_message_size: u64 LE, names (its functions)
 //! token (optional):         len: u16 LE, bytes — a client's shared secret
 //! names:                    count: u32 LE, then per name: len: u16 LE, UTF-8 bytes
 //! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::connection::Peer;
 use crate::reader::DecodeError;
 
 /// What each side tells the other when a connection opens.
@@ -68,9 +71,7 @@ fn put_names(out: &mut BytesMut, names: &[String]) {
     out.put_u32_le(names.len() as u32);
     for n in names {
         // Names are validated to fit in u16 where they are registered; clip defensively.
-        let n = &n.as_bytes()[..n.len().min(u16::MAX as usize)];
-        out.put_u16_le(n.len() as u16);
-        out.put_slice(n);
+        put_name(out, n);
     }
 }
 
@@ -81,6 +82,71 @@ pub fn decode_names(b: &[u8]) -> Result<Vec<String>, DecodeError> {
         return Err(DecodeError::Handshake("trailing bytes after name list"));
     }
     Ok(names)
+}
+
+/// Encodes the peer list of a `Joined` frame.
+pub fn encode_peers(peers: &[Peer]) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_u32_le(peers.len() as u32);
+    for p in peers {
+        put_name(&mut out, &p.name);
+        out.put_u64_le(p.max_message_size);
+        put_names(&mut out, &p.functions);
+    }
+    out.freeze()
+}
+
+/// Decodes the peer list of a `Joined` frame, as strictly as a name list.
+pub fn decode_peers(b: &[u8]) -> Result<Vec<Peer>, DecodeError> {
+    if b.len() < 4 {
+        return Err(DecodeError::Handshake("peer list shorter than its count"));
+    }
+    let count = u32::from_le_bytes(b[..4].try_into().expect("4 bytes")) as usize;
+    let mut b = &b[4..];
+    // Each peer needs at least 14 bytes (name length, limit, name count).
+    if count > b.len() / 14 {
+        return Err(DecodeError::Handshake("peer count exceeds payload"));
+    }
+    let mut peers = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (name, rest) = name_prefix(b)?;
+        if rest.len() < 8 {
+            return Err(DecodeError::Handshake("truncated peer"));
+        }
+        let max_message_size = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+        let (functions, rest) = names_prefix(&rest[8..])?;
+        peers.push(Peer {
+            name,
+            functions,
+            max_message_size,
+            router: false,
+        });
+        b = rest;
+    }
+    if !b.is_empty() {
+        return Err(DecodeError::Handshake("trailing bytes after peer list"));
+    }
+    Ok(peers)
+}
+
+fn put_name(out: &mut BytesMut, n: &str) {
+    let n = &n.as_bytes()[..n.len().min(u16::MAX as usize)];
+    out.put_u16_le(n.len() as u16);
+    out.put_slice(n);
+}
+
+/// Decodes one length-prefixed name at the start of `b`.
+fn name_prefix(b: &[u8]) -> Result<(String, &[u8]), DecodeError> {
+    if b.len() < 2 {
+        return Err(DecodeError::Handshake("truncated name list"));
+    }
+    let len = u16::from_le_bytes([b[0], b[1]]) as usize;
+    let b = &b[2..];
+    if b.len() < len {
+        return Err(DecodeError::Handshake("truncated name"));
+    }
+    let name = std::str::from_utf8(&b[..len]).map_err(|_| DecodeError::Utf8("name"))?;
+    Ok((name.to_owned(), &b[len..]))
 }
 
 /// Decodes a list of names at the start of `b`; returns them and the bytes after them.
@@ -96,18 +162,9 @@ fn names_prefix(mut b: &[u8]) -> Result<(Vec<String>, &[u8]), DecodeError> {
     }
     let mut names = Vec::with_capacity(count);
     for _ in 0..count {
-        if b.len() < 2 {
-            return Err(DecodeError::Handshake("truncated name list"));
-        }
-        let len = u16::from_le_bytes([b[0], b[1]]) as usize;
-        b = &b[2..];
-        if b.len() < len {
-            return Err(DecodeError::Handshake("truncated name"));
-        }
-        let name =
-            std::str::from_utf8(&b[..len]).map_err(|_| DecodeError::Utf8("function name"))?;
-        names.push(name.to_owned());
-        b = &b[len..];
+        let (name, rest) = name_prefix(b)?;
+        names.push(name);
+        b = rest;
     }
     Ok((names, b))
 }
@@ -153,6 +210,36 @@ mod tests {
         let mut b = vec![0u8; 8];
         b.extend_from_slice(&1u32.to_le_bytes());
         b.extend_from_slice(&[1, 0, 0xff]);
-        assert_eq!(Hello::decode(&b), Err(DecodeError::Utf8("function name")));
+        assert_eq!(Hello::decode(&b), Err(DecodeError::Utf8("name")));
+    }
+
+    #[test]
+    fn peer_list_round_trip_and_lies() {
+        let peers = vec![
+            Peer {
+                name: "worker-1".into(),
+                functions: vec!["process".into(), "échö".into()],
+                max_message_size: 1 << 30,
+                router: false,
+            },
+            Peer {
+                name: "caller".into(),
+                functions: vec![],
+                max_message_size: 7,
+                router: false,
+            },
+        ];
+        let b = encode_peers(&peers);
+        assert_eq!(decode_peers(&b), Ok(peers));
+        assert_eq!(decode_peers(&encode_peers(&[])), Ok(vec![]));
+        for cut in 0..b.len() {
+            assert!(decode_peers(&b[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = b.to_vec();
+        long.push(0);
+        assert!(decode_peers(&long).is_err());
+        let mut lie = b.to_vec();
+        lie[0] = 200;
+        assert!(decode_peers(&lie).is_err());
     }
 }

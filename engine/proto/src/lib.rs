@@ -17,11 +17,13 @@ pub mod connection;
 pub mod frame;
 pub mod handshake;
 pub mod reader;
+pub mod router;
 
 pub use connection::{Connection, Event, Local, Peer, Role};
 pub use frame::{Flags, Frame, HEADER_LEN, Header, Kind, MAGIC, Payload, VERSION};
 pub use handshake::Hello;
 pub use reader::{DecodeError, FrameReader, RecvTarget};
+pub use router::{Action, RoutingTable};
 
 /// Default cap on one incoming message (meta + payload): 1 GiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 1 << 30;

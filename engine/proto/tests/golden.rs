@@ -355,6 +355,7 @@ fn client_connection_speaks_the_golden_bytes() {
             functions: strings(&["add", "echo"]),
             max_message_size: GIB,
             token: Vec::new(),
+            router: false,
         },
     );
     assert_eq!(transmit(&mut client), HELLO);
@@ -364,6 +365,7 @@ fn client_connection_speaks_the_golden_bytes() {
             name: "svc".into(),
             functions: strings(&["add", "echo", "grüß"]),
             max_message_size: 5 * GIB,
+            router: false,
         })]
     );
     client
@@ -428,6 +430,7 @@ fn server_connection_speaks_the_golden_bytes() {
             functions: strings(&["add", "echo", "grüß"]),
             max_message_size: 5 * GIB,
             token: Vec::new(),
+            router: false,
         },
     );
     assert_eq!(transmit(&mut server), b"");
@@ -437,6 +440,7 @@ fn server_connection_speaks_the_golden_bytes() {
             name: "cli".into(),
             functions: strings(&["add", "echo"]),
             max_message_size: GIB,
+            router: false,
         })]
     );
     assert_eq!(transmit(&mut server), WELCOME);
@@ -444,6 +448,7 @@ fn server_connection_speaks_the_golden_bytes() {
         receive(&mut server, REQUEST_PICKLE),
         [Event::Request {
             call_id: 258,
+            peer: None,
             name: "add".into(),
             serde: 2,
             flags: Flags(0),
@@ -475,6 +480,7 @@ fn handshake_order_is_enforced() {
         functions: Vec::new(),
         max_message_size: GIB,
         token: Vec::new(),
+        router: false,
     };
     for early in [
         WELCOME,

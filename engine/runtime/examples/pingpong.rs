@@ -75,7 +75,9 @@ fn main() {
     let n = 50_000;
     let t = Instant::now();
     for _ in 0..n {
-        client.call("echo", 0, 0, small.clone(), None).unwrap();
+        client
+            .call(None, "echo", 0, 0, small.clone(), None)
+            .unwrap();
     }
     println!(
         "{}: {:.0} calls/s",
@@ -84,11 +86,11 @@ fn main() {
     );
     for size in [28usize << 20, 256 << 20] {
         let big = Bytes::from(vec![1u8; size]);
-        client.call("echo", 0, 0, big.clone(), None).unwrap();
+        client.call(None, "echo", 0, 0, big.clone(), None).unwrap();
         let k = 5;
         let t = Instant::now();
         for _ in 0..k {
-            client.call("echo", 0, 0, big.clone(), None).unwrap();
+            client.call(None, "echo", 0, 0, big.clone(), None).unwrap();
         }
         let dt = t.elapsed().as_secs_f64() / k as f64;
         println!(

@@ -11,11 +11,13 @@ use bytes::Bytes;
 use crossbeam_queue::SegQueue;
 use daffi_driver::{AnyDriver, Backend, Body, Completion, Driver, Op, Outcome, RecvBuf, Wake, sys};
 use daffi_proto::frame::error_code;
-use daffi_proto::{Connection, Event, Local, Payload as WirePayload, Role};
+use daffi_proto::{
+    Action, Connection, Event, Flags, Kind, Local, Payload as WirePayload, Role, RoutingTable,
+};
 
 use crate::call::{CallError, Reply};
 use crate::node::{ClientShared, IncomingCall, MemberEvent, Phase, ServerShared};
-use crate::payload::{Payload, alloc_body};
+use crate::payload::{Payload, alloc_body, alloc_heap};
 use crate::wire::Wire;
 
 /// Work handed to the engine thread by node handles.
@@ -196,6 +198,14 @@ impl Owner {
             Owner::Client(c) => c.conn,
         }
     }
+
+    /// The Router this connection belongs to, if it does.
+    fn router(&self) -> Option<&Arc<ServerShared>> {
+        match self {
+            Owner::Server(s) if s.router => Some(s),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -234,6 +244,10 @@ struct Loop {
     shared: Arc<Shared>,
     conns: HashMap<u64, Conn>,
     listeners: HashMap<u64, Listener>,
+    /// Each Router's table, by server id.
+    routes: HashMap<u64, RoutingTable<u64>>,
+    /// What a routing table asked for, waiting to be applied.
+    actions: Vec<Action<u64>>,
     dirty: Vec<u64>,
     completions: Vec<Completion>,
 }
@@ -245,6 +259,8 @@ impl Loop {
             shared,
             conns: HashMap::new(),
             listeners: HashMap::new(),
+            routes: HashMap::new(),
+            actions: Vec::new(),
             dirty: Vec::new(),
             completions: Vec::new(),
         }
@@ -286,6 +302,10 @@ impl Loop {
         match cmd {
             Command::Listen { fd, server } => {
                 let id = server.id;
+                if server.router {
+                    self.routes
+                        .insert(id, RoutingTable::new(server.name.clone()));
+                }
                 self.driver
                     .submit(token(id, ACCEPT), Op::Accept { fd: fd.as_raw_fd() });
                 self.listeners.insert(
@@ -595,7 +615,13 @@ impl Loop {
                 _ => return Ok(()),
             };
             let len = usize::try_from(len).map_err(|_| format!("payload of {len} bytes"))?;
-            let mut body = alloc_body(len).ok_or_else(|| format!("cannot allocate {len} bytes"))?;
+            // A Router forwards payloads without handing them to its binding.
+            let body = if c.owner.router().is_some() {
+                alloc_heap(len)
+            } else {
+                alloc_body(len)
+            };
+            let mut body = body.ok_or_else(|| format!("cannot allocate {len} bytes"))?;
             body.extend_from_slice(c.proto.take_body_prefix());
             c.body = Some(body);
             c.proto.body_received(0).map_err(|e| e.to_string())?;
@@ -640,6 +666,10 @@ impl Loop {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
+        if let Some(router) = c.owner.router() {
+            let router = router.clone();
+            return self.drain_router(id, &router);
+        }
         while let Some(ev) = c.proto.poll_event() {
             match ev {
                 Event::Open(peer) => {
@@ -655,8 +685,12 @@ impl Loop {
                                 member: peer.name,
                             });
                         }
+                        // Through a Router, the connection is open once the list of the peers
+                        // present arrived (the first `Joined`), so that calls can be routed.
                         Owner::Client(cl) => cl.update(|st| {
-                            st.phase = Phase::Open;
+                            if !peer.router {
+                                st.phase = Phase::Open;
+                            }
                             st.peer = Some(peer);
                         }),
                     }
@@ -667,6 +701,7 @@ impl Loop {
                     serde,
                     flags,
                     payload,
+                    ..
                 } => {
                     // The payload's buffer is consumed whatever happens to the call.
                     let payload = take_payload(payload, &mut c.body);
@@ -741,10 +776,11 @@ impl Loop {
                             Payload::Inline(v) => v,
                             Payload::Body(b) => b.as_slice().to_vec(),
                         };
-                        let e = if code == error_code::REMOTE {
-                            CallError::Remote(bytes)
-                        } else {
-                            CallError::Transmission(String::from_utf8_lossy(&bytes).into_owned())
+                        let msg = || String::from_utf8_lossy(&bytes).into_owned();
+                        let e = match code.as_str() {
+                            error_code::REMOTE => CallError::Remote(bytes),
+                            error_code::DISCONNECTED => CallError::Disconnected(msg()),
+                            _ => CallError::Transmission(msg()),
                         };
                         cl.calls.complete(call_id, Err(e));
                     }
@@ -753,6 +789,47 @@ impl Loop {
                     if let Owner::Client(cl) = &c.owner {
                         let peer = c.proto.peer().cloned();
                         cl.update(|st| st.peer = peer);
+                    }
+                }
+                Event::Joined(peers) => {
+                    if let Owner::Client(cl) = &c.owner {
+                        cl.update(|st| {
+                            for p in peers {
+                                cl.callee.events.push(MemberEvent {
+                                    connected: true,
+                                    member: p.name.clone(),
+                                });
+                                st.peers.insert(p.name.clone(), p);
+                            }
+                            if st.phase == Phase::Connecting {
+                                st.phase = Phase::Open;
+                            }
+                        });
+                    }
+                }
+                Event::Left(name) => {
+                    if let Owner::Client(cl) = &c.owner {
+                        cl.update(|st| {
+                            if st.peers.remove(&name).is_some() {
+                                cl.callee.events.push(MemberEvent {
+                                    connected: false,
+                                    member: name,
+                                });
+                            }
+                        });
+                    }
+                }
+                Event::PeerAnnounce { peer, names } => {
+                    if let Owner::Client(cl) = &c.owner {
+                        cl.update(|st| {
+                            if let Some(p) = st.peers.get_mut(&peer) {
+                                for n in names {
+                                    if !p.functions.contains(&n) {
+                                        p.functions.push(n);
+                                    }
+                                }
+                            }
+                        });
                     }
                 }
                 Event::Goodbye(reason) => {
@@ -768,6 +845,121 @@ impl Loop {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// A Router's connection: everything it receives goes through the routing table.
+    fn drain_router(&mut self, id: u64, router: &Arc<ServerShared>) {
+        loop {
+            let Some(c) = self.conns.get_mut(&id) else {
+                return;
+            };
+            let Some(ev) = c.proto.poll_event() else {
+                return;
+            };
+            let Some(table) = self.routes.get_mut(&router.id) else {
+                continue;
+            };
+            let out = &mut self.actions;
+            match ev {
+                Event::Open(peer) => {
+                    c.wire.set_peer_max(peer.max_message_size);
+                    tracing::debug!("{} joined router {}", peer.name, router.name);
+                    router.update(|st| {
+                        st.members.insert(id, peer.name.clone());
+                    });
+                    table.join(id, peer, out);
+                }
+                Event::Request {
+                    call_id,
+                    peer,
+                    name,
+                    serde,
+                    flags,
+                    payload,
+                } => {
+                    if let Some(p) = take_payload(payload, &mut c.body) {
+                        let target = peer.unwrap_or_default();
+                        let p = p.into_bytes();
+                        table.request(id, call_id, &target, &name, serde, flags, p, out);
+                    }
+                }
+                Event::Response {
+                    call_id,
+                    serde,
+                    flags,
+                    payload,
+                } => {
+                    if let Some(p) = take_payload(payload, &mut c.body) {
+                        let p = p.into_bytes();
+                        let k = Kind::Response;
+                        table.answer(id, k, call_id, serde, flags, String::new(), p, out);
+                    }
+                }
+                Event::Error {
+                    call_id,
+                    code,
+                    payload,
+                } => {
+                    if let Some(p) = take_payload(payload, &mut c.body) {
+                        let p = p.into_bytes();
+                        table.answer(id, Kind::Error, call_id, 0, Flags(0), code, p, out);
+                    }
+                }
+                Event::Announce(names) => table.announce(id, &names, out),
+                Event::Goodbye(reason) => {
+                    tracing::debug!("connection {id}: peer says goodbye: {reason}");
+                }
+                _ => {}
+            }
+            self.apply_actions(router);
+        }
+    }
+
+    /// Carries out what a routing table asked for.
+    fn apply_actions(&mut self, router: &Arc<ServerShared>) {
+        let mut actions = std::mem::take(&mut self.actions);
+        for a in actions.drain(..) {
+            match a {
+                Action::Send {
+                    to,
+                    kind,
+                    call_id,
+                    serde,
+                    flags,
+                    meta,
+                    payload,
+                } => {
+                    if let Some(c) = self.conns.get_mut(&to) {
+                        if c.closing.is_none() && !c.shut {
+                            c.proto
+                                .queue_frame(kind, call_id, serde, flags, &meta, payload);
+                            self.dirty.push(to);
+                        }
+                    }
+                }
+                Action::Evict { conn, reason } => {
+                    tracing::info!("router {}: connection {conn} {reason}", router.name);
+                    router.update(|st| {
+                        st.members.remove(&conn);
+                    });
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        if c.closing.is_none() && !c.shut {
+                            c.proto.goodbye(&reason);
+                        }
+                    }
+                    self.close(conn, reason, true);
+                }
+                Action::Member { connected, name } => {
+                    router.callee.events.push(MemberEvent {
+                        connected,
+                        member: name,
+                    });
+                }
+            }
+        }
+        if self.actions.is_empty() {
+            self.actions = actions;
         }
     }
 
@@ -816,7 +1008,17 @@ impl Loop {
                     st.connections -= 1;
                     left = st.members.remove(&id);
                 });
-                if let Some(member) = left {
+                if s.router {
+                    // The table tells the others, fails the calls waiting on this peer and
+                    // reports the departure.
+                    if let Some(table) = self.routes.get_mut(&s.id) {
+                        table.leave(id, &mut self.actions);
+                        self.apply_actions(&s);
+                    }
+                    if let Some(member) = left {
+                        tracing::debug!("{member} left router {} ({reason})", s.name);
+                    }
+                } else if let Some(member) = left {
                     tracing::debug!("{member} left {} ({reason})", s.name);
                     s.callee.events.push(MemberEvent {
                         connected: false,

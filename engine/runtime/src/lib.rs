@@ -27,11 +27,11 @@ mod wire;
 pub use call::{CallError, Reply};
 pub use daffi_driver::sys::{advise_huge, tune_allocator};
 pub use daffi_driver::{Backend, Body, RawBuf};
-pub use daffi_proto::{DEFAULT_MAX_MESSAGE_SIZE, Flags};
+pub use daffi_proto::{DEFAULT_MAX_MESSAGE_SIZE, Flags, Peer};
 pub use engine::Engine;
 pub use inbox::Next;
 pub use node::{
-    Address, Client, ClientConfig, IncomingCall, MemberEvent, Node, Server, ServerConfig,
-    StartError,
+    Address, Client, ClientConfig, IncomingCall, MemberEvent, Node, PendingCall, Router,
+    RouterConfig, Server, ServerConfig, StartError,
 };
 pub use payload::{Payload, set_body_allocator};

@@ -3,7 +3,7 @@
 //! Each handle shares state with the engine thread; calling into a handle never blocks the
 //! engine, and the engine never waits for a handle.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -134,6 +134,8 @@ pub(crate) struct ServerShared {
     pub(crate) token: Vec<u8>,
     /// Bit `n` set: serde format `n` is accepted.
     pub(crate) serde_mask: u64,
+    /// A Router: forwards between its clients, runs no calls of its own.
+    pub(crate) router: bool,
     pub(crate) callee: Callee,
     pub(crate) unix_path: Option<PathBuf>,
     pub(crate) state: Mutex<ServerState>,
@@ -147,6 +149,7 @@ impl ServerShared {
             functions: lock(&self.callee.functions).clone(),
             max_message_size: self.max_message_size,
             token: self.token.clone(),
+            router: self.router,
         }
     }
 
@@ -156,7 +159,7 @@ impl ServerShared {
     }
 }
 
-/// A listening node (a daffi Service; later also the Router).
+/// A listening node: a daffi Service (see [`crate::Router`] for the other kind).
 #[derive(Debug)]
 pub struct Server {
     engine: Engine,
@@ -167,6 +170,14 @@ pub struct Server {
 impl Server {
     /// Binds `cfg.address` and starts accepting; returns once connections are accepted.
     pub fn start(engine: &Engine, cfg: ServerConfig) -> Result<Server, StartError> {
+        Server::start_as(engine, cfg, false)
+    }
+
+    pub(crate) fn start_as(
+        engine: &Engine,
+        cfg: ServerConfig,
+        router: bool,
+    ) -> Result<Server, StartError> {
         let (fd, address, unix_path) = match &cfg.address {
             Address::Tcp { host, port } => {
                 let (fd, addr) =
@@ -195,6 +206,7 @@ impl Server {
                 Some(f) => f.iter().filter(|n| **n < 64).fold(0, |m, n| m | 1 << n),
             },
             callee: Callee::new(cfg.functions),
+            router,
             unix_path,
             state: Mutex::new(ServerState {
                 listening: true,
@@ -263,6 +275,85 @@ impl Server {
     }
 }
 
+// ───────────────────────────────────────── router ─────────────────────────────────────────
+
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub name: String,
+    pub address: Address,
+    /// The largest payload the Router accepts from a client (it forwards nothing larger).
+    pub max_message_size: u64,
+    /// A shared secret every client must present in its handshake (empty: none).
+    pub token: Vec<u8>,
+}
+
+/// A Router: clients connect to it and call each other through it. It forwards requests and
+/// answers between connections on the engine thread, without decoding payloads and without
+/// involving its binding; it tells every client who else is connected and what they export.
+/// See `daffi_proto::RoutingTable`.
+#[derive(Debug)]
+pub struct Router {
+    server: Server,
+}
+
+impl Router {
+    /// Binds `cfg.address` and starts accepting; returns once connections are accepted.
+    pub fn start(engine: &Engine, cfg: RouterConfig) -> Result<Router, StartError> {
+        let cfg = ServerConfig {
+            name: cfg.name,
+            address: cfg.address,
+            max_message_size: cfg.max_message_size,
+            functions: Vec::new(),
+            token: cfg.token,
+            serde_formats: None,
+        };
+        Ok(Router {
+            server: Server::start_as(engine, cfg, true)?,
+        })
+    }
+
+    /// The bound address (with the real port when port 0 was asked for).
+    pub fn address(&self) -> &Address {
+        self.server.address()
+    }
+
+    /// Names of the connected peers.
+    pub fn members(&self) -> Vec<String> {
+        self.server.members()
+    }
+
+    /// Closes the listener and every connection (see [`Server::stop`]).
+    pub fn stop(&self) {
+        self.server.stop()
+    }
+}
+
+/// A Router runs no calls: `next_call` only waits, and answers are never needed. Its binding
+/// uses `next_event` for its membership handlers.
+impl Node for Router {
+    fn name(&self) -> &str {
+        self.server.name()
+    }
+
+    fn backend(&self) -> &'static str {
+        self.server.backend()
+    }
+
+    fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
+        self.server.next_call(timeout)
+    }
+
+    fn next_event(&self, timeout: Option<Duration>) -> Next<MemberEvent> {
+        self.server.next_event(timeout)
+    }
+
+    fn respond(&self, _conn: u64, _call_id: u64, _serde: u8, _flags: u8, _payload: Bytes) {}
+
+    fn respond_error(&self, _conn: u64, _call_id: u64, _code: &'static str, _payload: Bytes) {}
+
+    fn announce(&self, _names: &[String]) {}
+}
+
 fn listen_error(address: &Address, e: io::Error) -> StartError {
     if e.kind() == io::ErrorKind::AddrInUse {
         StartError::InUse(address.clone())
@@ -295,9 +386,39 @@ pub(crate) enum Phase {
 #[derive(Debug)]
 pub(crate) struct ClientState {
     pub(crate) phase: Phase,
+    /// The server: a Service, or a Router (`peer.router`).
     pub(crate) peer: Option<Peer>,
+    /// Through a Router: the other peers, by name.
+    pub(crate) peers: BTreeMap<String, Peer>,
+    /// Through a Router: how many calls of each function went out, for round-robin.
+    pub(crate) turns: HashMap<String, usize>,
     pub(crate) reason: String,
     pub(crate) evicted: bool,
+}
+
+impl ClientState {
+    fn routed(&self) -> bool {
+        self.peer.as_ref().is_some_and(|p| p.router)
+    }
+
+    /// Names of the peers calls can go to.
+    fn reachable(&self) -> Vec<String> {
+        if self.phase != Phase::Open {
+            return Vec::new();
+        }
+        if self.routed() {
+            self.peers.keys().cloned().collect()
+        } else {
+            self.peer.iter().map(|p| p.name.clone()).collect()
+        }
+    }
+}
+
+/// Where one call goes: the peer's name, and the meta of its request.
+#[derive(Debug)]
+struct Route {
+    target: String,
+    meta: String,
 }
 
 #[derive(Debug)]
@@ -366,6 +487,8 @@ impl Client {
             state: Mutex::new(ClientState {
                 phase: Phase::Connecting,
                 peer: None,
+                peers: BTreeMap::new(),
+                turns: HashMap::new(),
                 reason: String::new(),
                 evicted: false,
             }),
@@ -376,6 +499,7 @@ impl Client {
             functions: cfg.functions,
             max_message_size: cfg.max_message_size,
             token: cfg.token,
+            router: false,
         };
         engine.send(Command::Attach {
             fd,
@@ -428,7 +552,7 @@ impl Client {
         lock(&self.shared.state).phase == Phase::Open
     }
 
-    /// The peer as it announced itself (its name and functions).
+    /// The server (a Service or a Router) as it announced itself.
     pub fn peer(&self) -> Option<Peer> {
         lock(&self.shared.state).peer.clone()
     }
@@ -438,40 +562,172 @@ impl Client {
         lock(&self.shared.state).reason.clone()
     }
 
-    fn check_sendable(&self, name: &str, size: usize) -> Result<(), CallError> {
+    /// True when connected to a Router (calls go to the peers behind it).
+    pub fn is_routed(&self) -> bool {
+        lock(&self.shared.state).routed()
+    }
+
+    /// Names of the peers this client can call now: the Service, or every other peer of the
+    /// Router.
+    pub fn peers(&self) -> Vec<String> {
+        lock(&self.shared.state).reachable()
+    }
+
+    /// What a peer announced: its functions and message limit.
+    pub fn peer_info(&self, name: &str) -> Option<Peer> {
         let s = lock(&self.shared.state);
+        if s.routed() {
+            s.peers.get(name).cloned()
+        } else {
+            s.peer.clone().filter(|p| p.name == name)
+        }
+    }
+
+    /// Refuses a call that cannot be sent: not connected, or evicted.
+    fn check_open(s: &ClientState) -> Result<(), CallError> {
         match s.phase {
-            Phase::Open => {}
-            _ if s.evicted => return Err(CallError::Evicted(s.reason.clone())),
+            Phase::Open => Ok(()),
+            _ if s.evicted => Err(CallError::Evicted(s.reason.clone())),
             _ => {
                 let why = if s.reason.is_empty() {
                     "not connected".to_owned()
                 } else {
                     s.reason.clone()
                 };
-                return Err(CallError::Disconnected(why));
+                Err(CallError::Disconnected(why))
             }
         }
-        let peer = s.peer.as_ref().expect("an open connection has a peer");
-        if !peer.functions.iter().any(|f| f == name) {
+    }
+
+    /// Checks that peer `target` may receive a call of `name`.
+    fn check_target(&self, s: &ClientState, target: &str, name: &str) -> Result<(), CallError> {
+        let connected = || format!("{:?}", s.reachable());
+        if target == self.shared.name {
             return Err(CallError::Transmission(format!(
-                "no connected peer exposes function {name:?} (connected: [{:?}])",
-                peer.name
+                "a node cannot call itself ({target:?}) for {name:?}"
             )));
         }
-        let size = size as u64;
-        if size > peer.max_message_size {
+        let peer = if s.routed() {
+            s.peers.get(target)
+        } else {
+            s.peer.as_ref().filter(|p| p.name == target)
+        };
+        let Some(peer) = peer else {
             return Err(CallError::Transmission(format!(
-                "message of {size} bytes exceeds {:?}'s limit of {} bytes",
-                peer.name, peer.max_message_size
+                "receiver {target:?} is not connected (connected: {}); cannot call {name:?}",
+                connected()
+            )));
+        };
+        if !peer.functions.iter().any(|f| f == name) {
+            return Err(CallError::Transmission(format!(
+                "receiver {target:?} exposes no function {name:?} (connected: {})",
+                connected()
             )));
         }
         Ok(())
     }
 
-    /// Calls the peer's function `name` and waits for the answer until `timeout`.
+    /// The peers exposing `name`, sorted by name.
+    fn exposing(s: &ClientState, name: &str) -> Vec<String> {
+        let has = |p: &Peer| p.functions.iter().any(|f| f == name);
+        if s.routed() {
+            s.peers
+                .values()
+                .filter(|p| has(p))
+                .map(|p| p.name.clone())
+                .collect()
+        } else {
+            s.peer
+                .iter()
+                .filter(|p| has(p))
+                .map(|p| p.name.clone())
+                .collect()
+        }
+    }
+
+    fn nobody_exposes(s: &ClientState, name: &str) -> CallError {
+        CallError::Transmission(format!(
+            "no connected peer exposes function {name:?} (connected: {:?})",
+            s.reachable()
+        ))
+    }
+
+    /// Picks the receiver of one call (`receiver`, or the next peer exposing `name` in turn)
+    /// and checks the payload against its limit.
+    fn route(&self, receiver: Option<&str>, name: &str, size: usize) -> Result<Route, CallError> {
+        let mut s = lock(&self.shared.state);
+        Self::check_open(&s)?;
+        let target = match receiver {
+            Some(r) => {
+                self.check_target(&s, r, name)?;
+                r.to_owned()
+            }
+            None => {
+                let mut candidates = Self::exposing(&s, name);
+                if candidates.is_empty() {
+                    return Err(Self::nobody_exposes(&s, name));
+                }
+                let turn = s.turns.entry(name.to_owned()).or_insert(0);
+                let i = *turn % candidates.len();
+                *turn = turn.wrapping_add(1);
+                candidates.swap_remove(i)
+            }
+        };
+        let routed = s.routed();
+        let server = s.peer.as_ref().expect("an open connection has a peer");
+        let mut limit = server.max_message_size;
+        if routed {
+            limit = limit.min(s.peers[&target].max_message_size);
+        }
+        let size = size as u64;
+        if size > limit {
+            return Err(CallError::Transmission(format!(
+                "message of {size} bytes exceeds {target:?}'s limit of {limit} bytes"
+            )));
+        }
+        let meta = if routed {
+            format!("{target}\0{name}")
+        } else {
+            name.to_owned()
+        };
+        Ok(Route { target, meta })
+    }
+
+    /// The receivers of a `cast` of `name`: the named ones (each checked), or every peer that
+    /// exposes it.
+    pub fn cast_targets(
+        &self,
+        name: &str,
+        receivers: Option<&[String]>,
+    ) -> Result<Vec<String>, CallError> {
+        let s = lock(&self.shared.state);
+        Self::check_open(&s)?;
+        match receivers {
+            None => {
+                let all = Self::exposing(&s, name);
+                if all.is_empty() {
+                    return Err(Self::nobody_exposes(&s, name));
+                }
+                Ok(all)
+            }
+            Some(list) => {
+                let mut out: Vec<String> = Vec::with_capacity(list.len());
+                for r in list {
+                    self.check_target(&s, r, name)?;
+                    if !out.contains(r) {
+                        out.push(r.clone());
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Calls `name` on `receiver` (or on the next peer exposing it) and waits for the answer
+    /// until `timeout`.
     pub fn call(
         &self,
+        receiver: Option<&str>,
         name: &str,
         serde: u8,
         flags: u8,
@@ -479,7 +735,7 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<Reply, CallError> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let pending = self.start_call(name, serde, flags, payload)?;
+        let pending = self.start_call(receiver, name, serde, flags, payload)?;
         pending
             .wait_until(deadline)
             .unwrap_or(Err(CallError::Timeout))
@@ -490,17 +746,19 @@ impl Client {
     /// signals between them). Dropping the handle abandons the call: a late answer is dropped.
     pub fn start_call(
         &self,
+        receiver: Option<&str>,
         name: &str,
         serde: u8,
         flags: u8,
         payload: Bytes,
     ) -> Result<PendingCall<'_>, CallError> {
-        self.check_sendable(name, payload.len())?;
+        let route = self.route(receiver, name, payload.len())?;
         let (call_id, slot) = self.shared.calls.open();
         let pending = PendingCall {
             client: self,
             call_id,
             slot,
+            receiver: route.target,
         };
         // Registered before the phase check below, so a close racing with us fails this call.
         if lock(&self.shared.state).phase != Phase::Open {
@@ -511,26 +769,34 @@ impl Client {
             call_id,
             serde,
             flags & !Flags::NO_REPLY,
-            name,
+            &route.meta,
             payload,
         );
         self.shared.wire.send(&self.engine, f);
         Ok(pending)
     }
 
-    /// Sends a call that wants no answer; returns once it is queued for sending.
-    pub fn send(&self, name: &str, serde: u8, flags: u8, payload: Bytes) -> Result<(), CallError> {
-        self.check_sendable(name, payload.len())?;
+    /// Sends a call that wants no answer; returns the receiver's name once the call is queued
+    /// for sending.
+    pub fn send(
+        &self,
+        receiver: Option<&str>,
+        name: &str,
+        serde: u8,
+        flags: u8,
+        payload: Bytes,
+    ) -> Result<String, CallError> {
+        let route = self.route(receiver, name, payload.len())?;
         let f = frame(
             Kind::Request,
             0,
             serde,
             flags | Flags::NO_REPLY,
-            name,
+            &route.meta,
             payload,
         );
         self.shared.wire.send(&self.engine, f);
-        Ok(())
+        Ok(route.target)
     }
 
     /// Waits until every named peer is connected; returns the missing ones on timeout.
@@ -542,15 +808,10 @@ impl Client {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut s = lock(&self.shared.state);
         loop {
-            let present: Vec<&str> = s
-                .peer
-                .iter()
-                .filter(|_| s.phase == Phase::Open)
-                .map(|p| p.name.as_str())
-                .collect();
+            let present = s.reachable();
             let missing: Vec<String> = names
                 .iter()
-                .filter(|n| !present.contains(&n.as_str()))
+                .filter(|n| !present.contains(n))
                 .cloned()
                 .collect();
             if missing.is_empty() {
@@ -706,9 +967,15 @@ pub struct PendingCall<'a> {
     client: &'a Client,
     call_id: u64,
     slot: Arc<crate::call::Slot>,
+    receiver: String,
 }
 
 impl PendingCall<'_> {
+    /// The peer the call went to.
+    pub fn receiver(&self) -> &str {
+        &self.receiver
+    }
+
     /// Waits for the answer until `until` (`None`: no limit); `None` if it has not come yet.
     pub fn wait_until(&self, until: Option<Instant>) -> Option<Result<Reply, CallError>> {
         self.slot.wait(until)

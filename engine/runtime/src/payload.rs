@@ -73,6 +73,11 @@ pub fn set_body_allocator(f: Box<BodyAllocator>) {
     let _ = ALLOCATOR.set(f);
 }
 
+/// A buffer for a large payload that stays with the engine (a Router's): never the binding's.
+pub(crate) fn alloc_heap(len: usize) -> Option<Body> {
+    Some(Body::new(Box::new(HeapBuf::new(len)?)))
+}
+
 pub(crate) fn alloc_body(len: usize) -> Option<Body> {
     if let Some(raw) = ALLOCATOR.get().and_then(|f| f(len)) {
         if raw.capacity() == len {
@@ -80,5 +85,5 @@ pub(crate) fn alloc_body(len: usize) -> Option<Body> {
         }
         tracing::error!("body allocator returned {} bytes for {len}", raw.capacity());
     }
-    Some(Body::new(Box::new(HeapBuf::new(len)?)))
+    alloc_heap(len)
 }

@@ -101,12 +101,13 @@ fn calls_small_and_large_over_tcp_and_unix() {
             let c = client(&engine, tcp_port(&server), "c1");
             assert_eq!(c.peer().unwrap().name, "svc");
             let r = c
-                .call("echo", 2, 0, Bytes::from_static(b"hello"), None)
+                .call(None, "echo", 2, 0, Bytes::from_static(b"hello"), None)
                 .unwrap();
             assert_eq!(r.payload.as_slice(), b"hello");
             let big: Vec<u8> = (0..(20 << 20)).map(|i: u32| (i % 253) as u8).collect();
             let r = c
                 .call(
+                    None,
                     "echo",
                     0,
                     0,
@@ -120,11 +121,11 @@ fn calls_small_and_large_over_tcp_and_unix() {
                 engine.backend()
             );
             assert_eq!(
-                c.call("fail", 2, 0, Bytes::new(), None),
+                c.call(None, "fail", 2, 0, Bytes::new(), None),
                 Err(CallError::Remote(b"boom".to_vec()))
             );
             assert!(matches!(
-                c.call("nope", 2, 0, Bytes::new(), None),
+                c.call(None, "nope", 2, 0, Bytes::new(), None),
                 Err(CallError::Transmission(_))
             ));
             // Many callers on one connection each get their own answer.
@@ -135,7 +136,9 @@ fn calls_small_and_large_over_tcp_and_unix() {
                     std::thread::spawn(move || {
                         for i in 0..200u32 {
                             let p = format!("{t}-{i}");
-                            let r = c.call("echo", 2, 0, Bytes::from(p.clone()), None).unwrap();
+                            let r = c
+                                .call(None, "echo", 2, 0, Bytes::from(p.clone()), None)
+                                .unwrap();
                             assert_eq!(r.payload.as_slice(), p.as_bytes());
                         }
                     })
@@ -185,7 +188,14 @@ fn membership_events_and_stop() {
         assert!(started.elapsed() < Duration::from_secs(2));
         // The client learns at once that the server went away.
         let e = c
-            .call("echo", 2, 0, Bytes::new(), Some(Duration::from_secs(5)))
+            .call(
+                None,
+                "echo",
+                2,
+                0,
+                Bytes::new(),
+                Some(Duration::from_secs(5)),
+            )
             .unwrap_err();
         assert!(matches!(e, CallError::Disconnected(_)), "{e:?}");
         // And the port is free again right away.
@@ -225,6 +235,7 @@ fn timeouts_leave_the_connection_usable() {
         let c = client(&engine, server.address().clone(), "c");
         let e = c
             .call(
+                None,
                 "f",
                 2,
                 0,
@@ -241,6 +252,7 @@ fn timeouts_leave_the_connection_usable() {
         let c2 = c.clone();
         let h = std::thread::spawn(move || {
             c2.call(
+                None,
                 "f",
                 2,
                 0,
@@ -256,7 +268,7 @@ fn timeouts_leave_the_connection_usable() {
         assert_eq!(h.join().unwrap().unwrap().payload.as_slice(), b"fresh");
         // Oversized requests are refused before they leave.
         let e = c
-            .call("f", 0, 0, Bytes::from(vec![0u8; 2 << 20]), None)
+            .call(None, "f", 0, 0, Bytes::from(vec![0u8; 2 << 20]), None)
             .unwrap_err();
         assert!(matches!(e, CallError::Transmission(m) if m.contains("limit")));
         server.stop();
