@@ -15,13 +15,14 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 use bytes::Bytes;
 use daffi_runtime::{
     Address, Backend, CallError, Client as RtClient, ClientConfig, Engine, Next, Node,
-    Server as RtServer, ServerConfig, StartError,
+    PendingCall, Reply, Router as RtRouter, RouterConfig, Server as RtServer, ServerConfig,
+    StartError,
 };
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyTuple};
 
 mod body;
 mod logging;
@@ -284,6 +285,82 @@ impl Server {
     }
 }
 
+/// A Router: forwards calls between its clients. Binds on construction.
+#[pyclass(frozen, extends = NodeBase, module = "daffi._native")]
+struct Router {
+    inner: Arc<RtRouter>,
+}
+
+#[pymethods]
+impl Router {
+    #[new]
+    #[pyo3(signature = (name, host=None, port=None, unix_path=None, max_message_size=daffi_runtime::DEFAULT_MAX_MESSAGE_SIZE, backend=None, token=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        name: String,
+        host: Option<String>,
+        port: Option<u16>,
+        unix_path: Option<PathBuf>,
+        max_message_size: u64,
+        backend: Option<&str>,
+        token: Option<PyBackedBytes>,
+    ) -> PyResult<PyClassInitializer<Router>> {
+        let engine = engine(py, backend)?;
+        let cfg = RouterConfig {
+            name,
+            address: address(host, port, unix_path)?,
+            max_message_size,
+            token: token.map(|t| t.to_vec()).unwrap_or_default(),
+        };
+        let inner = py
+            .detach(|| RtRouter::start(&engine, cfg))
+            .map_err(|e| start_error(py, e))?;
+        Ok(with_base(Arc::new(inner), |inner| Router { inner }))
+    }
+
+    /// The bound TCP port, or None for a Unix socket.
+    #[getter]
+    fn port(&self) -> Option<u16> {
+        match self.inner.address() {
+            Address::Tcp { port, .. } => Some(*port),
+            Address::Unix(_) => None,
+        }
+    }
+
+    #[getter]
+    fn address(&self) -> String {
+        self.inner.address().to_string()
+    }
+
+    fn members(&self, py: Python<'_>) -> Vec<String> {
+        py.detach(|| self.inner.members())
+    }
+
+    fn stop(&self, py: Python<'_>) {
+        py.detach(|| self.inner.stop());
+    }
+}
+
+/// Waits for a started call until `deadline`, in slices so that signal handlers run.
+fn wait_call(
+    py: Python<'_>,
+    pending: &PendingCall<'_>,
+    deadline: Option<Instant>,
+) -> PyResult<Result<Reply, CallError>> {
+    loop {
+        let slice = Instant::now() + SIGNAL_CHECK;
+        let until = deadline.map_or(slice, |d| d.min(slice));
+        if let Some(r) = py.detach(|| pending.wait_until(Some(until))) {
+            return Ok(r);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(Err(CallError::Timeout));
+        }
+        py.check_signals()?;
+    }
+}
+
 /// A connected node. Connects (and completes the handshake) on construction.
 #[pyclass(frozen, extends = NodeBase, module = "daffi._native")]
 struct Client {
@@ -332,8 +409,25 @@ impl Client {
         self.inner.peer().map(|p| p.name)
     }
 
-    fn peer_functions(&self) -> Vec<String> {
-        self.inner.peer().map(|p| p.functions).unwrap_or_default()
+    /// The functions peer `name` exports (the server's when `name` is None).
+    #[pyo3(signature = (name=None))]
+    fn peer_functions(&self, name: Option<&str>) -> Vec<String> {
+        let peer = match name {
+            Some(n) => self.inner.peer_info(n),
+            None => self.inner.peer(),
+        };
+        peer.map(|p| p.functions).unwrap_or_default()
+    }
+
+    /// Names of the peers calls can go to: the Service, or the Router's other clients.
+    fn peers(&self) -> Vec<String> {
+        self.inner.peers()
+    }
+
+    /// True when connected to a Router.
+    #[getter]
+    fn routed(&self) -> bool {
+        self.inner.is_routed()
     }
 
     #[getter]
@@ -341,9 +435,10 @@ impl Client {
         self.inner.close_reason()
     }
 
-    /// Calls `name` and waits. Returns `(ok, serde, text, payload)`; when `ok` is false the
-    /// payload is the callee's encoded exception.
-    #[pyo3(signature = (name, serde, text, payload, timeout=None))]
+    /// Calls `name` (on `receiver`, or the next peer exposing it) and waits. Returns `(ok,
+    /// serde, text, payload)`; when `ok` is false the payload is the callee's encoded exception.
+    #[pyo3(signature = (name, serde, text, payload, timeout=None, receiver=None))]
+    #[allow(clippy::too_many_arguments)]
     fn call<'py>(
         &self,
         py: Python<'py>,
@@ -352,29 +447,16 @@ impl Client {
         text: bool,
         payload: &Bound<'py, PyAny>,
         timeout: Option<f64>,
+        receiver: Option<&str>,
     ) -> PyResult<(bool, u8, bool, Bound<'py, PyBytes>)> {
         let p = self::payload(py, payload)?;
         let t = self::timeout(timeout)?;
         let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
-        let result = match py.detach(|| self.inner.start_call(name, serde, flags, p)) {
-            Err(e) => Err(e),
-            Ok(pending) => {
-                // Wait in slices so that Ctrl+C (or any signal handler that raises) interrupts
-                // a call without a deadline too; dropping `pending` abandons the call.
-                let deadline = t.map(|t| Instant::now() + t);
-                loop {
-                    let slice = Instant::now() + SIGNAL_CHECK;
-                    let until = deadline.map_or(slice, |d| d.min(slice));
-                    if let Some(r) = py.detach(|| pending.wait_until(Some(until))) {
-                        break r;
-                    }
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        break Err(CallError::Timeout);
-                    }
-                    py.check_signals()?;
-                }
-            }
-        };
+        let pending = py
+            .detach(|| self.inner.start_call(receiver, name, serde, flags, p))
+            .map_err(|e| call_error(py, e))?;
+        // Dropping `pending` (on a signal's exception too) abandons the call.
+        let result = wait_call(py, &pending, t.map(|t| Instant::now() + t))?;
         match result {
             Ok(r) => Ok((true, r.serde, r.flags.text(), payload_bytes(py, r.payload))),
             Err(CallError::Remote(e)) => Ok((false, serde, false, PyBytes::new(py, &e))),
@@ -382,13 +464,101 @@ impl Client {
                 py,
                 name,
                 timeout,
-                self.inner.peer().map(|p| p.name),
+                Some(pending.receiver().to_owned()),
             )),
             Err(e) => Err(call_error(py, e)),
         }
     }
 
-    /// Sends a call that wants no answer.
+    /// Calls `name` on several peers at once (`receivers`, or every peer exposing it) and
+    /// waits for all of them under one deadline. Returns a list of `(peer, status, serde,
+    /// text, value)`: status 0 = result payload, 1 = the callee's encoded exception, 2 = an
+    /// exception instance (timeout, disconnection...).
+    #[pyo3(signature = (name, serde, text, payload, timeout=None, receivers=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn cast<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        serde: u8,
+        text: bool,
+        payload: &Bound<'py, PyAny>,
+        timeout: Option<f64>,
+        receivers: Option<Vec<String>>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let p = self::payload(py, payload)?;
+        let t = self::timeout(timeout)?;
+        let deadline = t.map(|t| Instant::now() + t);
+        let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
+        let targets = self
+            .inner
+            .cast_targets(name, receivers.as_deref())
+            .map_err(|e| call_error(py, e))?;
+        let started: Vec<(String, Result<PendingCall<'_>, CallError>)> = py.detach(|| {
+            targets
+                .into_iter()
+                .map(|target| {
+                    let r = self
+                        .inner
+                        .start_call(Some(&target), name, serde, flags, p.clone());
+                    (target, r)
+                })
+                .collect()
+        });
+        let out = PyList::empty(py);
+        for (target, started) in started {
+            let result = match &started {
+                Ok(pending) => wait_call(py, pending, deadline)?,
+                Err(e) => Err(e.clone()),
+            };
+            let entry = match result {
+                Ok(r) => (
+                    target,
+                    0u8,
+                    r.serde,
+                    r.flags.text(),
+                    payload_bytes(py, r.payload).into_any(),
+                ),
+                Err(CallError::Remote(e)) => {
+                    (target, 1, serde, false, PyBytes::new(py, &e).into_any())
+                }
+                Err(CallError::Timeout) => {
+                    let e = timeout_error(py, name, timeout, Some(target.clone()));
+                    (target, 2, serde, false, e.into_value(py).into_bound(py).into_any())
+                }
+                Err(e) => {
+                    let e = call_error(py, e);
+                    (target, 2, serde, false, e.into_value(py).into_bound(py).into_any())
+                }
+            };
+            out.append(entry)?;
+        }
+        Ok(out)
+    }
+
+    /// The receivers of a cast of `name`: `receivers` once checked, or every peer exposing it.
+    #[pyo3(signature = (name, receivers=None))]
+    fn cast_targets(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        receivers: Option<Vec<String>>,
+    ) -> PyResult<Vec<String>> {
+        self.inner
+            .cast_targets(name, receivers.as_deref())
+            .map_err(|e| call_error(py, e))
+    }
+
+    /// The peer a call of `name` goes to: `receiver` once checked, or the next in turn.
+    #[pyo3(signature = (name, receiver=None))]
+    fn resolve(&self, py: Python<'_>, name: &str, receiver: Option<&str>) -> PyResult<String> {
+        self.inner
+            .pick(receiver, name)
+            .map_err(|e| call_error(py, e))
+    }
+
+    /// Sends a call that wants no answer; returns the receiver's name.
+    #[pyo3(signature = (name, serde, text, payload, receiver=None))]
     fn send(
         &self,
         py: Python<'_>,
@@ -396,11 +566,12 @@ impl Client {
         serde: u8,
         text: bool,
         payload: &Bound<'_, PyAny>,
-    ) -> PyResult<()> {
+        receiver: Option<&str>,
+    ) -> PyResult<String> {
         let p = self::payload(py, payload)?;
         let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
         self.inner
-            .send(name, serde, flags, p)
+            .send(receiver, name, serde, flags, p)
             .map_err(|e| call_error(py, e))
     }
 
@@ -454,6 +625,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NodeBase>()?;
     m.add_class::<Server>()?;
     m.add_class::<Client>()?;
+    m.add_class::<Router>()?;
     m.add_function(wrap_pyfunction!(resolve_backend, m)?)?;
     m.add_function(wrap_pyfunction!(msgpack::msgpack_dumps, m)?)?;
     m.add_function(wrap_pyfunction!(msgpack::msgpack_loads, m)?)?;

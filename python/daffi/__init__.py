@@ -1,12 +1,13 @@
 """daffi: fast inter-process RPC for Python.
 
 ``Service`` exposes ``@callback`` functions; ``Client`` connects and calls them with
-``rpc``, ``rpc_nowait``, ``cast``, ``cast_nowait``, ``stream`` and ``stream_nowait``.
+``rpc``, ``rpc_nowait``, ``cast``, ``cast_nowait``, ``stream`` and ``stream_nowait``. A
+``Router`` lets many Clients call each other's callbacks through one address.
 """
 
 import logging as _logging
 
-from daffi._node import Client, Connection, Service
+from daffi._node import Client, Connection, Router, Service
 from daffi._serialization import SerdeFormat
 from daffi.registry import alias, callback, local
 
@@ -19,4 +20,6 @@ except Exception:  # pragma: no cover - running from a source tree
 
 _logging.getLogger("daffi").addHandler(_logging.NullHandler())
 
-__all__ = ["Client", "Connection", "SerdeFormat", "Service", "alias", "callback", "local", "__version__"]
+__all__ = [
+    "Client", "Connection", "Router", "SerdeFormat", "Service", "alias", "callback", "local", "__version__",
+]

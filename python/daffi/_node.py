@@ -29,7 +29,7 @@ from daffi._serialization import (
     encode_error,
     encode_result,
 )
-from daffi.exceptions import InitializationError, TransmissionFailure
+from daffi.exceptions import InitializationError
 from daffi.registry import REGISTRY
 
 logger = logging.getLogger("daffi")
@@ -290,44 +290,23 @@ def _serve(native: Any) -> None:
                 logger.warning("callback %r (no reply wanted) raised: %r", name, exc)
 
 
-class Service(_Node):
-    """A server that exposes the process's ``@callback`` functions to Clients.
+class _Listener(_Node):
+    """What Service and Router share: a listening socket, its members, start and stop."""
 
-    Options beyond the common ones: ``token=`` makes every client present the same secret in
-    its handshake (others are refused before any call is read); ``serde_formats=`` lists the
-    formats accepted in requests (for example ``[SerdeFormat.JSON]`` so that no peer can make
-    this process unpickle anything); other requests fail with ``TransmissionFailure``.
-    """
+    _kind = "server"
 
-    def __init__(self, *args: Any, serde_formats: Iterable[SerdeFormat] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if serde_formats is None:
-            self._serde_formats = None
-        else:
-            formats = [SerdeFormat(f) for f in serde_formats]
-            if not formats:
-                raise InitializationError("serde_formats must name at least one format")
-            self._serde_formats = [int(f) for f in formats]
+    def _open_native(self, host: str | None) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
 
-    def start(self) -> Service:
+    def start(self) -> Any:
         """Bind and start serving; returns once connections are accepted."""
         with self._lock:
             if self._native is not None:
-                raise RuntimeError(f"service {self.app_name!r} is already started")
+                raise RuntimeError(f"{self._kind} {self.app_name!r} is already started")
             host = self.host
             if host is None and self.unix_sock_path is None:
                 host = "127.0.0.1"
-            native = _native.Server(
-                self.app_name,
-                host=host,
-                port=self.port,
-                unix_path=self.unix_sock_path,
-                max_message_size=self.max_message_size,
-                functions=REGISTRY.names(),
-                backend=self._backend_option,
-                token=self._token,
-                serde_formats=self._serde_formats,
-            )
+            native = self._open_native(host)
             if self.port == 0:
                 self.port = native.port
             self._native = native
@@ -351,11 +330,91 @@ class Service(_Node):
                 self._stop_threads()
             self._stopped.set()
 
-    def __enter__(self) -> Service:
+    def __enter__(self) -> Any:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class Service(_Listener):
+    """A server that exposes the process's ``@callback`` functions to Clients.
+
+    Options beyond the common ones: ``token=`` makes every client present the same secret in
+    its handshake (others are refused before any call is read); ``serde_formats=`` lists the
+    formats accepted in requests (for example ``[SerdeFormat.JSON]`` so that no peer can make
+    this process unpickle anything); other requests fail with ``TransmissionFailure``.
+    """
+
+    _kind = "service"
+
+    def __init__(self, *args: Any, serde_formats: Iterable[SerdeFormat] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if serde_formats is None:
+            self._serde_formats = None
+        else:
+            formats = [SerdeFormat(f) for f in serde_formats]
+            if not formats:
+                raise InitializationError("serde_formats must name at least one format")
+            self._serde_formats = [int(f) for f in formats]
+
+    def _open_native(self, host: str | None) -> Any:
+        return _native.Server(
+            self.app_name,
+            host=host,
+            port=self.port,
+            unix_path=self.unix_sock_path,
+            max_message_size=self.max_message_size,
+            functions=REGISTRY.names(),
+            backend=self._backend_option,
+            token=self._token,
+            serde_formats=self._serde_formats,
+        )
+
+    def start(self) -> Service:
+        """Bind and start serving; returns once connections are accepted."""
+        return super().start()
+
+    def __enter__(self) -> Service:
+        return self.start()
+
+
+class Router(_Listener):
+    """Forwards calls between Clients, any of which may expose callbacks (workers), call
+    others, or both.
+
+    The Router runs no callbacks and never decodes a payload: requests and answers are passed
+    between connections by the engine, without involving Python. ``workers`` is accepted and
+    ignored. Its event handlers hear every client join and leave. ``token=`` makes every client
+    present the same secret in its handshake; ``max_message_size`` bounds what it forwards.
+    """
+
+    _kind = "router"
+
+    def _open_native(self, host: str | None) -> Any:
+        return _native.Router(
+            self.app_name,
+            host=host,
+            port=self.port,
+            unix_path=self.unix_sock_path,
+            max_message_size=self.max_message_size,
+            backend=self._backend_option,
+            token=self._token,
+        )
+
+    def _start_threads(self, native: Any) -> None:
+        # No callbacks to run or announce: only membership events.
+        t = threading.Thread(target=self._events_loop, args=(native,), name=f"daffi-events-{self.app_name}",
+                             daemon=True)
+        t.start()
+        self._threads = [t]
+
+    def start(self) -> Router:
+        """Bind and start forwarding; returns once connections are accepted."""
+        return super().start()
+
+    def __enter__(self) -> Router:
+        return self.start()
 
 
 class Client(_Node):
@@ -467,9 +526,10 @@ class Connection:
 
     @property
     def members(self) -> list[str]:
-        """Names of the peers this connection can call."""
-        peer = self._native.peer_name
-        return [peer] if peer is not None and self._native.connected else []
+        """Names of the peers this connection can call: the Service, or every other client of
+        the Router."""
+        native = self._native
+        return native.peers() if native.connected else []
 
     # -- membership handlers, as on the client ----------------------------------------------
 
@@ -483,68 +543,65 @@ class Connection:
         return self._client.on_member_removed(fn)
 
     # -- the calls themselves ---------------------------------------------------------------
-
-    def _check_receiver(self, name: str, receiver: str | None) -> str:
-        """The peer a call goes to (the direct layout has exactly one)."""
-        native = self._native
-        peer = native.peer_name
-        if receiver is not None and receiver != peer:
-            if receiver == self._client.app_name:
-                raise TransmissionFailure(f"a node cannot call itself ({receiver!r}) for {name!r}")
-            raise TransmissionFailure(
-                f"receiver {receiver!r} is not connected (connected: {[peer] if peer else []}); "
-                f"cannot call {name!r}"
-            )
-        return peer
+    # Receiver checks and round-robin happen in the engine (daffi._native), before anything is
+    # sent: an unknown receiver, the caller itself or a function nobody exposes raise
+    # daffi.exceptions.TransmissionFailure at once.
 
     def _call(self, name: str, timeout: float | None, receiver: str | None, serde: int,
               args: tuple, kwargs: dict) -> Any:
-        if receiver is not None:
-            self._check_receiver(name, receiver)
         payload, text = encode_call(serde, args, kwargs)
-        ok, rserde, rtext, data = self._native.call(name, serde, text, payload, timeout)
+        ok, rserde, rtext, data = self._native.call(name, serde, text, payload, timeout, receiver)
         if ok:
             return decode_result(rserde, data, rtext)
         raise decode_error(data)
 
     def _send(self, name: str, receiver: str | None, serde: int, args: tuple, kwargs: dict) -> None:
-        if receiver is not None:
-            self._check_receiver(name, receiver)
         payload, text = encode_call(serde, args, kwargs)
-        self._native.send(name, serde, text, payload)
+        self._native.send(name, serde, text, payload, receiver)
 
     def _cast(self, name: str, timeout: float | None, receiver: Any, serde: int,
               args: tuple, kwargs: dict) -> dict[str, Any]:
+        payload, text = encode_call(serde, args, kwargs)
+        entries = self._native.cast(name, serde, text, payload, timeout, _targets(receiver))
+        results: dict[str, Any] = {}
+        for peer, status, rserde, rtext, value in entries:
+            # A failing peer never fails the cast: its entry is the exception.
+            if status == 0:
+                try:
+                    results[peer] = decode_result(rserde, value, rtext)
+                except Exception as exc:
+                    results[peer] = exc
+            elif status == 1:
+                results[peer] = decode_error(value)
+            else:
+                results[peer] = value
+        return results
+
+    def _cast_nowait(self, name: str, receiver: Any, serde: int, args: tuple, kwargs: dict) -> None:
         native = self._native
-        for target in _targets(receiver) or ():
-            self._check_receiver(name, target)
-        if not native.connected or name not in native.peer_functions():
-            # No eligible peer: this raises at once, exactly as rpc does.
-            return self._call(name, timeout, None, serde, args, kwargs)
-        peer = native.peer_name
-        try:
-            return {peer: self._call(name, timeout, None, serde, args, kwargs)}
-        except Exception as exc:  # a failing peer never fails the cast: its entry is the error
-            return {peer: exc}
+        targets = native.cast_targets(name, _targets(receiver))
+        payload, text = encode_call(serde, args, kwargs)
+        for target in targets:
+            native.send(name, serde, text, payload, target)
 
     def _stream(self, name: str, receiver: str | None, serde: int, timeout: float | None,
                 source: Any, wait: bool) -> None:
-        if receiver is not None:
-            self._check_receiver(name, receiver)
+        native = self._native
+        # Every chunk goes to the same peer, chosen once.
+        target = native.resolve(name, receiver)
         chunks = (source,) if isinstance(source, (str, bytes, bytearray, memoryview, dict)) else source
         try:
             iterator = iter(chunks)
         except TypeError:
             iterator = iter((source,))
-        native = self._native
         for chunk in iterator:
             payload, text = encode_call(serde, (chunk,), {})
             if wait:
-                ok, rserde, rtext, data = native.call(name, serde, text, payload, timeout)
+                ok, rserde, rtext, data = native.call(name, serde, text, payload, timeout, target)
                 if not ok:
                     raise decode_error(data)
             else:
-                native.send(name, serde, text, payload)
+                native.send(name, serde, text, payload, target)
 
 
 def _targets(receiver: Any) -> list[str] | None:
@@ -622,8 +679,7 @@ class _CastNowaitProxy(_Proxy):
         conn, receiver, serde = self._conn, self._receiver, self._serde
 
         def call(*args: Any, **kwargs: Any) -> None:
-            for t in _targets(receiver) or [None]:
-                conn._send(name, t, serde, args, kwargs)
+            conn._cast_nowait(name, receiver, serde, args, kwargs)
 
         return call
 

@@ -693,6 +693,12 @@ impl Client {
         Ok(Route { target, meta })
     }
 
+    /// The peer a call of `name` would go to now: `receiver` once checked, or the next peer
+    /// exposing it in turn (a stream picks its receiver once for all its chunks).
+    pub fn pick(&self, receiver: Option<&str>, name: &str) -> Result<String, CallError> {
+        self.route(receiver, name, 0).map(|r| r.target)
+    }
+
     /// The receivers of a `cast` of `name`: the named ones (each checked), or every peer that
     /// exposes it.
     pub fn cast_targets(
