@@ -19,9 +19,13 @@ TESTDATA = Path(__file__).resolve().parents[2] / "engine" / "proto" / "testdata"
 
 # docs/protocol.md, "The frame header".
 HEADER = struct.Struct("<2sBBBB2sQI4sQ")
-KINDS = {1: "hello", 2: "welcome", 3: "request", 4: "response", 5: "error", 6: "announce", 7: "goodbye"}
+KINDS = {
+    1: "hello", 2: "welcome", 3: "request", 4: "response", 5: "error", 6: "announce", 7: "goodbye",
+    8: "joined", 9: "left",
+}
 NO_REPLY = 0x01
 TEXT = 0x02
+ROUTER = 0x04
 OPAQUE, JSON, PICKLE, MSGPACK = range(4)
 
 
@@ -34,7 +38,7 @@ def parse(data: bytes) -> dict[str, Any]:
     assert magic == b"DF"
     assert version == 1
     assert kind in KINDS
-    assert flags & ~(NO_REPLY | TEXT) == 0
+    assert flags & ~(NO_REPLY | TEXT | ROUTER) == 0
     assert reserved1 == b"\0\0" and reserved2 == b"\0\0\0\0"
     assert meta_len <= 16 * 1024
     assert len(data) == 32 + meta_len + payload_len, "the file is exactly one frame"
@@ -49,10 +53,11 @@ def parse(data: bytes) -> dict[str, Any]:
     }
 
 
-def parse_names(payload: bytes) -> list[str]:
-    """A name list: u32 count, then per name a u16 length and that many UTF-8 bytes."""
-    (count,) = struct.unpack_from("<I", payload)
-    at = 4
+def names_at(payload: bytes, at: int) -> tuple[list[str], int]:
+    """A name list starting at ``at``: u32 count, then per name a u16 length and that many
+    UTF-8 bytes. Returns the names and the offset after the list."""
+    (count,) = struct.unpack_from("<I", payload, at)
+    at += 4
     names = []
     for _ in range(count):
         (length,) = struct.unpack_from("<H", payload, at)
@@ -61,6 +66,12 @@ def parse_names(payload: bytes) -> list[str]:
         assert len(raw) == length
         names.append(raw.decode("utf-8"))
         at += length
+    return names, at
+
+
+def parse_names(payload: bytes) -> list[str]:
+    """A whole payload that is one name list."""
+    names, at = names_at(payload, 0)
     assert at == len(payload), "no trailing bytes after a name list"
     return names
 
@@ -126,6 +137,42 @@ def test_goodbye() -> None:
     assert (f["kind"], f["serde"], f["flags"], f["call_id"]) == ("goodbye", 0, 0, 0)
     assert f["meta"] == "protocol error: bad magic [47, 45]: not a daffi peer"
     assert f["payload"] == b""
+
+
+def test_router_welcome() -> None:
+    f = frame("welcome_router.bin")
+    assert (f["kind"], f["flags"], f["call_id"], f["meta"]) == ("welcome", ROUTER, 0, "rt")
+    (limit,) = struct.unpack_from("<Q", f["payload"])
+    assert limit == 1 << 30
+    assert parse_names(f["payload"][8:]) == []
+
+
+def test_joined_peer_list() -> None:
+    f = frame("joined.bin")
+    assert (f["kind"], f["flags"], f["call_id"], f["meta"]) == ("joined", 0, 0, "")
+    payload = f["payload"]
+    (count,) = struct.unpack_from("<I", payload)
+    at, found = 4, []
+    for _ in range(count):
+        (length,) = struct.unpack_from("<H", payload, at)
+        name = payload[at + 2 : at + 2 + length].decode("utf-8")
+        at += 2 + length
+        (limit,) = struct.unpack_from("<Q", payload, at)
+        at += 8
+        functions, at = names_at(payload, at)
+        found.append((name, limit, functions))
+    assert at == len(payload)
+    assert found == [("worker-1", 1 << 30, ["process"]), ("caller", 1 << 20, [])]
+
+
+def test_left_and_routed_request() -> None:
+    f = frame("left.bin")
+    assert (f["kind"], f["meta"], f["payload"]) == ("left", "worker-1", b"")
+    f = frame("request_routed.bin")
+    assert (f["kind"], f["serde"], f["call_id"]) == ("request", JSON, 7)
+    target, function = f["meta"].split("\0", 1)
+    assert (target, function) == ("worker-1", "process")
+    assert json.loads(f["payload"]) == [["job"], {}]
 
 
 def test_files_match_their_generator() -> None:

@@ -284,6 +284,12 @@ impl Connection {
                 if self.role == Role::Server && !same_secret(&self.local.token, &hello.token) {
                     return Err(DecodeError::Handshake("authentication failed"));
                 }
+                // A Router's peers are addressed by name, in metas where NUL separates names.
+                if self.routed && (f.meta.is_empty() || f.meta.contains('\0')) {
+                    return Err(DecodeError::Handshake(
+                        "a Router's peers need a non-empty name without NUL",
+                    ));
+                }
                 let router = self.role == Role::Client && h.flags.router();
                 let peer = Peer {
                     name: f.meta,
@@ -634,6 +640,69 @@ mod tests {
                 assert_eq!(r, Err(DecodeError::Handshake("authentication failed")));
             }
         }
+    }
+
+    #[test]
+    fn routed_connections_carry_peer_names() {
+        let mut router_local = local("r", &[], 1000);
+        router_local.router = true;
+        let mut router = Connection::new(Role::Server, router_local.clone());
+        let mut client = Connection::new(Role::Client, local("cli", &["f"], 1000));
+        pump(&mut client, &mut router, 7);
+        pump(&mut router, &mut client, 7);
+        assert!(matches!(&events(&mut client)[..], [Event::Open(p)] if p.router));
+        assert!(client.is_routed() && router.is_routed());
+        events(&mut router);
+        // Membership frames reach the client; a Request names its peer.
+        router.queue_frame(Kind::Left, 0, 0, 0, "w1", Bytes::new());
+        router.queue_frame(
+            Kind::Request,
+            4,
+            2,
+            0,
+            "caller\0f",
+            Bytes::from_static(b"a"),
+        );
+        pump(&mut router, &mut client, 5);
+        let ev = events(&mut client);
+        assert_eq!(ev[0], Event::Left("w1".into()));
+        assert!(
+            matches!(&ev[1], Event::Request { peer: Some(p), name, .. } if p == "caller" && name == "f")
+        );
+        // A routed request without a peer name is a protocol error.
+        client.queue_frame(Kind::Request, 1, 2, 0, "f", Bytes::new());
+        let mut bufs = Vec::new();
+        client.poll_transmit(&mut bufs, 16);
+        let mut t = router.recv_target();
+        for b in &bufs {
+            t.buf.extend_from_slice(b);
+        }
+        assert!(router.recv_done(t.buf).is_err());
+        // A Router refuses a peer whose name could not be routed to.
+        for bad in ["", "a\0b"] {
+            let mut router = Connection::new(Role::Server, router_local.clone());
+            let mut client = Connection::new(Role::Client, local(bad, &[], 1000));
+            let mut bufs = Vec::new();
+            client.poll_transmit(&mut bufs, 16);
+            let mut t = router.recv_target();
+            for b in &bufs {
+                t.buf.extend_from_slice(b);
+            }
+            assert!(router.recv_done(t.buf).is_err(), "{bad:?}");
+        }
+        // A service's client refuses membership frames.
+        let mut svc = Connection::new(Role::Server, local("svc", &[], 1000));
+        let mut cli = Connection::new(Role::Client, local("c", &[], 1000));
+        pump(&mut cli, &mut svc, 64);
+        pump(&mut svc, &mut cli, 64);
+        svc.queue_frame(Kind::Left, 0, 0, 0, "x", Bytes::new());
+        let mut bufs = Vec::new();
+        svc.poll_transmit(&mut bufs, 16);
+        let mut t = cli.recv_target();
+        for b in &bufs {
+            t.buf.extend_from_slice(b);
+        }
+        assert!(cli.recv_done(t.buf).is_err());
     }
 
     #[test]

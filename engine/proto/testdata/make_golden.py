@@ -26,7 +26,7 @@ MAGIC = b"DF"
 VERSION = 1
 
 # Frame kinds.
-HELLO, WELCOME, REQUEST, RESPONSE, ERROR, ANNOUNCE, GOODBYE = range(1, 8)
+HELLO, WELCOME, REQUEST, RESPONSE, ERROR, ANNOUNCE, GOODBYE, JOINED, LEFT = range(1, 10)
 
 # Serde numbers.
 OPAQUE, JSON, PICKLE, MSGPACK = range(4)
@@ -34,6 +34,7 @@ OPAQUE, JSON, PICKLE, MSGPACK = range(4)
 # Flags.
 NO_REPLY = 0x01
 TEXT = 0x02
+ROUTER = 0x04
 
 
 def frame(kind: int, call_id: int, serde: int, flags: int, meta: str, payload: bytes) -> bytes:
@@ -55,6 +56,16 @@ def names(items: list[str]) -> bytes:
 
 def hello_payload(max_message_size: int, functions: list[str]) -> bytes:
     return struct.pack("<Q", max_message_size) + names(functions)
+
+
+def peers(items: list[tuple[str, int, list[str]]]) -> bytes:
+    """A peer list: count (u32), then per peer its name (u16 length, UTF-8), its
+    max_message_size (u64) and its functions (a name list)."""
+    out = struct.pack("<I", len(items))
+    for name, max_message_size, functions in items:
+        raw = name.encode("utf-8")
+        out += struct.pack("<H", len(raw)) + raw + struct.pack("<Q", max_message_size) + names(functions)
+    return out
 
 
 # pickle.dumps(((1, 2), {}), protocol=5): the arguments of add(1, 2).
@@ -89,6 +100,15 @@ GOLDEN = {
     "announce.bin": frame(ANNOUNCE, 0, 0, 0, "", names(["late", "grüß"])),
     # What a daffi server says to a peer whose first bytes were "GE" (an HTTP GET) before it closes.
     "goodbye.bin": frame(GOODBYE, 0, 0, 0, "protocol error: bad magic [47, 45]: not a daffi peer", b""),
+    # Router "rt" answers a hello: the ROUTER flag, 1 GiB, no functions of its own.
+    "welcome_router.bin": frame(WELCOME, 0, 0, ROUTER, "rt", hello_payload(1 << 30, [])),
+    # The router's first Joined: two peers present, a worker and a caller exporting nothing.
+    "joined.bin": frame(JOINED, 0, 0, 0, "", peers([("worker-1", 1 << 30, ["process"]),
+                                                     ("caller", 1 << 20, [])])),
+    # A peer left.
+    "left.bin": frame(LEFT, 0, 0, 0, "worker-1", b""),
+    # Through a router, call 7: process("job") in JSON, to worker-1 (meta: target NUL function).
+    "request_routed.bin": frame(REQUEST, 7, JSON, 0, "worker-1\0process", b'[["job"],{}]'),
 }
 
 

@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use daffi_proto::frame::{encode_head, error_code};
-use daffi_proto::handshake::{decode_names, encode_names};
+use daffi_proto::handshake::{decode_names, decode_peers, encode_names, encode_peers};
 use daffi_proto::reader::Item;
 use daffi_proto::{
     Connection, DEFAULT_MAX_MESSAGE_SIZE, DecodeError, Event, Flags, Frame, FrameReader,
@@ -22,8 +22,12 @@ const RESPONSE_TEXT: &[u8] = include_bytes!("../testdata/response_text.bin");
 const ERROR_REMOTE: &[u8] = include_bytes!("../testdata/error_remote.bin");
 const ANNOUNCE: &[u8] = include_bytes!("../testdata/announce.bin");
 const GOODBYE: &[u8] = include_bytes!("../testdata/goodbye.bin");
+const WELCOME_ROUTER: &[u8] = include_bytes!("../testdata/welcome_router.bin");
+const JOINED: &[u8] = include_bytes!("../testdata/joined.bin");
+const LEFT: &[u8] = include_bytes!("../testdata/left.bin");
+const REQUEST_ROUTED: &[u8] = include_bytes!("../testdata/request_routed.bin");
 
-const ALL: [&[u8]; 8] = [
+const ALL: [&[u8]; 12] = [
     HELLO,
     WELCOME,
     REQUEST_PICKLE,
@@ -32,6 +36,10 @@ const ALL: [&[u8]; 8] = [
     ERROR_REMOTE,
     ANNOUNCE,
     GOODBYE,
+    WELCOME_ROUTER,
+    JOINED,
+    LEFT,
+    REQUEST_ROUTED,
 ];
 
 /// `pickle.dumps(((1, 2), {}), protocol=5)`.
@@ -504,4 +512,97 @@ fn handshake_order_is_enforced() {
         server.recv_done(target.buf),
         Err(DecodeError::Unexpected(Kind::Hello, "after the handshake"))
     ));
+}
+
+/// The Router's frames: a router `Connection` answers the golden hello with the golden routed
+/// welcome, a client understands it and the membership frames, and a routed request names its
+/// target.
+#[test]
+fn router_frames_speak_the_golden_bytes() {
+    let mut router = Connection::new(
+        Role::Server,
+        Local {
+            name: "rt".into(),
+            functions: Vec::new(),
+            max_message_size: GIB,
+            token: Vec::new(),
+            router: true,
+        },
+    );
+    receive(&mut router, HELLO);
+    assert_eq!(transmit(&mut router), WELCOME_ROUTER);
+    let f = read_one(WELCOME_ROUTER);
+    assert_eq!(f.header.flags, Flags(Flags::ROUTER));
+
+    let peers = vec![
+        Peer {
+            name: "worker-1".into(),
+            functions: strings(&["process"]),
+            max_message_size: GIB,
+            router: false,
+        },
+        Peer {
+            name: "caller".into(),
+            functions: Vec::new(),
+            max_message_size: 1 << 20,
+            router: false,
+        },
+    ];
+    let joined = read_one(JOINED);
+    assert_eq!(joined.header.kind, Kind::Joined);
+    assert_eq!(decode_peers(inline(&joined)).unwrap(), peers);
+    assert_eq!(&encode_peers(&peers)[..], inline(&joined));
+    assert_head_encodes(JOINED, &joined);
+    let left = read_one(LEFT);
+    assert_eq!(
+        (left.header.kind, left.meta.as_str()),
+        (Kind::Left, "worker-1")
+    );
+    assert_head_encodes(LEFT, &left);
+
+    let mut client = Connection::new(
+        Role::Client,
+        Local {
+            name: "cli".into(),
+            functions: strings(&["add", "echo"]),
+            max_message_size: GIB,
+            token: Vec::new(),
+            router: false,
+        },
+    );
+    assert_eq!(transmit(&mut client), HELLO);
+    let ev = receive(&mut client, &[WELCOME_ROUTER, JOINED, LEFT].concat());
+    assert_eq!(
+        ev,
+        [
+            Event::Open(Peer {
+                name: "rt".into(),
+                functions: Vec::new(),
+                max_message_size: GIB,
+                router: true,
+            }),
+            Event::Joined(peers),
+            Event::Left("worker-1".into()),
+        ]
+    );
+    client.queue_frame(
+        Kind::Request,
+        7,
+        1,
+        0,
+        "worker-1\0process",
+        Bytes::from_static(b"[[\"job\"],{}]"),
+    );
+    assert_eq!(transmit(&mut client), REQUEST_ROUTED);
+    assert_eq!(
+        receive(&mut router, REQUEST_ROUTED),
+        [Event::Request {
+            call_id: 7,
+            peer: Some("worker-1".into()),
+            name: "process".into(),
+            serde: 1,
+            flags: Flags(0),
+            payload: Payload::Inline(b"[[\"job\"],{}]".to_vec()),
+        }]
+    );
 }
