@@ -59,8 +59,9 @@ def node(cls, big: bool, **kwargs):
     return cls(**kwargs)
 
 
-def serve(ready, kind: str, port: str, arg: str = "", big: str = "") -> None:
-    """``serve service PORT WORKERS [big]`` | ``serve router PORT`` | ``serve worker PORT NAME``."""
+def serve(ready, kind: str, port: str, arg: str = "", big: str = "", workers: str = "1") -> None:
+    """``serve service PORT WORKERS [big]`` | ``serve router PORT`` |
+    ``serve worker PORT NAME [big] [WORKERS]``."""
     if kind == "router":
         server = daffi.Router(host=HOST, port=int(port))
         server.start()
@@ -70,7 +71,8 @@ def serve(ready, kind: str, port: str, arg: str = "", big: str = "") -> None:
             server = node(daffi.Service, bool(big), host=HOST, port=int(port), workers=int(arg))
             server.start()
         else:
-            server = daffi.Client(app_name=arg, host=HOST, port=int(port))
+            server = node(daffi.Client, bool(big), app_name=arg, host=HOST, port=int(port),
+                          workers=int(workers))
             server.connect()
     ready()
     common.wait_for_stdin_eof()
@@ -169,16 +171,57 @@ def conc8_per_client(opts) -> dict:
 def router_seq_pickle(opts) -> dict:
     """Caller → Router → worker Client, each in its own process."""
     payload = common.small_dict()
-    port = common.free_port()
-    with (
-        Peer("router", str(port)),
-        Peer("worker", str(port), WORKER_NAME),
-        connected(port) as conn,
-    ):
-        conn.wait_for_members(WORKER_NAME, timeout=CALL_TIMEOUT)
+    with routed() as port, connected(port) as conn:
+        wait_workers(conn, 1)
         call = checked(conn.rpc(timeout=CALL_TIMEOUT).echo, payload)
         result = common.calls_per_second(call, opts.seconds)
     return {**result, "payload_bytes": pickled_size(payload)}
+
+
+@contextmanager
+def routed(workers: int = 1, worker_threads: int = 1) -> Iterator[int]:
+    """A Router and ``workers`` worker Clients (each its own process); yields the port."""
+    port = common.free_port()
+    with Peer("router", str(port)), ExitStack() as stack:
+        for i in range(workers):
+            stack.enter_context(Peer("worker", str(port), f"{WORKER_NAME}-{i}", "", str(worker_threads)))
+        yield port
+
+
+def wait_workers(conn, workers: int) -> None:
+    conn.wait_for_members(*(f"{WORKER_NAME}-{i}" for i in range(workers)), timeout=CALL_TIMEOUT)
+
+
+@W.add("router_seq_opaque")
+def router_seq_opaque(opts) -> dict:
+    """Caller → Router → worker Client, OPAQUE 1.5 KB."""
+    payload = common.small_bytes()
+    with routed() as port, connected(port) as conn:
+        wait_workers(conn, 1)
+        call = checked(conn.rpc(timeout=CALL_TIMEOUT, serde=SerdeFormat.OPAQUE).echo, payload)
+        result = common.calls_per_second(call, opts.seconds)
+    return {**result, "payload_bytes": len(payload)}
+
+
+@W.add("router_echo_28MiB")
+def router_echo_28mib(opts) -> dict:
+    """28 MiB OPAQUE echo through a Router: (2 x size) / round trip."""
+    with routed() as port, connected(port) as conn:
+        wait_workers(conn, 1)
+        echo = conn.rpc(timeout=CALL_TIMEOUT, serde=SerdeFormat.OPAQUE).echo
+        return common.echo_gib_per_s(echo, common.LARGE_ECHO_SIZES["echo_28MiB"], opts.seconds)
+
+
+@W.add("router_conc8")
+def router_conc8(opts) -> dict:
+    """8 threads, one Client each, through a Router to 2 workers (workers=4 each)."""
+    payload = common.small_dict()
+    with routed(2, CONCURRENT_SERVICE_WORKERS) as port, ExitStack() as stack:
+        conns = [stack.enter_context(connected(port)) for _ in range(THREADS)]
+        for c in conns:
+            wait_workers(c, 2)
+        calls = [checked(c.rpc(timeout=CALL_TIMEOUT).echo, payload) for c in conns]
+        return common.threaded_calls_per_second(calls, opts.seconds)
 
 
 # --- asyncio ----------------------------------------------------------------------------

@@ -50,6 +50,9 @@ ROWS = {
     "aio_seq_pickle": "asyncio, sequential PICKLE",
     "aio_conc8": "asyncio, 8 tasks, one connection, workers=4",
     "router_seq_pickle": "via a Router, sequential PICKLE",
+    "router_seq_opaque": "via a Router, sequential OPAQUE 1.5 KB",
+    "router_echo_28MiB": "via a Router, OPAQUE echo 28 MiB",
+    "router_conc8": "via a Router, 8 clients to 2 workers (workers=4)",
     "mem_2GiB_client": "peak RSS echoing 2 GiB: client (lower is better)",
     "mem_2GiB_server": "peak RSS echoing 2 GiB: server (lower is better)",
 }

@@ -14,9 +14,8 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
 use bytes::Bytes;
 use daffi_runtime::{
-    Address, Backend, CallError, Client as RtClient, ClientConfig, Engine, Next, Node,
-    PendingCall, Reply, Router as RtRouter, RouterConfig, Server as RtServer, ServerConfig,
-    StartError,
+    Address, Backend, CallError, Client as RtClient, ClientConfig, Engine, Next, Node, PendingCall,
+    Reply, Router as RtRouter, RouterConfig, Server as RtServer, ServerConfig, StartError,
 };
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -524,11 +523,23 @@ impl Client {
                 }
                 Err(CallError::Timeout) => {
                     let e = timeout_error(py, name, timeout, Some(target.clone()));
-                    (target, 2, serde, false, e.into_value(py).into_bound(py).into_any())
+                    (
+                        target,
+                        2,
+                        serde,
+                        false,
+                        e.into_value(py).into_bound(py).into_any(),
+                    )
                 }
                 Err(e) => {
                     let e = call_error(py, e);
-                    (target, 2, serde, false, e.into_value(py).into_bound(py).into_any())
+                    (
+                        target,
+                        2,
+                        serde,
+                        false,
+                        e.into_value(py).into_bound(py).into_any(),
+                    )
                 }
             };
             out.append(entry)?;
