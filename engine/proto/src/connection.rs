@@ -86,6 +86,13 @@ pub enum Event {
     Left(String),
     /// From a Router: a peer exports more functions now.
     PeerAnnounce { peer: String, names: Vec<String> },
+    /// A `Request`, `Response` or `Error` whose payload its sender lost midway (its trailer
+    /// says so): never to be used. The payload is only there to be released.
+    Aborted {
+        kind: Kind,
+        call_id: u64,
+        payload: Payload,
+    },
 }
 
 /// Why a frame could not be sent.
@@ -116,6 +123,10 @@ pub struct Connection {
     events: VecDeque<Event>,
     /// Requests carry `peer \0 function` in their meta (see [`Event::Request`]).
     routed: bool,
+    /// Payload bytes still to come of the frame being streamed out (see
+    /// [`Connection::begin_stream`]); frames queued meanwhile wait in `held`.
+    streaming: Option<u64>,
+    held: VecDeque<Bytes>,
 }
 
 impl Connection {
@@ -129,6 +140,8 @@ impl Connection {
             peer: None,
             out: VecDeque::new(),
             events: VecDeque::new(),
+            streaming: None,
+            held: VecDeque::new(),
         };
         if role == Role::Client {
             c.push_hello(Kind::Hello);
@@ -207,6 +220,12 @@ impl Connection {
         self.reader.body_len()
     }
 
+    /// The header and meta of the frame whose large payload is in progress (a Router routes
+    /// it before the payload is there).
+    pub fn body_head(&self) -> Option<(&crate::frame::Header, &str)> {
+        self.reader.body_head()
+    }
+
     /// Staged bytes that start the large payload in progress: copy them to its buffer first.
     pub fn take_body_prefix(&mut self) -> &[u8] {
         self.reader.take_body_prefix()
@@ -231,6 +250,19 @@ impl Connection {
                 // The runtime must provide a buffer before parsing can go on.
                 Item::BodyStart(_) => break,
                 Item::Frame(f) => self.handle_frame(f)?,
+                Item::Aborted(f) if self.state == State::Open => {
+                    self.events.push_back(Event::Aborted {
+                        kind: f.header.kind,
+                        call_id: f.header.call_id,
+                        payload: f.payload,
+                    });
+                }
+                Item::Aborted(f) => {
+                    return Err(DecodeError::Unexpected(
+                        f.header.kind,
+                        "before the handshake",
+                    ));
+                }
                 Item::Oversized(h) => self.oversized(h)?,
             }
         }
@@ -331,14 +363,14 @@ impl Connection {
                     peer,
                     name,
                     serde: h.serde,
-                    flags: h.flags,
+                    flags: h.flags.without_wire(),
                     payload: f.payload,
                 })
             }
             (State::Open, _, Kind::Response) => self.events.push_back(Event::Response {
                 call_id: h.call_id,
                 serde: h.serde,
-                flags: h.flags,
+                flags: h.flags.without_wire(),
                 payload: f.payload,
             }),
             (State::Open, _, Kind::Error) => self.events.push_back(Event::Error {
@@ -462,7 +494,13 @@ impl Connection {
     }
 
     fn push(&mut self, kind: Kind, call_id: u64, serde: u8, flags: u8, meta: &str, payload: Bytes) {
-        self.out.push_back(encode_head(
+        // A frame never interrupts one that is being streamed out: it waits for its end.
+        let q = if self.streaming.is_some() {
+            &mut self.held
+        } else {
+            &mut self.out
+        };
+        q.push_back(encode_head(
             kind,
             call_id,
             serde,
@@ -471,8 +509,83 @@ impl Connection {
             payload.len() as u64,
         ));
         if !payload.is_empty() {
-            self.out.push_back(payload);
+            q.push_back(payload);
         }
+    }
+
+    /// Starts sending a `Request`, `Response` or `Error` whose `len`-byte payload is not all
+    /// there yet (a Router forwarding while it receives): the header goes out now with the
+    /// [`Flags::TRAILER`] flag, the payload follows through [`Connection::stream_data`], and
+    /// [`Connection::end_stream`] or [`Connection::abort_stream`] ends it with its status byte.
+    /// Frames queued in between are sent after it.
+    pub fn begin_stream(
+        &mut self,
+        kind: Kind,
+        call_id: u64,
+        serde: u8,
+        flags: u8,
+        meta: &str,
+        len: u64,
+    ) {
+        debug_assert!(self.streaming.is_none(), "one streamed frame at a time");
+        self.push(
+            kind,
+            call_id,
+            serde,
+            flags | Flags::TRAILER,
+            meta,
+            Bytes::new(),
+        );
+        // `push` wrote a header for an empty payload: patch in the real length.
+        let head = self.out.pop_back().expect("just pushed");
+        let mut head = head.to_vec();
+        head[24..32].copy_from_slice(&len.to_le_bytes());
+        self.out.push_back(Bytes::from(head));
+        self.streaming = Some(len);
+    }
+
+    /// Whether a streamed frame is in progress.
+    pub fn is_streaming(&self) -> bool {
+        self.streaming.is_some()
+    }
+
+    /// The next bytes of the payload being streamed out (extra bytes are dropped).
+    pub fn stream_data(&mut self, mut data: Bytes) {
+        let Some(left) = self.streaming.as_mut() else {
+            return;
+        };
+        data.truncate((*left).min(usize::MAX as u64) as usize);
+        *left -= data.len() as u64;
+        if !data.is_empty() {
+            self.out.push_back(data);
+        }
+    }
+
+    /// Ends the streamed frame: its payload is complete.
+    pub fn end_stream(&mut self) {
+        self.finish_stream(1);
+    }
+
+    /// Ends the streamed frame as lost: the rest of its length is filled with zeros and its
+    /// status byte tells the receiver to drop it.
+    pub fn abort_stream(&mut self) {
+        static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+        while let Some(left) = self.streaming.filter(|l| *l > 0) {
+            let n = left.min(ZEROS.len() as u64) as usize;
+            self.stream_data(Bytes::from_static(&ZEROS[..n]));
+        }
+        self.finish_stream(1);
+    }
+
+    fn finish_stream(&mut self, status: u8) {
+        match self.streaming {
+            None => return,
+            // A payload that fell short can only be ended as lost: the frame must stay whole.
+            Some(left) if left > 0 && status == 0 => return self.abort_stream(),
+            Some(_) => self.streaming = None,
+        }
+        self.out.push_back(Bytes::from(vec![status]));
+        self.out.append(&mut self.held);
     }
 
     /// Moves up to `max` queued buffers to `out`, in order. Returns how many were moved.
@@ -640,6 +753,37 @@ mod tests {
                 assert_eq!(r, Err(DecodeError::Handshake("authentication failed")));
             }
         }
+    }
+
+    #[test]
+    fn streamed_frames_hold_others_back_and_end_with_a_status() {
+        let mut client = Connection::new(Role::Client, local("cli", &[], 1 << 20));
+        let mut server = Connection::new(Role::Server, local("svc", &["f"], 1 << 20));
+        pump(&mut client, &mut server, 64);
+        pump(&mut server, &mut client, 64);
+        events(&mut client);
+        server.begin_stream(Kind::Response, 9, 0, 0, "", 5);
+        assert!(server.is_streaming());
+        server.send_error(8, error_code::REMOTE, Bytes::from_static(b"held"));
+        server.stream_data(Bytes::from_static(b"he"));
+        server.stream_data(Bytes::from_static(b"llo, world"));
+        server.end_stream();
+        server.begin_stream(Kind::Response, 10, 0, 0, "", 4000);
+        server.stream_data(Bytes::from(vec![1u8; 1000]));
+        server.abort_stream();
+        pump(&mut server, &mut client, 9);
+        let ev = events(&mut client);
+        assert_eq!(ev.len(), 3, "{ev:?}");
+        assert!(
+            matches!(&ev[0], Event::Response { call_id: 9, payload: Payload::Inline(p), .. } if p == b"hello")
+        );
+        assert!(matches!(&ev[1], Event::Error { call_id: 8, .. }));
+        // The rest of the aborted payload was zeros; the receiver only releases it.
+        assert!(matches!(
+            &ev[2],
+            Event::Aborted { kind: Kind::Response, call_id: 10, payload: Payload::Inline(p) }
+                if p.len() == 4000 && p[..1000].iter().all(|b| *b == 1) && p[1000..].iter().all(|b| *b == 0)
+        ));
     }
 
     #[test]

@@ -64,7 +64,11 @@ impl Flags {
     /// On a `Welcome`: the server is a Router (requests name their target peer, membership
     /// arrives in `Joined` and `Left` frames).
     pub const ROUTER: u8 = 0x04;
-    const KNOWN: u8 = Self::NO_REPLY | Self::TEXT | Self::ROUTER;
+    /// On a `Request`, `Response` or `Error`: one status byte follows the payload, 0 when the
+    /// payload is complete, anything else when its sender lost it midway (a Router forwarding
+    /// a payload while it still arrives sets it; see `docs/protocol.md`).
+    pub const TRAILER: u8 = 0x08;
+    const KNOWN: u8 = Self::NO_REPLY | Self::TEXT | Self::ROUTER | Self::TRAILER;
 
     pub fn no_reply(self) -> bool {
         self.0 & Self::NO_REPLY != 0
@@ -74,6 +78,14 @@ impl Flags {
     }
     pub fn router(self) -> bool {
         self.0 & Self::ROUTER != 0
+    }
+    pub fn trailer(self) -> bool {
+        self.0 & Self::TRAILER != 0
+    }
+    /// The flags that describe the call or its payload (`NO_REPLY`, `TEXT`), without those
+    /// that only describe how the frame travelled.
+    pub fn without_wire(self) -> Flags {
+        Flags(self.0 & (Self::NO_REPLY | Self::TEXT))
     }
 }
 

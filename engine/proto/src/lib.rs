@@ -23,7 +23,7 @@ pub use connection::{Connection, Event, Local, Peer, Role};
 pub use frame::{Flags, Frame, HEADER_LEN, Header, Kind, MAGIC, Payload, VERSION};
 pub use handshake::Hello;
 pub use reader::{DecodeError, FrameReader, RecvTarget};
-pub use router::{Action, RoutingTable};
+pub use router::{Action, Forward, RoutingTable};
 
 /// Default cap on one incoming message (meta + payload): 1 GiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 1 << 30;

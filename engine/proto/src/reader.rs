@@ -42,6 +42,9 @@ pub enum Item {
     Frame(Frame),
     /// A frame larger than the reader's limit. Its bytes are being skipped, never stored.
     Oversized(Header),
+    /// A whole frame whose trailer (see [`crate::Flags::TRAILER`]) says its payload was lost
+    /// midway: the payload is not to be used, only released.
+    Aborted(Frame),
     /// The payload of a large request or response, of this many bytes, follows: the runtime
     /// receives it (see [`FrameReader::take_body_prefix`]), then the frame is reported with a
     /// [`Payload::External`] payload.
@@ -60,6 +63,15 @@ struct Body {
     header: Header,
     meta: String,
     remaining: u64,
+}
+
+/// The item for a complete frame: `Aborted` when its trailer byte says so.
+fn finished(frame: Frame, status: u8) -> Item {
+    if status == 0 {
+        Item::Frame(frame)
+    } else {
+        Item::Aborted(frame)
+    }
 }
 
 /// Incremental frame parser over an owned staging buffer (lent to the kernel and returned).
@@ -130,6 +142,11 @@ impl FrameReader {
         self.body.as_ref().map(|b| b.header.payload_len)
     }
 
+    /// The header and meta of the frame whose large payload is in progress.
+    pub fn body_head(&self) -> Option<(&Header, &str)> {
+        self.body.as_ref().map(|b| (&b.header, b.meta.as_str()))
+    }
+
     /// The staged bytes that belong to the large payload in progress; they count as received.
     pub fn take_body_prefix(&mut self) -> &[u8] {
         let Some(body) = &mut self.body else {
@@ -162,13 +179,24 @@ impl FrameReader {
             if body.remaining > 0 {
                 return Ok(None);
             }
+            // The status byte after a large payload arrives in the staging buffer.
+            let status = if body.header.flags.trailer() {
+                if self.pos == self.staging.len() {
+                    return Ok(None);
+                }
+                self.pos += 1;
+                self.staging[self.pos - 1]
+            } else {
+                0
+            };
             let body = self.body.take().expect("checked above");
             let payload = Payload::External(body.header.payload_len);
-            return Ok(Some(Item::Frame(Frame {
+            let frame = Frame {
                 header: body.header,
                 meta: body.meta,
                 payload,
-            })));
+            };
+            return Ok(Some(finished(frame, status)));
         }
         let avail = &self.staging[self.pos..];
         if avail.len() < HEADER_LEN {
@@ -186,14 +214,18 @@ impl FrameReader {
         if header.meta_len > MAX_META {
             return Err(DecodeError::MetaTooLong(header.meta_len));
         }
+        let is_call = matches!(header.kind, Kind::Request | Kind::Response | Kind::Error);
+        let trailer = header.flags.trailer();
+        if trailer && !is_call {
+            return Err(DecodeError::Unexpected(header.kind, "with a trailer"));
+        }
         // The limit is on the payload; meta is bounded by MAX_META above.
         if header.payload_len > self.max_message_size {
             self.pos += HEADER_LEN;
-            self.skip = header.body_len();
+            self.skip = header.body_len() + u64::from(trailer);
             return Ok(Some(Item::Oversized(header)));
         }
         let head_len = HEADER_LEN + header.meta_len as usize;
-        let is_call = matches!(header.kind, Kind::Request | Kind::Response | Kind::Error);
         if is_call && header.payload_len > SMALL_PAYLOAD as u64 {
             if avail.len() < head_len {
                 return Ok(None);
@@ -210,7 +242,8 @@ impl FrameReader {
         if !is_call && header.payload_len > MAX_CONTROL_PAYLOAD {
             return Err(DecodeError::ControlTooLong(header.kind, header.payload_len));
         }
-        let total = head_len + header.payload_len as usize;
+        let end = head_len + header.payload_len as usize;
+        let total = end + usize::from(trailer);
         if avail.len() < total {
             // Make room for the whole frame (only control frames can exceed the usual size).
             if self.staging.capacity() - self.pos < total {
@@ -220,13 +253,15 @@ impl FrameReader {
             return Ok(None);
         }
         let meta = meta_str(&avail[HEADER_LEN..head_len])?;
-        let payload = Payload::Inline(avail[head_len..total].to_vec());
+        let payload = Payload::Inline(avail[head_len..end].to_vec());
+        let status = if trailer { avail[end] } else { 0 };
         self.pos += total;
-        Ok(Some(Item::Frame(Frame {
+        let frame = Frame {
             header,
             meta,
             payload,
-        })))
+        };
+        Ok(Some(finished(frame, status)))
     }
 }
 
@@ -239,7 +274,7 @@ fn meta_str(b: &[u8]) -> Result<String, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{Kind, encode_head};
+    use crate::frame::{Flags, Kind, encode_head};
 
     fn frame_bytes(kind: Kind, id: u64, meta: &str, payload: &[u8]) -> Vec<u8> {
         let mut v = encode_head(kind, id, 2, 0, meta, payload.len() as u64).to_vec();
@@ -260,6 +295,10 @@ mod tests {
                     body = Some(reader.take_body_prefix().to_vec());
                 }
                 if let Item::Frame(Frame {
+                    payload: Payload::External(_),
+                    ..
+                })
+                | Item::Aborted(Frame {
                     payload: Payload::External(_),
                     ..
                 }) = &item
@@ -286,6 +325,49 @@ mod tests {
             at += n;
             reader.filled(t.buf);
         }
+    }
+
+    fn trailed(kind: Kind, id: u64, payload: &[u8], status: u8) -> Vec<u8> {
+        let mut v = encode_head(kind, id, 0, Flags::TRAILER, "", payload.len() as u64).to_vec();
+        v.extend_from_slice(payload);
+        v.push(status);
+        v
+    }
+
+    #[test]
+    fn trailers_mark_complete_and_aborted_payloads() {
+        let big = vec![3u8; 100_000];
+        let mut stream = trailed(Kind::Response, 1, b"small", 0);
+        stream.extend(trailed(Kind::Response, 2, &big, 0));
+        stream.extend(trailed(Kind::Response, 3, &big, 1));
+        stream.extend(trailed(Kind::Request, 4, b"cut", 9));
+        stream.extend(frame_bytes(Kind::Response, 5, "", b"after"));
+        for step in [1, 33, 4096, 1 << 20] {
+            let mut r = FrameReader::new(1 << 30);
+            let (items, bodies) = feed(&mut r, &stream, step);
+            let ids: Vec<(bool, u64)> = items
+                .iter()
+                .filter_map(|i| match i {
+                    Item::Frame(f) => Some((true, f.header.call_id)),
+                    Item::Aborted(f) => Some((false, f.header.call_id)),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(
+                ids,
+                [(true, 1), (true, 2), (false, 3), (false, 4), (true, 5)]
+            );
+            assert_eq!(bodies.len(), 2);
+            assert!(bodies.iter().all(|b| b == &big));
+            assert!(r.is_idle());
+        }
+        // A trailer is only allowed where there is a payload to vouch for.
+        let mut r = FrameReader::new(1 << 30);
+        let mut t = r.target();
+        t.buf
+            .extend_from_slice(&encode_head(Kind::Announce, 0, 0, Flags::TRAILER, "", 0));
+        r.filled(t.buf);
+        assert!(r.next_item().is_err());
     }
 
     #[test]

@@ -40,6 +40,14 @@ pub enum Action<K> {
     Member { connected: bool, name: String },
 }
 
+/// Where a routed frame goes: the connection, the call id there, and (for a request) the meta.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward<K> {
+    pub to: K,
+    pub call_id: u64,
+    pub meta: String,
+}
+
 #[derive(Debug)]
 struct Member<K> {
     peer: Peer,
@@ -179,6 +187,14 @@ impl<K: Copy + Eq + Hash + Debug> RoutingTable<K> {
         });
     }
 
+    /// Forgets the forwarded call `call_id` of member `to`: it will never be answered (its
+    /// request was lost on the way).
+    pub fn cancel(&mut self, to: K, call_id: u64) {
+        if let Some(m) = self.members.get_mut(&to) {
+            m.pending.remove(&call_id);
+        }
+    }
+
     /// Member `conn` exports more functions: record them and tell the others.
     pub fn announce(&mut self, conn: K, names: &[String], out: &mut Vec<Action<K>>) {
         let Some(m) = self.members.get_mut(&conn) else {
@@ -223,11 +239,36 @@ impl<K: Copy + Eq + Hash + Debug> RoutingTable<K> {
         payload: Bytes,
         out: &mut Vec<Action<K>>,
     ) {
-        let Some(caller) = self.members.get(&from) else {
-            // An evicted connection's last frames: it is being closed.
-            return;
-        };
-        let caller = caller.peer.name.clone();
+        let size = payload.len() as u64;
+        if let Some(f) = self.route_request(from, call_id, target, function, flags, size, out) {
+            out.push(Action::Send {
+                to: f.to,
+                kind: Kind::Request,
+                call_id: f.call_id,
+                serde,
+                flags: flags.0,
+                meta: f.meta,
+                payload,
+            });
+        }
+    }
+
+    /// Where a request of `size` payload bytes goes (see [`RoutingTable::request`]), for a
+    /// Router that forwards the payload while it still arrives. `None`: it goes nowhere, and
+    /// `out` holds the error answer if one is due; the payload is to be discarded.
+    #[allow(clippy::too_many_arguments)]
+    pub fn route_request(
+        &mut self,
+        from: K,
+        call_id: u64,
+        target: &str,
+        function: &str,
+        flags: Flags,
+        size: u64,
+        out: &mut Vec<Action<K>>,
+    ) -> Option<Forward<K>> {
+        // None for an evicted connection's last frames: it is being closed.
+        let caller = self.members.get(&from)?.peer.name.clone();
         let reply = !flags.no_reply();
         let refuse = |code: &str, msg: String, out: &mut Vec<Action<K>>| {
             if reply {
@@ -239,6 +280,7 @@ impl<K: Copy + Eq + Hash + Debug> RoutingTable<K> {
                     Bytes::from(msg),
                 ));
             }
+            None
         };
         let to = match self.by_name.get(target) {
             Some(k) if *k != from => *k,
@@ -263,7 +305,6 @@ impl<K: Copy + Eq + Hash + Debug> RoutingTable<K> {
             let msg = format!("{target:?} exposes no function {function:?}");
             return refuse(error_code::NO_FUNCTION, msg, out);
         }
-        let size = payload.len() as u64;
         if size > m.peer.max_message_size {
             let msg = format!(
                 "message of {size} bytes exceeds the limit of {} bytes of {target:?}",
@@ -279,15 +320,11 @@ impl<K: Copy + Eq + Hash + Debug> RoutingTable<K> {
         } else {
             0
         };
-        out.push(Action::Send {
+        Some(Forward {
             to,
-            kind: Kind::Request,
             call_id: id,
-            serde,
-            flags: flags.0,
             meta: format!("{caller}\0{function}"),
-            payload,
-        });
+        })
     }
 
     /// Member `from` answers (`kind` is `Response` or `Error`) the forwarded call `call_id`:
@@ -305,18 +342,33 @@ impl<K: Copy + Eq + Hash + Debug> RoutingTable<K> {
         payload: Bytes,
         out: &mut Vec<Action<K>>,
     ) {
-        let Some((caller, id)) = self
-            .members
-            .get_mut(&from)
-            .and_then(|m| m.pending.remove(&call_id))
-        else {
-            return;
-        };
-        let Some(c) = self.members.get(&caller) else {
-            return;
-        };
-        let limit = c.peer.max_message_size;
         let size = payload.len() as u64;
+        if let Some(f) = self.route_answer(from, kind, call_id, size, out) {
+            out.push(Action::Send {
+                to: f.to,
+                kind,
+                call_id: f.call_id,
+                serde,
+                flags: flags.0,
+                meta,
+                payload,
+            });
+        }
+    }
+
+    /// Where an answer of `size` payload bytes goes (see [`RoutingTable::answer`]); the
+    /// returned `meta` is empty (an answer keeps its own). `None`: nobody waits for it, or it
+    /// is too large for its caller (then `out` holds the error the caller gets instead).
+    pub fn route_answer(
+        &mut self,
+        from: K,
+        kind: Kind,
+        call_id: u64,
+        size: u64,
+        out: &mut Vec<Action<K>>,
+    ) -> Option<Forward<K>> {
+        let (caller, id) = self.members.get_mut(&from)?.pending.remove(&call_id)?;
+        let limit = self.members.get(&caller)?.peer.max_message_size;
         if kind == Kind::Response && size > limit {
             let msg = format!("result of {size} bytes exceeds the caller's limit of {limit} bytes");
             out.push(Self::send(
@@ -326,17 +378,13 @@ impl<K: Copy + Eq + Hash + Debug> RoutingTable<K> {
                 error_code::TOO_LARGE.into(),
                 Bytes::from(msg),
             ));
-            return;
+            return None;
         }
-        out.push(Action::Send {
+        Some(Forward {
             to: caller,
-            kind,
             call_id: id,
-            serde,
-            flags: flags.0,
-            meta,
-            payload,
-        });
+            meta: String::new(),
+        })
     }
 }
 

@@ -56,7 +56,13 @@ fn main() {
             let w = client(&engine, port, "worker", vec!["echo".into()]);
             println!("worker connected ({})", engine.backend());
             while let Next::Item(c) = w.next_call(None) {
-                w.respond(c.conn, c.call_id, c.serde, c.flags.0, c.payload.into_bytes());
+                w.respond(
+                    c.conn,
+                    c.call_id,
+                    c.serde,
+                    c.flags.0,
+                    c.payload.into_bytes(),
+                );
             }
         }
         "caller" => {

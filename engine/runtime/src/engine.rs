@@ -12,7 +12,8 @@ use crossbeam_queue::SegQueue;
 use daffi_driver::{AnyDriver, Backend, Body, Completion, Driver, Op, Outcome, RecvBuf, Wake, sys};
 use daffi_proto::frame::error_code;
 use daffi_proto::{
-    Action, Connection, Event, Flags, Kind, Local, Payload as WirePayload, Role, RoutingTable,
+    Action, Connection, Event, Flags, Forward, Kind, Local, Payload as WirePayload, Role,
+    RoutingTable,
 };
 
 use crate::call::{CallError, Reply};
@@ -179,6 +180,9 @@ fn token(id: u64, op: u64) -> u64 {
     (id << 2) | op
 }
 
+/// A Router passes a large payload on in pieces of this size, as they arrive.
+const RELAY_CHUNK: usize = 1 << 20;
+
 /// How long a peer may take to complete the handshake.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// How long a closing connection may take to flush what is queued.
@@ -227,6 +231,26 @@ struct Conn {
     wire: Arc<Wire>,
     /// Frames from binding threads, sent before the engine's own (`proto`'s) frames.
     raw: VecDeque<(Vec<Bytes>, usize)>,
+    /// On a Router's connection: where the large payload being received goes.
+    relay: Option<Relay>,
+}
+
+/// What a Router does with a large payload while it arrives.
+#[derive(Debug)]
+enum Relay {
+    /// Passed on to connection `to`, piece by piece, in a streamed frame (`begin_stream`).
+    /// `request`: the call id it has there, when it is a request that wants an answer.
+    Stream { to: u64, request: Option<u64> },
+    /// Received whole, then queued to `to`, because `to` was already streaming a payload.
+    Whole {
+        to: u64,
+        kind: Kind,
+        serde: u8,
+        flags: u8,
+        forward: Forward<u64>,
+    },
+    /// Nobody takes it (undeliverable, or its receiver left): received and dropped.
+    Drop,
 }
 
 #[derive(Debug)]
@@ -400,6 +424,7 @@ impl Loop {
             body: None,
             wire,
             raw: VecDeque::new(),
+            relay: None,
         };
         self.conns.insert(id, c);
         self.start_recv(id);
@@ -580,6 +605,7 @@ impl Loop {
             }
             (Ok(_), Err(e)) => self.protocol_error(id, e.to_string()),
             (Ok(_), Ok(())) => {
+                self.relay_piece(id);
                 if let Err(e) = self.after_parse(id) {
                     self.protocol_error(id, e);
                 }
@@ -614,17 +640,229 @@ impl Loop {
                 (false, Some(len)) => len,
                 _ => return Ok(()),
             };
+            if c.owner.router().is_some() {
+                if !self.relay_body(id)? {
+                    return Ok(());
+                }
+                continue;
+            }
             let len = usize::try_from(len).map_err(|_| format!("payload of {len} bytes"))?;
-            // A Router forwards payloads without handing them to its binding.
-            let body = if c.owner.router().is_some() {
-                alloc_heap(len)
-            } else {
-                alloc_body(len)
-            };
+            let body = alloc_body(len);
             let mut body = body.ok_or_else(|| format!("cannot allocate {len} bytes"))?;
             body.extend_from_slice(c.proto.take_body_prefix());
             c.body = Some(body);
             c.proto.body_received(0).map_err(|e| e.to_string())?;
+        }
+    }
+
+    /// A Router's connection is receiving a large payload: route it when it starts, and give it
+    /// its next buffer. Returns true when the parser may have more to report (parse on).
+    fn relay_body(&mut self, id: u64) -> Result<bool, String> {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return Ok(false);
+        };
+        if c.relay.is_none() {
+            self.start_relay(id)?;
+            let Some(c) = self.conns.get_mut(&id) else {
+                return Ok(false);
+            };
+            if let Some(Relay::Whole { .. }) = c.relay {
+                // One buffer for all of it, as on any other connection.
+                let len = c.proto.body_len().unwrap_or(0);
+                let len = usize::try_from(len).map_err(|_| format!("payload of {len} bytes"))?;
+                let mut body =
+                    alloc_heap(len).ok_or_else(|| format!("cannot allocate {len} bytes"))?;
+                body.extend_from_slice(c.proto.take_body_prefix());
+                c.body = Some(body);
+                c.proto.body_received(0).map_err(|e| e.to_string())?;
+                return Ok(true);
+            }
+            // What arrived with the header goes first.
+            let prefix = Bytes::copy_from_slice(c.proto.take_body_prefix());
+            c.proto.body_received(0).map_err(|e| e.to_string())?;
+            self.relay_data(id, prefix);
+        }
+        let Some(c) = self.conns.get_mut(&id) else {
+            return Ok(false);
+        };
+        let Some(want) = c.proto.body_wanted() else {
+            // All of it is there: the frame (or its trailer byte) is next.
+            return Ok(c.proto.body_len().is_none());
+        };
+        let size = match c.relay {
+            Some(Relay::Whole { .. }) => want,
+            _ => want.min(RELAY_CHUNK as u64),
+        };
+        let size = usize::try_from(size).map_err(|_| format!("payload of {size} bytes"))?;
+        c.body = Some(alloc_heap(size).ok_or_else(|| format!("cannot allocate {size} bytes"))?);
+        Ok(false)
+    }
+
+    /// Routes the large payload that starts on connection `id` (header and meta are there).
+    fn start_relay(&mut self, id: u64) -> Result<(), String> {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return Ok(());
+        };
+        let Some(router) = c.owner.router().cloned() else {
+            return Ok(());
+        };
+        let Some((h, meta)) = c.proto.body_head() else {
+            return Ok(());
+        };
+        let (h, meta) = (*h, meta.to_owned());
+        let Some(table) = self.routes.get_mut(&router.id) else {
+            c.relay = Some(Relay::Drop);
+            return Ok(());
+        };
+        let out = &mut self.actions;
+        let forward = if h.kind == Kind::Request {
+            let (target, function) = meta
+                .split_once('\0')
+                .ok_or("a request without a peer name on a routed connection")?;
+            table.route_request(id, h.call_id, target, function, h.flags, h.payload_len, out)
+        } else {
+            table.route_answer(id, h.kind, h.call_id, h.payload_len, out)
+        };
+        let flags = h.flags.0 & !Flags::TRAILER;
+        let relay = match forward {
+            None => Relay::Drop,
+            Some(f) => match self.conns.get_mut(&f.to) {
+                Some(d) if d.closing.is_none() && !d.shut => {
+                    if d.proto.is_streaming() {
+                        Relay::Whole {
+                            to: f.to,
+                            kind: h.kind,
+                            serde: h.serde,
+                            flags,
+                            forward: f,
+                        }
+                    } else {
+                        let meta = if h.kind == Kind::Request {
+                            &f.meta
+                        } else {
+                            &meta
+                        };
+                        d.proto.begin_stream(
+                            h.kind,
+                            f.call_id,
+                            h.serde,
+                            flags,
+                            meta,
+                            h.payload_len,
+                        );
+                        self.dirty.push(f.to);
+                        let request =
+                            (h.kind == Kind::Request && f.call_id != 0).then_some(f.call_id);
+                        Relay::Stream { to: f.to, request }
+                    }
+                }
+                _ => Relay::Drop,
+            },
+        };
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.relay = Some(relay);
+        }
+        self.apply_actions(&router);
+        Ok(())
+    }
+
+    /// Passes on the piece of a relayed payload that just filled its buffer (or ended it).
+    fn relay_piece(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if !matches!(c.relay, Some(Relay::Stream { .. }) | Some(Relay::Drop)) {
+            return;
+        }
+        let done = c.body.as_ref().is_some_and(|b| b.is_full()) || c.proto.body_wanted().is_none();
+        if !done {
+            return;
+        }
+        if let Some(b) = c.body.take() {
+            let piece = Payload::Body(b).into_bytes();
+            self.relay_data(id, piece);
+        }
+    }
+
+    fn relay_data(&mut self, id: u64, data: Bytes) {
+        let to = match self.conns.get(&id).and_then(|c| c.relay.as_ref()) {
+            Some(Relay::Stream { to, .. }) => *to,
+            _ => return,
+        };
+        if data.is_empty() {
+            return;
+        }
+        if let Some(d) = self.conns.get_mut(&to) {
+            if d.proto.is_streaming() && !d.shut {
+                d.proto.stream_data(data);
+                self.dirty.push(to);
+            }
+        }
+    }
+
+    /// The relayed frame on connection `id` ended, complete or not (`aborted`). `payload`: the
+    /// frame's payload when it was received whole.
+    fn end_relay(&mut self, id: u64, aborted: bool, payload: Option<Payload>) {
+        let Some(relay) = self.conns.get_mut(&id).and_then(|c| c.relay.take()) else {
+            return;
+        };
+        self.finish_relay(relay, aborted, payload);
+    }
+
+    fn finish_relay(&mut self, relay: Relay, aborted: bool, payload: Option<Payload>) {
+        match relay {
+            Relay::Stream { to, request } => {
+                if let Some(d) = self.conns.get_mut(&to) {
+                    if d.proto.is_streaming() {
+                        if aborted {
+                            d.proto.abort_stream();
+                        } else {
+                            d.proto.end_stream();
+                        }
+                        self.dirty.push(to);
+                    }
+                }
+                if let (true, Some(call_id)) = (aborted, request) {
+                    // The callee drops an aborted request: nobody is to wait for its answer.
+                    for table in self.routes.values_mut() {
+                        table.cancel(to, call_id);
+                    }
+                }
+            }
+            Relay::Whole {
+                to,
+                kind,
+                serde,
+                flags,
+                forward,
+            } => {
+                if let (false, Some(p), Some(d)) = (aborted, payload, self.conns.get_mut(&to)) {
+                    if d.closing.is_none() && !d.shut {
+                        let bytes = p.into_bytes();
+                        d.proto.queue_frame(
+                            kind,
+                            forward.call_id,
+                            serde,
+                            flags,
+                            &forward.meta,
+                            bytes,
+                        );
+                        self.dirty.push(to);
+                    }
+                }
+            }
+            Relay::Drop => {}
+        }
+    }
+
+    /// Connection `gone` is closing: relays into it drop their payloads from now on.
+    fn relays_lose(&mut self, gone: u64) {
+        for c in self.conns.values_mut() {
+            if let Some(Relay::Stream { to, .. } | Relay::Whole { to, .. }) = c.relay {
+                if to == gone {
+                    c.relay = Some(Relay::Drop);
+                }
+            }
         }
     }
 
@@ -791,6 +1029,19 @@ impl Loop {
                         cl.update(|st| st.peer = peer);
                     }
                 }
+                Event::Aborted {
+                    kind,
+                    call_id,
+                    payload,
+                } => {
+                    // Its sender lost the payload midway: release it, never use it.
+                    let _ = take_payload(payload, &mut c.body);
+                    if let (Owner::Client(cl), false) = (&c.owner, kind == Kind::Request) {
+                        let why = "the answer was cut off: its sender lost it midway".to_owned();
+                        cl.calls
+                            .complete(call_id, Err(CallError::Disconnected(why)));
+                    }
+                }
                 Event::Joined(peers) => {
                     if let Owner::Client(cl) = &c.owner {
                         cl.update(|st| {
@@ -857,11 +1108,47 @@ impl Loop {
             let Some(ev) = c.proto.poll_event() else {
                 return;
             };
+            let ends_relay = matches!(
+                ev,
+                Event::Request { .. }
+                    | Event::Response { .. }
+                    | Event::Error { .. }
+                    | Event::Aborted { .. }
+            );
+            if c.relay.is_some() && ends_relay {
+                // The end of a payload relayed while it arrived (it is the next frame).
+                let (aborted, payload) = match ev {
+                    Event::Aborted { payload, .. } => (true, payload),
+                    Event::Request { payload, .. }
+                    | Event::Response { payload, .. }
+                    | Event::Error { payload, .. } => (false, payload),
+                    _ => unreachable!("checked above"),
+                };
+                let whole = match c.relay {
+                    Some(Relay::Whole { .. }) => take_payload(payload, &mut c.body),
+                    _ => None,
+                };
+                self.end_relay(id, aborted, whole);
+                continue;
+            }
             let Some(table) = self.routes.get_mut(&router.id) else {
                 continue;
             };
             let out = &mut self.actions;
             match ev {
+                Event::Aborted {
+                    kind,
+                    call_id,
+                    payload,
+                } => {
+                    // A peer gave up on an answer midway: its caller learns it is gone.
+                    let _ = take_payload(payload, &mut c.body);
+                    if kind != Kind::Request {
+                        let msg = Bytes::from_static(b"the answer was cut off: its sender lost it");
+                        let code = error_code::DISCONNECTED.to_owned();
+                        table.answer(id, Kind::Error, call_id, 0, Flags(0), code, msg, out);
+                    }
+                }
                 Event::Open(peer) => {
                     c.wire.set_peer_max(peer.max_message_size);
                     tracing::debug!("{} joined router {}", peer.name, router.name);
@@ -996,7 +1283,12 @@ impl Loop {
         if !c.shut || c.recv_busy || c.send_busy {
             return;
         }
-        let c = self.conns.remove(&id).expect("checked above");
+        let mut c = self.conns.remove(&id).expect("checked above");
+        if let Some(relay) = c.relay.take() {
+            // Its payload stopped midway: whoever was receiving it is told so.
+            self.finish_relay(relay, true, None);
+        }
+        self.relays_lose(id);
         let reason = c.closing.map(|(r, _)| r).unwrap_or_default();
         c.wire.close();
         self.driver.close(c.fd);

@@ -1008,6 +1008,8 @@ impl Drop for Client {
 
 /// One encoded frame: header and meta, then the payload (sent from its own memory).
 fn frame(kind: Kind, call_id: u64, serde: u8, flags: u8, meta: &str, payload: Bytes) -> Vec<Bytes> {
+    // Only the flags a binding may choose; the others describe how a frame travels.
+    let flags = Flags(flags).without_wire().0;
     let head = encode_head(kind, call_id, serde, flags, meta, payload.len() as u64);
     if payload.is_empty() {
         vec![head]

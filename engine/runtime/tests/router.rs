@@ -49,20 +49,23 @@ fn client(engine: &Engine, address: &Address, name: &str, functions: &[&str]) ->
     )
 }
 
-/// A worker: `who` answers its own name, `echo` the payload.
+/// A worker: `who` answers its own name, `echo` the payload, `count` how many calls of
+/// `echo` it ran.
 fn worker(engine: &Engine, address: &Address, name: &str) -> Arc<Client> {
-    let w = client(engine, address, name, &["who", "echo"]);
+    let w = client(engine, address, name, &["who", "echo", "count"]);
     let c = w.clone();
     let me = name.to_owned();
     std::thread::spawn(move || {
+        let mut echoed = 0u64;
         while let Next::Item(call) = c.next_call(None) {
+            echoed += u64::from(call.name == "echo");
             if call.flags.no_reply() {
                 continue;
             }
-            let out = if call.name == "who" {
-                Bytes::from(me.clone())
-            } else {
-                call.payload.into_bytes()
+            let out = match call.name.as_str() {
+                "who" => Bytes::from(me.clone()),
+                "count" => Bytes::from(echoed.to_string()),
+                _ => call.payload.into_bytes(),
             };
             c.respond(call.conn, call.call_id, call.serde, call.flags.0, out);
         }
@@ -227,5 +230,194 @@ fn membership_events_eviction_and_failures() {
             Err(CallError::Disconnected(_))
         ));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// A peer written by hand on a plain socket, to misbehave on purpose.
+mod raw {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    use daffi_proto::frame::{Kind, encode_head};
+    use daffi_proto::{DEFAULT_MAX_MESSAGE_SIZE, HEADER_LEN, Header, Hello};
+
+    pub struct Peer(pub TcpStream);
+
+    impl Peer {
+        /// Connects to a Router on `port` as `name` exporting `functions`, and reads the
+        /// Welcome and the first Joined.
+        pub fn join(port: u16, name: &str, functions: &[&str]) -> Peer {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let hello = Hello {
+                max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+                functions: functions.iter().map(|f| f.to_string()).collect(),
+                token: Vec::new(),
+            }
+            .encode();
+            s.write_all(&encode_head(Kind::Hello, 0, 0, 0, name, hello.len() as u64))
+                .unwrap();
+            s.write_all(&hello).unwrap();
+            let mut p = Peer(s);
+            assert_eq!(p.frame().0.kind, Kind::Welcome);
+            assert_eq!(p.frame().0.kind, Kind::Joined);
+            p
+        }
+
+        /// Reads one whole frame: header, meta, payload (and trailer byte, if any).
+        pub fn frame(&mut self) -> (Header, String, Vec<u8>) {
+            let mut h = [0u8; HEADER_LEN];
+            self.0.read_exact(&mut h).unwrap();
+            let h = Header::decode(&h).unwrap();
+            let mut meta = vec![0; h.meta_len as usize];
+            self.0.read_exact(&mut meta).unwrap();
+            let extra = u64::from(h.flags.trailer());
+            let mut payload = vec![0; (h.payload_len + extra) as usize];
+            self.0.read_exact(&mut payload).unwrap();
+            (h, String::from_utf8(meta).unwrap(), payload)
+        }
+
+        /// Writes the start of a frame of `len` payload bytes, with only `sent` of them.
+        pub fn partial(&mut self, kind: Kind, call_id: u64, meta: &str, len: u64, sent: usize) {
+            self.0
+                .write_all(&encode_head(kind, call_id, 0, 0, meta, len))
+                .unwrap();
+            self.0.write_all(&vec![5u8; sent]).unwrap();
+        }
+    }
+}
+
+fn tcp_router(engine: &Engine) -> (Router, Address, u16) {
+    let r = router(
+        engine,
+        Address::Tcp {
+            host: "127.0.0.1".into(),
+            port: 0,
+        },
+    );
+    let addr = r.address().clone();
+    let Address::Tcp { port, .. } = addr else {
+        unreachable!()
+    };
+    (r, addr, port)
+}
+
+#[test]
+fn a_caller_that_dies_mid_payload_costs_the_worker_nothing() {
+    for engine in backends() {
+        let (r, addr, port) = tcp_router(&engine);
+        let w = worker(&engine, &addr, "w");
+        let mut dying = raw::Peer::join(port, "dying", &[]);
+        wait_for(&w, &["dying"]);
+        // 8 MiB announced, 3 MiB sent (the router passes on what it gets), then gone.
+        dying.partial(daffi_proto::Kind::Request, 1, "w\0echo", 8 << 20, 3 << 20);
+        std::thread::sleep(Duration::from_millis(200));
+        drop(dying);
+        let caller = client(&engine, &addr, "caller", &[]);
+        wait_for(&caller, &["w"]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while w.peers().contains(&"dying".to_string()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The worker never ran the cut-off call, is still connected, and serves the next.
+        assert!(w.is_open());
+        let n = caller
+            .call(
+                None,
+                "count",
+                0,
+                0,
+                Bytes::new(),
+                Some(Duration::from_secs(5)),
+            )
+            .unwrap();
+        assert_eq!(n.payload.as_slice(), b"0", "{}", engine.backend());
+        let big = Bytes::from(vec![9u8; 4 << 20]);
+        let r2 = caller
+            .call(
+                None,
+                "echo",
+                0,
+                0,
+                big.clone(),
+                Some(Duration::from_secs(10)),
+            )
+            .unwrap();
+        assert!(r2.payload.as_slice() == &big[..], "{}", engine.backend());
+        assert_eq!(who(&caller, None), "w");
+        r.stop();
+    }
+}
+
+#[test]
+fn a_worker_that_dies_mid_answer_fails_the_call_at_once() {
+    use daffi_proto::frame::Kind;
+    for engine in backends() {
+        let (r, addr, port) = tcp_router(&engine);
+        let mut dying = raw::Peer::join(port, "dying", &["big"]);
+        let caller = client(&engine, &addr, "caller", &[]);
+        wait_for(&caller, &["dying"]);
+        let started = Instant::now();
+        let pending = caller
+            .start_call(Some("dying"), "big", 0, 0, Bytes::new())
+            .unwrap();
+        let mut req = dying.frame();
+        while req.0.kind != Kind::Request {
+            req = dying.frame();
+        }
+        assert_eq!(req.1, "caller\0big");
+        dying.partial(Kind::Response, req.0.call_id, "", 8 << 20, 2 << 20);
+        std::thread::sleep(Duration::from_millis(100));
+        drop(dying);
+        let res = pending.wait_until(Some(Instant::now() + Duration::from_secs(5)));
+        assert!(
+            matches!(res, Some(Err(CallError::Disconnected(_)))),
+            "{res:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+        drop(pending);
+        // The caller's connection survived the cut-off answer.
+        assert!(caller.is_open());
+        let _w = worker(&engine, &addr, "w");
+        wait_for(&caller, &["w"]);
+        assert_eq!(who(&caller, None), "w");
+        r.stop();
+    }
+}
+
+#[test]
+fn large_payloads_to_one_worker_from_many_callers_at_once() {
+    for engine in backends() {
+        let (r, addr, _) = tcp_router(&engine);
+        let _w = worker(&engine, &addr, "w");
+        let callers: Vec<Arc<Client>> = (0..3)
+            .map(|i| client(&engine, &addr, &format!("c{i}"), &[]))
+            .collect();
+        for c in &callers {
+            wait_for(c, &["w"]);
+        }
+        let threads: Vec<_> = callers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for round in 0..3u8 {
+                        let data: Vec<u8> = (0..(6 << 20) + i * 1000)
+                            .map(|k| (k as u8) ^ round ^ i as u8)
+                            .collect();
+                        let r = c
+                            .call(None, "echo", 0, 0, Bytes::from(data.clone()), None)
+                            .unwrap();
+                        assert!(r.payload.as_slice() == &data[..]);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        r.stop();
     }
 }
