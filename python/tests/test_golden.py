@@ -26,6 +26,7 @@ KINDS = {
 NO_REPLY = 0x01
 TEXT = 0x02
 ROUTER = 0x04
+TRAILER = 0x08
 OPAQUE, JSON, PICKLE, MSGPACK = range(4)
 
 
@@ -38,10 +39,11 @@ def parse(data: bytes) -> dict[str, Any]:
     assert magic == b"DF"
     assert version == 1
     assert kind in KINDS
-    assert flags & ~(NO_REPLY | TEXT | ROUTER) == 0
+    assert flags & ~(NO_REPLY | TEXT | ROUTER | TRAILER) == 0
     assert reserved1 == b"\0\0" and reserved2 == b"\0\0\0\0"
     assert meta_len <= 16 * 1024
-    assert len(data) == 32 + meta_len + payload_len, "the file is exactly one frame"
+    trailer = 1 if flags & TRAILER else 0
+    assert len(data) == 32 + meta_len + payload_len + trailer, "the file is exactly one frame"
     meta = data[32 : 32 + meta_len].decode("utf-8")
     return {
         "kind": KINDS[kind],
@@ -49,7 +51,8 @@ def parse(data: bytes) -> dict[str, Any]:
         "flags": flags,
         "call_id": call_id,
         "meta": meta,
-        "payload": data[32 + meta_len :],
+        "payload": data[32 + meta_len : 32 + meta_len + payload_len],
+        "status": data[-1] if trailer else None,
     }
 
 
@@ -173,6 +176,13 @@ def test_left_and_routed_request() -> None:
     target, function = f["meta"].split("\0", 1)
     assert (target, function) == ("worker-1", "process")
     assert json.loads(f["payload"]) == [["job"], {}]
+
+
+def test_response_with_trailer() -> None:
+    f = frame("response_trailer.bin")
+    assert (f["kind"], f["serde"], f["flags"], f["call_id"]) == ("response", JSON, TRAILER, 7)
+    assert json.loads(f["payload"]) == "done: job"
+    assert f["status"] == 0
 
 
 def test_files_match_their_generator() -> None:

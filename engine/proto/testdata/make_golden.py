@@ -35,6 +35,7 @@ OPAQUE, JSON, PICKLE, MSGPACK = range(4)
 NO_REPLY = 0x01
 TEXT = 0x02
 ROUTER = 0x04
+TRAILER = 0x08
 
 
 def frame(kind: int, call_id: int, serde: int, flags: int, meta: str, payload: bytes) -> bytes:
@@ -109,6 +110,8 @@ GOLDEN = {
     "left.bin": frame(LEFT, 0, 0, 0, "worker-1", b""),
     # Through a router, call 7: process("job") in JSON, to worker-1 (meta: target NUL function).
     "request_routed.bin": frame(REQUEST, 7, JSON, 0, "worker-1\0process", b'[["job"],{}]'),
+    # A router relays the answer to call 7 with a status byte after the payload: 00, complete.
+    "response_trailer.bin": frame(RESPONSE, 7, JSON, TRAILER, "", b'"done: job"') + b"\x00",
 }
 
 

@@ -26,8 +26,9 @@ const WELCOME_ROUTER: &[u8] = include_bytes!("../testdata/welcome_router.bin");
 const JOINED: &[u8] = include_bytes!("../testdata/joined.bin");
 const LEFT: &[u8] = include_bytes!("../testdata/left.bin");
 const REQUEST_ROUTED: &[u8] = include_bytes!("../testdata/request_routed.bin");
+const RESPONSE_TRAILER: &[u8] = include_bytes!("../testdata/response_trailer.bin");
 
-const ALL: [&[u8]; 12] = [
+const ALL: [&[u8]; 13] = [
     HELLO,
     WELCOME,
     REQUEST_PICKLE,
@@ -40,6 +41,7 @@ const ALL: [&[u8]; 12] = [
     JOINED,
     LEFT,
     REQUEST_ROUTED,
+    RESPONSE_TRAILER,
 ];
 
 /// `pickle.dumps(((1, 2), {}), protocol=5)`.
@@ -68,7 +70,7 @@ fn header(bytes: &[u8]) -> Header {
     let h = Header::decode(raw).expect("a valid header");
     assert_eq!(
         bytes.len() as u64,
-        HEADER_LEN as u64 + h.body_len(),
+        HEADER_LEN as u64 + h.body_len() + u64::from(h.flags.trailer()),
         "the file is exactly one frame"
     );
     h
@@ -605,4 +607,54 @@ fn router_frames_speak_the_golden_bytes() {
             payload: Payload::Inline(b"[[\"job\"],{}]".to_vec()),
         }]
     );
+}
+
+/// A relayed answer: the TRAILER flag, the payload, then a status byte the reader consumes;
+/// a streamed `Connection` frame writes exactly these bytes.
+#[test]
+fn response_with_a_trailer() {
+    let h = header(RESPONSE_TRAILER);
+    assert_eq!(h.flags, Flags(Flags::TRAILER));
+    assert_eq!(h.payload_len, 11);
+    assert_eq!(RESPONSE_TRAILER.len(), HEADER_LEN + 11 + 1);
+    assert_eq!(*RESPONSE_TRAILER.last().unwrap(), 0);
+    let mut client = Connection::new(
+        Role::Client,
+        Local {
+            name: "cli".into(),
+            functions: Vec::new(),
+            max_message_size: GIB,
+            token: Vec::new(),
+            router: false,
+        },
+    );
+    transmit(&mut client);
+    receive(&mut client, WELCOME_ROUTER);
+    let ev = receive(&mut client, &[JOINED, RESPONSE_TRAILER].concat());
+    assert_eq!(
+        ev[1],
+        Event::Response {
+            call_id: 7,
+            serde: 1,
+            flags: Flags(0),
+            payload: Payload::Inline(b"\"done: job\"".to_vec()),
+        }
+    );
+    let mut router = Connection::new(
+        Role::Server,
+        Local {
+            name: "rt".into(),
+            functions: Vec::new(),
+            max_message_size: GIB,
+            token: Vec::new(),
+            router: true,
+        },
+    );
+    receive(&mut router, HELLO);
+    transmit(&mut router);
+    router.begin_stream(Kind::Response, 7, 1, 0, "", 11);
+    router.stream_data(Bytes::from_static(b"\"done: "));
+    router.stream_data(Bytes::from_static(b"job\""));
+    router.end_stream();
+    assert_eq!(transmit(&mut router), RESPONSE_TRAILER);
 }
