@@ -563,7 +563,7 @@ impl Connection {
 
     /// Ends the streamed frame: its payload is complete.
     pub fn end_stream(&mut self) {
-        self.finish_stream(1);
+        self.finish_stream(0);
     }
 
     /// Ends the streamed frame as lost: the rest of its length is filled with zeros and its
