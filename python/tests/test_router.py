@@ -525,6 +525,8 @@ def test_wait_for_members(cluster):
         conn.wait_for_members(names[0], ghost, timeout=0.5)
     assert ghost in str(info.value)
     assert names[0] not in str(info.value)
+    # A connected node is present to itself.
+    conn.wait_for_members(cluster.caller.app_name, timeout=1)
     # The router itself is not a member a client can wait for or call.
     assert cluster.router.app_name not in conn.members
     assert sorted(conn.members) == sorted(names)
@@ -654,6 +656,7 @@ def test_message_size_limits_through_the_router(make_router, spawn, make_client)
     # both fail fast, nothing is disconnected.
     err, took = timed(lambda: conn.rpc(timeout=30, serde=SerdeFormat.OPAQUE).rt_echo(big))
     assert isinstance(err, TransmissionFailure) and took < 1, (err, took)
+    assert f"limit of {limit} bytes of {small!r}".replace("'", '"') in str(err)
     err, took = timed(lambda: conn.rpc(timeout=30).rt_blob(2 * limit))
     assert isinstance(err, TransmissionFailure) and took < 2, (err, took)
     results, took = timed(lambda: conn.cast(timeout=30).rt_blob(2 * limit))
@@ -668,6 +671,7 @@ def test_message_size_limits_through_the_router(make_router, spawn, make_client)
     conn2.wait_for_members(wide, timeout=10)
     err, took = timed(lambda: conn2.rpc(timeout=30, serde=SerdeFormat.OPAQUE).rt_echo(big))
     assert isinstance(err, TransmissionFailure) and took < 1, (err, took)
+    assert f'of router "{tight.app_name}"' in str(err), err
     assert conn2.rpc(timeout=5, serde=SerdeFormat.OPAQUE).rt_echo(b"ok") == b"ok"
 
 

@@ -675,14 +675,18 @@ impl Client {
         };
         let routed = s.routed();
         let server = s.peer.as_ref().expect("an open connection has a peer");
-        let mut limit = server.max_message_size;
-        if routed {
-            limit = limit.min(s.peers[&target].max_message_size);
-        }
         let size = size as u64;
+        // Through a Router, both the Router's limit and the receiver's apply.
+        let (limit, whose) = match s.peers.get(&target).filter(|_| routed) {
+            Some(p) if p.max_message_size <= server.max_message_size => {
+                (p.max_message_size, format!("{target:?}"))
+            }
+            Some(_) => (server.max_message_size, format!("router {:?}", server.name)),
+            None => (server.max_message_size, format!("{target:?}")),
+        };
         if size > limit {
             return Err(CallError::Transmission(format!(
-                "message of {size} bytes exceeds {target:?}'s limit of {limit} bytes"
+                "message of {size} bytes exceeds the limit of {limit} bytes of {whose}"
             )));
         }
         let meta = if routed {
@@ -814,7 +818,11 @@ impl Client {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut s = lock(&self.shared.state);
         loop {
-            let present = s.reachable();
+            // A connected node counts itself as present.
+            let mut present = s.reachable();
+            if s.phase == Phase::Open {
+                present.push(self.shared.name.clone());
+            }
             let missing: Vec<String> = names
                 .iter()
                 .filter(|n| !present.contains(n))
