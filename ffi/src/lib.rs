@@ -6,7 +6,7 @@
 //! `daffi.exceptions`. The protocol and the event loop are in `daffi-runtime`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How often a wait without a deadline lets Python run its signal handlers.
@@ -14,8 +14,9 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
 use bytes::Bytes;
 use daffi_runtime::{
-    Address, Backend, CallError, Client as RtClient, ClientConfig, Engine, Next, Node, PendingCall,
-    Reply, Router as RtRouter, RouterConfig, Server as RtServer, ServerConfig, StartError,
+    Address, Backend, CallError, Client as RtClient, ClientConfig, Engine, Next, Node, Notifier,
+    PendingCall, Reply, Router as RtRouter, RouterConfig, Server as RtServer, ServerConfig,
+    StartError,
 };
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -145,6 +146,7 @@ where
 {
     PyClassInitializer::from(NodeBase {
         node: inner.clone(),
+        notifier: OnceLock::new(),
     })
     .add_subclass(make(inner))
 }
@@ -153,6 +155,32 @@ where
 #[pyclass(frozen, subclass, module = "daffi._native", name = "Node")]
 struct NodeBase {
     node: Arc<dyn Node + Send + Sync>,
+    /// Set once an event loop watches the node (see `watch`).
+    notifier: OnceLock<Arc<Notifier>>,
+}
+
+/// How a finished call is reported to Python: `(status, serde, text, value)`, status 0 = the
+/// result payload, 1 = the callee's encoded exception, 2 = an exception instance.
+fn outcome<'py>(
+    py: Python<'py>,
+    serde: u8,
+    result: Result<Reply, CallError>,
+) -> (u8, u8, bool, Bound<'py, PyAny>) {
+    match result {
+        Ok(r) => (
+            0,
+            r.serde,
+            r.flags.text(),
+            payload_bytes(py, r.payload).into_any(),
+        ),
+        Err(CallError::Remote(e)) => (1, serde, false, PyBytes::new(py, &e).into_any()),
+        Err(e) => (
+            2,
+            serde,
+            false,
+            call_error(py, e).into_value(py).into_bound(py).into_any(),
+        ),
+    }
 }
 
 #[pymethods]
@@ -220,6 +248,60 @@ impl NodeBase {
 
     fn announce(&self, names: Vec<String>) {
         self.node.announce(&names);
+    }
+
+    /// Starts reporting readiness to an event loop: returns a descriptor that becomes readable
+    /// when calls, events or async answers are ready (the same one on every call).
+    fn watch(&self, py: Python<'_>) -> PyResult<i32> {
+        if let Some(n) = self.notifier.get() {
+            return Ok(n.fd());
+        }
+        let n = Notifier::new().map_err(|e| {
+            daffi_error(
+                py,
+                "InitializationError",
+                format!("cannot create a ready signal: {e}"),
+            )
+        })?;
+        let n = self.notifier.get_or_init(|| n).clone();
+        self.node.watch(n.clone());
+        Ok(n.fd())
+    }
+
+    /// Makes the watched descriptor unreadable until something new is ready; call it before
+    /// taking what is ready.
+    fn clear_ready(&self) {
+        if let Some(n) = self.notifier.get() {
+            n.clear();
+        }
+    }
+
+    /// Up to `max` calls to run, without waiting (the tuples of `next_call`); None once the
+    /// node stopped.
+    #[pyo3(signature = (max=256))]
+    fn take_calls<'py>(
+        &self,
+        py: Python<'py>,
+        max: usize,
+    ) -> PyResult<Option<Vec<Bound<'py, PyTuple>>>> {
+        match self.node.take_calls(max) {
+            None => Ok(None),
+            Some(calls) => Ok(Some(
+                calls
+                    .into_iter()
+                    .map(|c| call_tuple(py, c))
+                    .collect::<PyResult<_>>()?,
+            )),
+        }
+    }
+
+    /// Up to `max` membership events `(connected, member)`, without waiting; None once the
+    /// node stopped.
+    #[pyo3(signature = (max=256))]
+    fn take_events(&self, max: usize) -> Option<Vec<(bool, String)>> {
+        self.node
+            .take_events(max)
+            .map(|v| v.into_iter().map(|e| (e.connected, e.member)).collect())
     }
 }
 
@@ -584,6 +666,42 @@ impl Client {
         self.inner
             .send(receiver, name, serde, flags, p)
             .map_err(|e| call_error(py, e))
+    }
+
+    /// Sends a call whose answer comes through `take_done` (the client must be watched).
+    /// Returns `(call_id, receiver)`; refusals (no such receiver...) raise at once.
+    #[pyo3(signature = (name, serde, text, payload, receiver=None))]
+    fn start_async(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        serde: u8,
+        text: bool,
+        payload: &Bound<'_, PyAny>,
+        receiver: Option<&str>,
+    ) -> PyResult<(u64, String)> {
+        let p = self::payload(py, payload)?;
+        let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
+        py.detach(|| self.inner.start_async(receiver, name, serde, flags, p))
+            .map_err(|e| call_error(py, e))
+    }
+
+    /// The answers of `start_async` calls that arrived: `(call_id, status, serde, text,
+    /// value)` (see `cast` for the statuses).
+    fn take_done<'py>(&self, py: Python<'py>) -> Vec<(u64, u8, u8, bool, Bound<'py, PyAny>)> {
+        self.inner
+            .take_done()
+            .into_iter()
+            .map(|(id, r)| {
+                let (status, serde, text, value) = outcome(py, 0, r);
+                (id, status, serde, text, value)
+            })
+            .collect()
+    }
+
+    /// Gives up on an async call: its answer, if it comes, is dropped.
+    fn abandon(&self, call_id: u64) {
+        self.inner.abandon(call_id);
     }
 
     /// Waits until every named peer is connected; returns the names still missing on timeout.

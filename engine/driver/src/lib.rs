@@ -29,9 +29,11 @@ use bytes::Bytes;
 
 pub mod buf;
 pub mod poll;
+pub mod signal;
 pub mod sys;
 
 pub use buf::{Body, HeapBuf, RawBuf, RecvBuf};
+pub use signal::ReadySignal;
 #[cfg(all(target_os = "linux", feature = "io-uring"))]
 pub mod uring;
 

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use daffi_proto::Flags;
 
+use crate::notify::Completions;
 use crate::payload::Payload;
 
 /// A successful answer.
@@ -43,10 +44,16 @@ pub enum CallError {
 pub struct Slot {
     value: Mutex<Option<Result<Reply, CallError>>>,
     ready: Condvar,
+    /// For a call nobody waits for on a thread: where its answer goes instead, under this id.
+    hook: Option<(Arc<Completions>, u64)>,
 }
 
 impl Slot {
     pub fn fill(&self, r: Result<Reply, CallError>) {
+        if let Some((done, id)) = &self.hook {
+            done.push(*id, r);
+            return;
+        }
         let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
         if v.is_none() {
             *v = Some(r);
@@ -94,8 +101,20 @@ pub struct CallTable {
 impl CallTable {
     /// Registers a new call and returns its id and slot.
     pub fn open(&self) -> (u64, Arc<Slot>) {
+        self.open_with(None)
+    }
+
+    /// Registers a new call whose answer goes to `done` (see [`Completions`]).
+    pub fn open_hooked(&self, done: Arc<Completions>) -> (u64, Arc<Slot>) {
+        self.open_with(Some(done))
+    }
+
+    fn open_with(&self, done: Option<Arc<Completions>>) -> (u64, Arc<Slot>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let slot = Arc::new(Slot::default());
+        let slot = Arc::new(Slot {
+            hook: done.map(|d| (d, id)),
+            ..Default::default()
+        });
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -1,8 +1,10 @@
 //! A blocking multi-producer, multi-consumer queue that can be closed.
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::notify::Notifier;
 
 /// What a wait on an [`Inbox`] produced.
 #[derive(Debug, PartialEq, Eq)]
@@ -19,11 +21,13 @@ struct State<T> {
     closed: bool,
 }
 
-/// Items handed from the engine thread to the binding's threads.
+/// Items handed from the engine thread to the binding's threads (or to an event loop watching
+/// a [`Notifier`]).
 #[derive(Debug)]
 pub struct Inbox<T> {
     state: Mutex<State<T>>,
     ready: Condvar,
+    notifier: Mutex<Option<Arc<Notifier>>>,
 }
 
 impl<T> Default for Inbox<T> {
@@ -34,6 +38,7 @@ impl<T> Default for Inbox<T> {
                 closed: false,
             }),
             ready: Condvar::new(),
+            notifier: Mutex::new(None),
         }
     }
 }
@@ -48,6 +53,28 @@ impl<T> Inbox<T> {
         s.items.push_back(item);
         drop(s);
         self.ready.notify_one();
+        self.notify();
+    }
+
+    fn notify(&self) {
+        if let Some(n) = &*self.notifier.lock().unwrap_or_else(|e| e.into_inner()) {
+            n.notify();
+        }
+    }
+
+    /// From now on, every push (and the close) also notifies `n`.
+    pub fn watch(&self, n: Arc<Notifier>) {
+        *self.notifier.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
+    }
+
+    /// Takes up to `max` items without waiting; `None` once closed and empty.
+    pub fn take(&self, max: usize) -> Option<Vec<T>> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.items.is_empty() && s.closed {
+            return None;
+        }
+        let n = s.items.len().min(max);
+        Some(s.items.drain(..n).collect())
     }
 
     /// Waits for the next item, at most `timeout` (`None`: no limit).
@@ -81,6 +108,7 @@ impl<T> Inbox<T> {
     pub fn close(&self) {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
         self.ready.notify_all();
+        self.notify();
     }
 
     /// Opens a closed inbox again (a client reconnecting), dropping stale items.

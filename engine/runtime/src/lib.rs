@@ -21,6 +21,7 @@ pub mod call;
 pub mod engine;
 pub mod inbox;
 pub mod node;
+pub mod notify;
 pub mod payload;
 mod wire;
 
@@ -34,4 +35,5 @@ pub use node::{
     Address, Client, ClientConfig, IncomingCall, MemberEvent, Node, PendingCall, Router,
     RouterConfig, Server, ServerConfig, StartError,
 };
+pub use notify::{Completions, Notifier};
 pub use payload::{Payload, set_body_allocator};

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,6 +18,7 @@ use daffi_proto::{Flags, Local, Peer};
 use crate::call::{CallError, CallTable, Reply};
 use crate::engine::{Command, Engine};
 use crate::inbox::{Inbox, Next};
+use crate::notify::{Completions, Notifier};
 use crate::payload::Payload;
 use crate::wire::Wire;
 
@@ -90,6 +91,11 @@ impl Callee {
             functions: Mutex::new(functions),
             ..Default::default()
         }
+    }
+
+    fn watch(&self, n: &Arc<Notifier>) {
+        self.calls.watch(n.clone());
+        self.events.watch(n.clone());
     }
 
     /// Adds new names; returns those that were not exported yet.
@@ -352,6 +358,18 @@ impl Node for Router {
     fn respond_error(&self, _conn: u64, _call_id: u64, _code: &'static str, _payload: Bytes) {}
 
     fn announce(&self, _names: &[String]) {}
+
+    fn watch(&self, n: Arc<Notifier>) {
+        self.server.watch(n)
+    }
+
+    fn take_calls(&self, max: usize) -> Option<Vec<IncomingCall>> {
+        self.server.take_calls(max)
+    }
+
+    fn take_events(&self, max: usize) -> Option<Vec<MemberEvent>> {
+        self.server.take_events(max)
+    }
 }
 
 fn listen_error(address: &Address, e: io::Error) -> StartError {
@@ -466,6 +484,8 @@ pub struct Client {
     engine: Engine,
     shared: Arc<ClientShared>,
     address: Address,
+    /// Where the answers of [`Client::start_async`] calls go, once the client is watched.
+    completions: OnceLock<Arc<Completions>>,
 }
 
 impl Client {
@@ -510,6 +530,7 @@ impl Client {
             engine: engine.clone(),
             shared,
             address: cfg.address,
+            completions: OnceLock::new(),
         };
         let deadline = started + cfg.connect_timeout;
         let mut s = lock(&client.shared.state);
@@ -762,16 +783,61 @@ impl Client {
         flags: u8,
         payload: Bytes,
     ) -> Result<PendingCall<'_>, CallError> {
-        let route = self.route(receiver, name, payload.len())?;
-        let (call_id, slot) = self.shared.calls.open();
-        let pending = PendingCall {
+        let (call_id, slot, receiver) = self.begin(receiver, name, serde, flags, payload, None)?;
+        Ok(PendingCall {
             client: self,
             call_id,
             slot,
-            receiver: route.target,
+            receiver,
+        })
+    }
+
+    /// Sends a call whose answer is not waited for on a thread: it is collected with
+    /// [`Client::take_done`] once the notifier given to [`Node::watch`] says so. Returns the
+    /// call's id and receiver; [`Client::abandon`] gives up on it.
+    pub fn start_async(
+        &self,
+        receiver: Option<&str>,
+        name: &str,
+        serde: u8,
+        flags: u8,
+        payload: Bytes,
+    ) -> Result<(u64, String), CallError> {
+        let done = self.completions.get().cloned().ok_or_else(|| {
+            CallError::Transmission("the client is not watched by an event loop".into())
+        })?;
+        let (call_id, _, receiver) =
+            self.begin(receiver, name, serde, flags, payload, Some(done))?;
+        Ok((call_id, receiver))
+    }
+
+    /// The answers of [`Client::start_async`] calls that arrived since the last call.
+    pub fn take_done(&self) -> Vec<(u64, Result<Reply, CallError>)> {
+        self.completions.get().map(|c| c.take()).unwrap_or_default()
+    }
+
+    /// Gives up on call `call_id`: a late answer is dropped.
+    pub fn abandon(&self, call_id: u64) {
+        self.shared.calls.abandon(call_id);
+    }
+
+    fn begin(
+        &self,
+        receiver: Option<&str>,
+        name: &str,
+        serde: u8,
+        flags: u8,
+        payload: Bytes,
+        done: Option<Arc<Completions>>,
+    ) -> Result<(u64, Arc<crate::call::Slot>, String), CallError> {
+        let route = self.route(receiver, name, payload.len())?;
+        let (call_id, slot) = match done {
+            Some(d) => self.shared.calls.open_hooked(d),
+            None => self.shared.calls.open(),
         };
         // Registered before the phase check below, so a close racing with us fails this call.
         if lock(&self.shared.state).phase != Phase::Open {
+            self.shared.calls.abandon(call_id);
             return Err(CallError::Disconnected(self.close_reason()));
         }
         let f = frame(
@@ -783,7 +849,7 @@ impl Client {
             payload,
         );
         self.shared.wire.send(&self.engine, f);
-        Ok(pending)
+        Ok((call_id, slot, route.target))
     }
 
     /// Sends a call that wants no answer; returns the receiver's name once the call is queued
@@ -890,6 +956,13 @@ pub trait Node {
     fn respond_error(&self, conn: u64, call_id: u64, code: &'static str, payload: Bytes);
     /// Exports more functions, announced to every connected peer.
     fn announce(&self, names: &[String]);
+    /// Makes `n` readable whenever a call or an event is ready (and, on a client, the answer of
+    /// a [`Client::start_async`] call), for an event loop that takes them without waiting.
+    fn watch(&self, n: Arc<Notifier>);
+    /// Takes up to `max` calls to run without waiting; `None` once the node stopped.
+    fn take_calls(&self, max: usize) -> Option<Vec<IncomingCall>>;
+    /// Takes up to `max` membership events without waiting; `None` once the node stopped.
+    fn take_events(&self, max: usize) -> Option<Vec<MemberEvent>>;
 }
 
 impl Node for Server {
@@ -926,6 +999,18 @@ impl Node for Server {
 
     fn announce(&self, names: &[String]) {
         announce(&self.engine, &self.shared.callee, self.shared.id, names);
+    }
+
+    fn watch(&self, n: Arc<Notifier>) {
+        self.shared.callee.watch(&n);
+    }
+
+    fn take_calls(&self, max: usize) -> Option<Vec<IncomingCall>> {
+        self.shared.callee.calls.take(max)
+    }
+
+    fn take_events(&self, max: usize) -> Option<Vec<MemberEvent>> {
+        self.shared.callee.events.take(max)
     }
 }
 
@@ -965,6 +1050,19 @@ impl Node for Client {
 
     fn announce(&self, names: &[String]) {
         announce(&self.engine, &self.shared.callee, self.shared.conn, names);
+    }
+
+    fn watch(&self, n: Arc<Notifier>) {
+        let _ = self.completions.set(Completions::new(n.clone()));
+        self.shared.callee.watch(&n);
+    }
+
+    fn take_calls(&self, max: usize) -> Option<Vec<IncomingCall>> {
+        self.shared.callee.calls.take(max)
+    }
+
+    fn take_events(&self, max: usize) -> Option<Vec<MemberEvent>> {
+        self.shared.callee.events.take(max)
     }
 }
 

@@ -1,0 +1,78 @@
+//! Readiness for event loops that must not block a thread per wait (asyncio): a node can be
+//! *watched* through a [`Notifier`], whose descriptor becomes readable when a call to run, a
+//! membership event or the answer to a call started with [`crate::Client::start_async`] is
+//! ready. The loop then clears the notifier and takes everything that is ready, without
+//! waiting.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use daffi_driver::ReadySignal;
+
+use crate::call::{CallError, Reply};
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct Notifier {
+    signal: ReadySignal,
+    /// The signal was raised and not cleared since: more notifications cost nothing.
+    raised: AtomicBool,
+}
+
+impl Notifier {
+    pub fn new() -> io::Result<Arc<Notifier>> {
+        Ok(Arc::new(Notifier {
+            signal: ReadySignal::new()?,
+            raised: AtomicBool::new(false),
+        }))
+    }
+
+    /// The descriptor to watch for readability.
+    pub fn fd(&self) -> RawFd {
+        self.signal.fd()
+    }
+
+    pub(crate) fn notify(&self) {
+        if !self.raised.swap(true, Ordering::AcqRel) {
+            self.signal.raise();
+        }
+    }
+
+    /// Makes the descriptor unreadable until the next notification. Call it before taking what
+    /// is ready, so that nothing made ready meanwhile goes unnoticed.
+    pub fn clear(&self) {
+        self.raised.store(false, Ordering::SeqCst);
+        self.signal.drain();
+    }
+}
+
+/// Answers of calls started with [`crate::Client::start_async`], by call id.
+#[derive(Debug)]
+pub struct Completions {
+    notifier: Arc<Notifier>,
+    done: Mutex<Vec<(u64, Result<Reply, CallError>)>>,
+}
+
+impl Completions {
+    pub(crate) fn new(notifier: Arc<Notifier>) -> Arc<Completions> {
+        Arc::new(Completions {
+            notifier,
+            done: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub(crate) fn push(&self, id: u64, r: Result<Reply, CallError>) {
+        self.done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((id, r));
+        self.notifier.notify();
+    }
+
+    /// Every answer that arrived since the last call, in arrival order.
+    pub fn take(&self) -> Vec<(u64, Result<Reply, CallError>)> {
+        std::mem::take(&mut *self.done.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}

@@ -1,0 +1,549 @@
+"""daffi for asyncio: ``AsyncService``, ``AsyncRouter``, ``AsyncClient``.
+
+They take the same options as the synchronous nodes and speak the same protocol, so sync and
+async nodes mix freely on one network. Every call style returns an awaitable::
+
+    client = AsyncClient(app_name="caller", host="127.0.0.1", port=5000)
+    conn = await client.connect()
+    print(await conn.rpc(timeout=5).add(1, 2))
+    await conn.rpc_nowait().notify("x")      # sent when awaited
+
+How it waits: the engine makes one descriptor per node readable whenever answers, calls or
+membership events are ready, and the event loop watches it with ``loop.add_reader``; the
+callback takes everything that is ready without blocking. There is no thread hop per call and
+no thread per waiting call: thousands of concurrent calls on one connection each get their own
+future. Cancelling a task that awaits a call abandons the call (a late answer is dropped).
+
+Callbacks on an async node: ``async def`` callbacks run on the node's event loop, plain ``def``
+callbacks in a thread pool of ``workers`` threads, so they never block the loop; at most
+``workers`` run at once (``workers=1``: one at a time, in arrival order). Event handlers may be
+``async def``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from daffi._node import Client, Router, Service, _Node, _targets
+from daffi._serialization import (
+    SerdeFormat,
+    decode_call,
+    decode_error,
+    decode_result,
+    encode_call,
+    encode_error,
+    encode_result,
+)
+from daffi.exceptions import CallTimeout
+from daffi.registry import REGISTRY
+
+__all__ = ["AsyncClient", "AsyncConnection", "AsyncRouter", "AsyncService"]
+
+logger = logging.getLogger("daffi.aio")
+
+_NO_REPLY = 0x01
+_TEXT = 0x02
+# Calls (and events) taken per turn of the event loop.
+_BATCH = 256
+_PICKLE = SerdeFormat.PICKLE
+_OPAQUE = SerdeFormat.OPAQUE
+
+
+def _deadline(timeout: float | None) -> float | None:
+    """asyncio's form of a daffi timeout: None or 0 mean no deadline."""
+    if timeout is None or timeout == 0:
+        return None
+    if timeout < 0:
+        raise ValueError("timeout must be a non-negative number")
+    return float(timeout)
+
+
+def _outcome(status: int, serde: int, text: bool, value: Any) -> Any:
+    """The result of a finished call, or raises its error (statuses as in ``_native``)."""
+    if status == 0:
+        return decode_result(serde, value, text)
+    if status == 1:
+        raise decode_error(value)
+    raise value
+
+
+class _Bridge:
+    """Joins one native node to one event loop.
+
+    The node's ready descriptor is watched with ``loop.add_reader``; when it turns readable,
+    the answers of async calls go to their futures, incoming calls to the node's queue and
+    membership events to its handlers.
+    """
+
+    def __init__(self, node: _AsyncNode, native: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.node = node
+        self.native = native
+        self.loop = loop
+        self.futures: dict[int, asyncio.Future] = {}
+        self.is_client = hasattr(native, "take_done")
+        self.fd = native.watch()
+        loop.add_reader(self.fd, self.ready)
+        self.closed = False
+        # Anything that became ready before the reader was installed.
+        loop.call_soon(self.ready)
+
+    def ready(self) -> None:
+        if self.closed:
+            return
+        native = self.native
+        native.clear_ready()
+        if self.is_client:
+            for call_id, status, serde, text, value in native.take_done():
+                future = self.futures.pop(call_id, None)
+                if future is not None and not future.done():
+                    future.set_result((status, serde, text, value))
+        more = False
+        calls = native.take_calls(_BATCH)
+        if calls:
+            more = len(calls) == _BATCH
+            for call in calls:
+                self.node._queue_call(call)
+        events = native.take_events(_BATCH)
+        if events:
+            more = more or len(events) == _BATCH
+            for connected, member in events:
+                self.node._queue_event(connected, member)
+        if more:
+            # A full batch: the rest comes on the next turn of the loop (no new signal will).
+            self.loop.call_soon(self.ready)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.loop.remove_reader(self.fd)
+        except (ValueError, OSError, RuntimeError):  # the loop is closed or the fd gone
+            pass
+        for future in self.futures.values():
+            if not future.done():
+                future.cancel()
+        self.futures.clear()
+
+
+class _AsyncNode(_Node):
+    """What the async nodes share: the bridge, callback workers on the loop, event handlers."""
+
+    _bridge: _Bridge | None = None
+
+    def _init_async(self) -> None:
+        self._bridge = None
+        self._calls: asyncio.Queue | None = None
+        self._consumers: list[asyncio.Task] = []
+        self._event_queue: asyncio.Queue | None = None
+        self._event_task: asyncio.Task | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._done: asyncio.Event | None = None
+
+    # The sync base starts worker threads here; an async node attaches to the loop instead (see
+    # _attach), which must run on the loop's thread.
+    def _start_threads(self, native: Any) -> None:
+        self._pending_native = native
+
+    def _stop_threads(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    def _attach(self, native: Any, serve_calls: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        self._event_queue = asyncio.Queue()
+        self._event_task = loop.create_task(self._events_main())
+        if serve_calls:
+            def announce(names: list[str]) -> None:
+                native.announce(names)
+
+            self._unsubscribe = REGISTRY.subscribe(announce)
+            native.announce(REGISTRY.names())
+            self._calls = asyncio.Queue()
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.workers, thread_name_prefix=f"daffi-aio-{self.app_name}"
+            )
+            self._consumers = [loop.create_task(self._serve_main(native)) for _ in range(self.workers)]
+        self._bridge = _Bridge(self, native, loop)
+
+    def _detach(self) -> None:
+        """Stops watching the node (on the loop's thread)."""
+        if self._bridge is not None:
+            self._bridge.close()
+            self._bridge = None
+        for task in self._consumers:
+            task.cancel()
+        self._consumers = []
+        if self._event_task is not None:
+            self._event_task.cancel()
+            self._event_task = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _queue_call(self, call: tuple) -> None:
+        if self._calls is not None:
+            self._calls.put_nowait(call)
+
+    def _queue_event(self, connected: bool, member: str) -> None:
+        if self._event_queue is not None:
+            self._event_queue.put_nowait((connected, member))
+
+    # -- callbacks ----------------------------------------------------------------------------
+
+    async def _serve_main(self, native: Any) -> None:
+        """One of ``workers`` consumers: runs calls one after the other, in arrival order."""
+        assert self._calls is not None
+        while True:
+            call = await self._calls.get()
+            await self._run_call(native, call)
+
+    async def _run_call(self, native: Any, call: tuple) -> None:
+        conn, call_id, name, serde, flags, payload = call
+        reply = not flags & _NO_REPLY
+        try:
+            entry = REGISTRY.lookup(name)
+            if entry is None:
+                raise LookupError(f"no callback named {name!r} is registered")
+            fn, is_async = entry
+            args, kwargs = decode_call(serde, payload, bool(flags & _TEXT))
+            del payload
+            if is_async:
+                result = await fn(*args, **kwargs)
+            else:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+                if asyncio.iscoroutine(result):
+                    result = await result
+            if reply:
+                out, text = encode_result(serde, result)
+                native.respond(conn, call_id, serde, text, out)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # even SystemExit: it answers the caller
+            if reply:
+                native.respond_error(conn, call_id, encode_error(exc, traceback.format_exc()))
+            else:
+                logger.warning("callback %r (no reply wanted) raised: %r", name, exc)
+
+    # -- membership events ------------------------------------------------------------------
+
+    async def _events_main(self) -> None:
+        assert self._event_queue is not None
+        while True:
+            connected, member = await self._event_queue.get()
+            event = {"type": "connected" if connected else "disconnected", "member": member}
+            mine = "added" if connected else "removed"
+            for kind, fn in list(self._handlers):
+                if kind == "all":
+                    await self._run_async_handler(fn, event)
+                elif kind == mine:
+                    await self._run_async_handler(fn, member)
+
+    async def _run_async_handler(self, fn: Callable[[Any], Any], arg: Any) -> None:
+        try:
+            result = fn(arg)
+            if asyncio.iscoroutine(result):
+                await result
+        except asyncio.CancelledError:
+            raise
+        except BaseException:  # a handler never stops the node's events
+            logger.exception("event handler %r raised", fn)
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def join(self) -> None:  # type: ignore[override]
+        """Wait until :meth:`stop`; cancelling the waiting task stops the node."""
+        done = self._done
+        if done is None:
+            return
+        try:
+            await done.wait()
+        except asyncio.CancelledError:
+            await self.stop()
+            raise
+
+    async def _stop_native(self, stop: Callable[[], None]) -> None:
+        self._detach()
+        # Closing waits (bounded) for connections to flush: not on the loop's thread.
+        await asyncio.get_running_loop().run_in_executor(None, stop)
+        if self._done is not None:
+            self._done.set()
+
+
+class _AsyncListener(_AsyncNode):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_async()
+
+    _serves_calls = True
+
+    async def start(self) -> Any:  # type: ignore[override]
+        """Bind and start serving; returns once connections are accepted."""
+        super().start()  # binding is quick: done on the loop's thread
+        self._attach(self._pending_native, serve_calls=self._serves_calls)
+        return self
+
+    async def stop(self) -> None:  # type: ignore[override]
+        """Close the listener and every connection; idempotent and bounded in time."""
+        await self._stop_native(super().stop)
+
+    async def __aenter__(self) -> Any:
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+
+class AsyncService(_AsyncListener, Service):
+    """The asyncio twin of :class:`daffi.Service`."""
+
+
+class AsyncRouter(_AsyncListener, Router):
+    """The asyncio twin of :class:`daffi.Router`: it forwards in the engine; only its event
+    handlers run on the loop."""
+
+    _serves_calls = False
+
+
+class AsyncClient(_AsyncNode, Client):
+    """The asyncio twin of :class:`daffi.Client`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_async()
+        self._aconn: AsyncConnection | None = None
+
+    async def connect(self) -> AsyncConnection:  # type: ignore[override]
+        """Connect (the handshake runs off the loop) and return the connection handle."""
+        if self._bridge is not None and self.connected:
+            raise RuntimeError(f"client {self.app_name!r} is already connected")
+        self._detach()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, Client.connect, self)
+        native = self._native
+        self._attach(native)
+        assert self._bridge is not None
+        self._aconn = AsyncConnection(self, native, self._bridge)
+        return self._aconn
+
+    @property
+    def connection(self) -> AsyncConnection | None:  # type: ignore[override]
+        return self._aconn
+
+    async def stop(self) -> None:  # type: ignore[override]
+        """Disconnect (sending what is queued first); idempotent."""
+        await self._stop_native(super().stop)
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+
+class AsyncConnection:
+    """The handle returned by :meth:`AsyncClient.connect`; every call style is awaitable."""
+
+    __slots__ = ("_client", "_native", "_bridge", "__weakref__")
+
+    def __init__(self, client: AsyncClient, native: Any, bridge: _Bridge) -> None:
+        self._client = client
+        self._native = native
+        self._bridge = bridge
+
+    # -- call styles ------------------------------------------------------------------------
+
+    def rpc(self, timeout: float | None = None, receiver: str | None = None,
+            serde: SerdeFormat = _PICKLE) -> _Proxy:
+        return _Proxy(self._call_one, timeout, receiver, serde)
+
+    def rpc_nowait(self, receiver: str | None = None, serde: SerdeFormat = _PICKLE) -> _Proxy:
+        return _Proxy(self._send_one, None, receiver, serde)
+
+    def cast(self, timeout: float | None = None, receiver: str | Iterable[str] | None = None,
+             serde: SerdeFormat = _PICKLE) -> _Proxy:
+        return _Proxy(self._cast, timeout, receiver, serde)
+
+    def cast_nowait(self, receiver: str | Iterable[str] | None = None,
+                    serde: SerdeFormat = _PICKLE) -> _Proxy:
+        return _Proxy(self._cast_nowait, None, receiver, serde)
+
+    def stream(self, receiver: str | None = None, serde: SerdeFormat = _OPAQUE,
+               timeout: float | None = None) -> _Proxy:
+        return _Proxy(functools.partial(self._stream, wait=True), timeout, receiver, serde)
+
+    def stream_nowait(self, receiver: str | None = None, serde: SerdeFormat = _OPAQUE) -> _Proxy:
+        return _Proxy(functools.partial(self._stream, wait=False), None, receiver, serde)
+
+    async def wait_for_members(self, *names: str, timeout: float | None = None,
+                               interval: float = 1.0) -> None:
+        """Return once every named peer is connected; TimeoutError names the missing ones."""
+        loop = asyncio.get_running_loop()
+        limit = _deadline(timeout)
+        end = None if limit is None else loop.time() + limit
+        me = self._client.app_name
+        while True:
+            present = set(self.members) | {me}
+            missing = [n for n in names if n not in present]
+            if not missing:
+                return
+            if end is not None and loop.time() >= end:
+                raise TimeoutError(f"members not connected after {timeout} s: {', '.join(missing)}")
+            await asyncio.sleep(0.02 if end is None else max(0.0, min(0.02, end - loop.time())))
+
+    @property
+    def members(self) -> list[str]:
+        native = self._native
+        return native.peers() if native.connected else []
+
+    def add_event_handler(self, fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
+        return self._client.add_event_handler(fn)
+
+    def on_member_added(self, fn: Callable[[str], Any]) -> Callable[[str], Any]:
+        return self._client.on_member_added(fn)
+
+    def on_member_removed(self, fn: Callable[[str], Any]) -> Callable[[str], Any]:
+        return self._client.on_member_removed(fn)
+
+    # -- the calls themselves ---------------------------------------------------------------
+
+    def _start(self, name: str, serde: int, payload: Any, text: bool,
+               receiver: str | None) -> tuple[asyncio.Future, int, str]:
+        call_id, target = self._native.start_async(name, serde, text, payload, receiver)
+        future = self._bridge.loop.create_future()
+        self._bridge.futures[call_id] = future
+        return future, call_id, target
+
+    def _forget(self, call_id: int) -> None:
+        self._bridge.futures.pop(call_id, None)
+        self._native.abandon(call_id)
+
+    async def _await(self, name: str, timeout: float | None, future: asyncio.Future,
+                     call_id: int, target: str) -> Any:
+        try:
+            status, serde, text, value = await asyncio.wait_for(future, _deadline(timeout))
+        except asyncio.TimeoutError:
+            self._forget(call_id)
+            raise CallTimeout(call=name, timeout=timeout, receivers=[target]) from None
+        except asyncio.CancelledError:
+            self._forget(call_id)
+            raise
+        return _outcome(status, serde, text, value)
+
+    async def _call_one(self, name: str, timeout: float | None, receiver: str | None, serde: int,
+                        args: tuple, kwargs: dict) -> Any:
+        payload, text = encode_call(serde, args, kwargs)
+        future, call_id, target = self._start(name, serde, payload, text, receiver)
+        return await self._await(name, timeout, future, call_id, target)
+
+    async def _send_one(self, name: str, timeout: float | None, receiver: str | None, serde: int,
+                        args: tuple, kwargs: dict) -> None:
+        payload, text = encode_call(serde, args, kwargs)
+        self._native.send(name, serde, text, payload, receiver)
+
+    async def _cast(self, name: str, timeout: float | None, receiver: Any, serde: int,
+                    args: tuple, kwargs: dict) -> dict[str, Any]:
+        native = self._native
+        targets = native.cast_targets(name, _targets(receiver))
+        payload, text = encode_call(serde, args, kwargs)
+        started: dict[str, Any] = {}
+        for target in targets:
+            try:
+                started[target] = self._start(name, serde, payload, text, target)
+            except Exception as exc:  # a peer that cannot be called is an entry, not a failure
+                started[target] = exc
+        futures = [s[0] for s in started.values() if isinstance(s, tuple)]
+        if futures:
+            try:
+                await asyncio.wait(futures, timeout=_deadline(timeout))
+            except asyncio.CancelledError:
+                for s in started.values():
+                    if isinstance(s, tuple):
+                        self._forget(s[1])
+                raise
+        results: dict[str, Any] = {}
+        for target, s in started.items():
+            if not isinstance(s, tuple):
+                results[target] = s
+                continue
+            future, call_id, _ = s
+            if not future.done():
+                self._forget(call_id)
+                results[target] = CallTimeout(call=name, timeout=timeout, receivers=[target])
+                continue
+            try:
+                results[target] = _outcome(*future.result())
+            except Exception as exc:
+                results[target] = exc
+        return results
+
+    async def _cast_nowait(self, name: str, timeout: float | None, receiver: Any, serde: int,
+                           args: tuple, kwargs: dict) -> None:
+        native = self._native
+        targets = native.cast_targets(name, _targets(receiver))
+        payload, text = encode_call(serde, args, kwargs)
+        for target in targets:
+            native.send(name, serde, text, payload, target)
+
+    async def _stream(self, name: str, timeout: float | None, receiver: str | None, serde: int,
+                      args: tuple, kwargs: dict, *, wait: bool) -> None:
+        if len(args) != 1 or kwargs:
+            raise TypeError("a stream takes exactly one positional argument (the chunks)")
+        source = args[0]
+        native = self._native
+        target = native.resolve(name, receiver)
+        chunks = (source,) if isinstance(source, (str, bytes, bytearray, memoryview, dict)) else source
+        if hasattr(chunks, "__aiter__"):
+            async for chunk in chunks:
+                await self._chunk(name, timeout, target, serde, chunk, wait)
+            return
+        try:
+            iterator = iter(chunks)
+        except TypeError:
+            iterator = iter((source,))
+        for chunk in iterator:
+            await self._chunk(name, timeout, target, serde, chunk, wait)
+
+    async def _chunk(self, name: str, timeout: float | None, target: str, serde: int, chunk: Any,
+                     wait: bool) -> None:
+        payload, text = encode_call(serde, (chunk,), {})
+        if wait:
+            future, call_id, _ = self._start(name, serde, payload, text, target)
+            await self._await(name, timeout, future, call_id, target)
+        else:
+            self._native.send(name, serde, text, payload, target)
+
+
+class _Proxy:
+    """``proxy.name(*args)`` returns an awaitable that makes the call."""
+
+    __slots__ = ("_run", "_timeout", "_receiver", "_serde")
+
+    def __init__(self, run: Callable[..., Any], timeout: float | None, receiver: Any, serde: Any) -> None:
+        object.__setattr__(self, "_run", run)
+        object.__setattr__(self, "_timeout", timeout)
+        object.__setattr__(self, "_receiver", receiver)
+        object.__setattr__(self, "_serde", int(serde))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("call proxies are immutable")
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        run, timeout, receiver, serde = self._run, self._timeout, self._receiver, self._serde
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return run(name, timeout, receiver, serde, args, kwargs)
+
+        return call
