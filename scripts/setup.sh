@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything daffi needs to build and test, idempotently; fast when all is there.
 #   - the Rust crates (cargo fetch), checked against the machine's Rust toolchain
-#   - .venv: a virtualenv with maturin, pytest, ruff, and daffi itself built in release mode
+#   - .venv: a virtualenv with maturin, pytest, ruff, uvloop (the asyncio tests run on it too),
+#     and daffi itself built in release mode
 #     (rebuilt only when a Rust or packaging source changed since the last build)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,7 +25,7 @@ venv_py="$root/.venv/bin/python"
 
 # Python tools, installed only when missing.
 need=()
-for pkg in maturin pytest pytest-timeout ruff; do
+for pkg in maturin pytest pytest-timeout ruff uvloop; do
     mod=${pkg//-/_}
     [ "$pkg" = maturin ] && { [ -x .venv/bin/maturin ] || need+=("maturin>=1.7,<2"); continue; }
     [ "$pkg" = ruff ] && { [ -x .venv/bin/ruff ] || need+=(ruff); continue; }
