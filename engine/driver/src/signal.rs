@@ -72,6 +72,17 @@ impl ReadySignal {
         }
     }
 
+    /// Whether the descriptor is readable now.
+    pub fn is_raised(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.read.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd, zero timeout.
+        unsafe { libc::poll(&mut p, 1, 0) == 1 }
+    }
+
     /// Makes the descriptor unreadable again.
     pub fn drain(&self) {
         let mut buf = [0u8; 64];
@@ -96,24 +107,14 @@ impl ReadySignal {
 mod tests {
     use super::*;
 
-    fn readable(fd: RawFd) -> bool {
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one live pollfd, zero timeout.
-        unsafe { libc::poll(&mut p, 1, 0) == 1 }
-    }
-
     #[test]
     fn raise_and_drain() {
         let s = ReadySignal::new().unwrap();
-        assert!(!readable(s.fd()));
+        assert!(!s.is_raised());
         s.raise();
         s.raise();
-        assert!(readable(s.fd()));
+        assert!(s.is_raised());
         s.drain();
-        assert!(!readable(s.fd()));
+        assert!(!s.is_raised());
     }
 }
