@@ -59,9 +59,33 @@ def node(cls, big: bool, **kwargs):
     return cls(**kwargs)
 
 
+def serve_async(ready, port: int, workers: int) -> None:
+    """An AsyncService whose ``echo`` is a coroutine, on the default event loop."""
+    from daffi.aio import AsyncService
+
+    async def echo(payload):
+        return payload
+
+    daffi.callback(echo)
+
+    async def main() -> None:
+        service = AsyncService(host=HOST, port=port, workers=workers)
+        await service.start()
+        ready()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, common.wait_for_stdin_eof)
+        common.hard_exit_after(1.0)  # like the reference's sync stop, its async one may hang
+        await service.stop()
+
+    asyncio.run(main())
+
+
 def serve(ready, kind: str, port: str, arg: str = "", big: str = "", workers: str = "1") -> None:
-    """``serve service PORT WORKERS [big]`` | ``serve router PORT`` |
-    ``serve worker PORT NAME [big] [WORKERS]``."""
+    """``serve service PORT WORKERS [big]`` | ``serve aservice PORT WORKERS`` |
+    ``serve router PORT`` | ``serve worker PORT NAME [big] [WORKERS]``."""
+    if kind == "aservice":
+        serve_async(ready, int(port), int(arg))
+        return
     if kind == "router":
         server = daffi.Router(host=HOST, port=int(port))
         server.start()
@@ -253,6 +277,9 @@ async def async_rate(calls, seconds: float, warmup: int = 20) -> dict:
 
 
 def aio_workload(tasks: int, service_workers: int):
+    """``tasks`` asyncio tasks calling through one AsyncClient connection, against an
+    AsyncService with ``service_workers`` (its peer process)."""
+
     def workload(opts) -> dict:
         from daffi.aio import AsyncClient
 
@@ -269,7 +296,8 @@ def aio_workload(tasks: int, service_workers: int):
             finally:
                 await client.stop()
 
-        with service(service_workers) as (port, _):
+        port = common.free_port()
+        with Peer("aservice", str(port), str(service_workers)):
             return asyncio.run(measure(port))
 
     return workload
@@ -277,6 +305,7 @@ def aio_workload(tasks: int, service_workers: int):
 
 W.add("aio_seq_pickle")(aio_workload(tasks=1, service_workers=1))
 W.add("aio_conc8")(aio_workload(tasks=THREADS, service_workers=CONCURRENT_SERVICE_WORKERS))
+W.add("aio_conc200")(aio_workload(tasks=200, service_workers=10))
 
 
 def main() -> None:

@@ -64,6 +64,14 @@ def _deadline(timeout: float | None) -> float | None:
     return float(timeout)
 
 
+_EXPIRED = object()
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(_EXPIRED)
+
+
 def _outcome(status: int, serde: int, text: bool, value: Any) -> Any:
     """The result of a finished call, or raises its error (statuses as in ``_native``)."""
     if status == 0:
@@ -430,15 +438,22 @@ class AsyncConnection:
 
     async def _await(self, name: str, timeout: float | None, future: asyncio.Future,
                      call_id: int, target: str) -> Any:
+        # A timer that resolves the future itself: lighter than asyncio.wait_for, which wraps
+        # every call in one more future and callback.
+        limit = _deadline(timeout)
+        timer = None if limit is None else self._bridge.loop.call_later(limit, _expire, future)
         try:
-            status, serde, text, value = await asyncio.wait_for(future, _deadline(timeout))
-        except asyncio.TimeoutError:
-            self._forget(call_id)
-            raise CallTimeout(call=name, timeout=timeout, receivers=[target]) from None
+            outcome = await future
         except asyncio.CancelledError:
             self._forget(call_id)
             raise
-        return _outcome(status, serde, text, value)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if outcome is _EXPIRED:
+            self._forget(call_id)
+            raise CallTimeout(call=name, timeout=timeout, receivers=[target])
+        return _outcome(*outcome)
 
     async def _call_one(self, name: str, timeout: float | None, receiver: str | None, serde: int,
                         args: tuple, kwargs: dict) -> Any:
