@@ -40,7 +40,7 @@ from daffi._serialization import (
     encode_error,
     encode_result,
 )
-from daffi.exceptions import CallTimeout
+from daffi.exceptions import CallTimeout, Disconnected
 from daffi.registry import REGISTRY
 
 __all__ = ["AsyncClient", "AsyncConnection", "AsyncRouter", "AsyncService"]
@@ -70,6 +70,14 @@ _EXPIRED = object()
 def _expire(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(_EXPIRED)
+
+
+def _cancel_requested() -> bool:
+    """Whether the running task itself is being cancelled (rather than some code it awaited
+    raising ``CancelledError`` on its own). Python 3.10 cannot tell: it answers True."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
 
 def _outcome(status: int, serde: int, text: bool, value: Any) -> Any:
@@ -134,9 +142,11 @@ class _Bridge:
             self.loop.remove_reader(self.fd)
         except (ValueError, OSError, RuntimeError):  # the loop is closed or the fd gone
             pass
+        # Calls still waiting fail like those of a stopped sync client (their tasks were not
+        # cancelled: a CancelledError would look like one to the code awaiting them).
         for future in self.futures.values():
             if not future.done():
-                future.cancel()
+                future.set_exception(Disconnected("disconnected: client stopped"))
         self.futures.clear()
 
 
@@ -234,8 +244,13 @@ class _AsyncNode(_Node):
             if reply:
                 out, text = encode_result(serde, result)
                 native.respond(conn, call_id, serde, text, out)
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            if _cancel_requested():  # the node is stopping
+                raise
+            # The callback itself raised CancelledError: an error for its caller, not the end
+            # of this consumer (with workers=1 the node would never answer again).
+            if reply:
+                native.respond_error(conn, call_id, encode_error(exc, traceback.format_exc()))
         except BaseException as exc:  # even SystemExit: it answers the caller
             if reply:
                 native.respond_error(conn, call_id, encode_error(exc, traceback.format_exc()))
@@ -262,7 +277,9 @@ class _AsyncNode(_Node):
             if asyncio.iscoroutine(result):
                 await result
         except asyncio.CancelledError:
-            raise
+            if _cancel_requested():  # the node is stopping
+                raise
+            logger.exception("event handler %r raised", fn)
         except BaseException:  # a handler never stops the node's events
             logger.exception("event handler %r raised", fn)
 
