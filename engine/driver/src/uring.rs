@@ -53,6 +53,8 @@ pub struct Driver {
     accepts: HashMap<Token, usize>,
     wake_fd: Arc<EventFd>,
     wake_armed: bool,
+    /// Completions reaped while making room to submit (see `push`), for the next `wait`.
+    backlog: Vec<Completion>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -141,6 +143,7 @@ impl Driver {
             accepts: HashMap::new(),
             wake_fd,
             wake_armed: false,
+            backlog: Vec::new(),
         };
         d.arm_wake();
         Ok(d)
@@ -153,11 +156,30 @@ impl Driver {
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                 return;
             }
-            // The queue is full: hand what is there to the kernel and retry.
+            // The queue is full: hand what is there to the kernel and retry. The kernel refuses
+            // new work (EBUSY) while completions it could not post wait: reap them first, kept
+            // for the next `wait`, so that this loop always makes progress.
             if let Err(e) = self.ring.submit() {
-                tracing::error!("io_uring submit failed: {e}");
+                if e.raw_os_error() != Some(libc::EBUSY) {
+                    tracing::error!("io_uring submit failed: {e}");
+                }
             }
+            self.reap_into_backlog();
         }
+    }
+
+    fn reap_into_backlog(&mut self) {
+        let cqes: Vec<(u64, i32, u32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result(), c.flags()))
+            .collect();
+        // `complete` may push (re-arming the wake-up), and so come back here: append.
+        let mut reaped = Vec::new();
+        for (key, res, flags) in cqes {
+            self.complete(key as usize, res, flags, &mut reaped);
+        }
+        self.backlog.append(&mut reaped);
     }
 
     fn arm_wake(&mut self) {
@@ -301,7 +323,8 @@ impl crate::Driver for Driver {
         if !self.wake_armed {
             self.arm_wake();
         }
-        let want = if self.ring.completion().is_empty() {
+        out.append(&mut self.backlog);
+        let want = if self.ring.completion().is_empty() && out.is_empty() {
             1
         } else {
             0

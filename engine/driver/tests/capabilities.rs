@@ -276,3 +276,51 @@ fn unix_connect_gives_up_when_the_backlog_stays_full() {
     drop(held);
     let _ = std::fs::remove_file(&path);
 }
+
+/// More operations than the submission queue has room for, submitted without waiting in
+/// between, all complete: a full queue is handed to the kernel, and completions it could not
+/// post are reaped and kept for `wait` instead of stalling the submitter.
+#[test]
+fn bursts_larger_than_the_queue_all_complete() {
+    const BURST: u64 = 5000;
+    for mut d in drivers() {
+        let mut pending = Vec::new();
+        let (_l, server, mut client) = pair(&mut d, &mut pending);
+        let reader = std::thread::spawn(move || {
+            let mut got = 0;
+            let mut buf = [0u8; 4096];
+            while got < BURST as usize {
+                got += client.read(&mut buf).unwrap();
+            }
+            got
+        });
+        for i in 0..BURST {
+            d.submit(
+                100 + i,
+                Op::Send {
+                    fd: server.as_raw_fd(),
+                    bufs: vec![Bytes::from_static(b"x")],
+                    skip: 0,
+                },
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut sent = 0;
+        while sent < BURST {
+            assert!(
+                Instant::now() < deadline,
+                "{}: {sent} of {BURST} sends completed",
+                d.name()
+            );
+            d.wait(&mut pending, Some(Duration::from_millis(100)))
+                .unwrap();
+            for c in pending.drain(..) {
+                if let Outcome::Sent { res, .. } = c.outcome {
+                    assert_eq!(res.unwrap(), 1);
+                    sent += 1;
+                }
+            }
+        }
+        assert_eq!(reader.join().unwrap(), BURST as usize, "{}", d.name());
+    }
+}
