@@ -133,7 +133,7 @@ impl Backend {
 #[derive(Debug)]
 pub enum AnyDriver {
     #[cfg(all(target_os = "linux", feature = "io-uring"))]
-    Uring(uring::Driver),
+    Uring(Box<uring::Driver>),
     Poll(poll::Driver),
 }
 
@@ -144,7 +144,7 @@ impl AnyDriver {
         match backend {
             Backend::Poll => Ok(AnyDriver::Poll(poll::Driver::new()?)),
             #[cfg(all(target_os = "linux", feature = "io-uring"))]
-            Backend::Uring => Ok(AnyDriver::Uring(uring::Driver::new()?)),
+            Backend::Uring => Ok(AnyDriver::Uring(Box::new(uring::Driver::new()?))),
             #[cfg(not(all(target_os = "linux", feature = "io-uring")))]
             Backend::Uring => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -152,7 +152,7 @@ impl AnyDriver {
             )),
             #[cfg(all(target_os = "linux", feature = "io-uring"))]
             Backend::Auto => match uring::Driver::new() {
-                Ok(d) => Ok(AnyDriver::Uring(d)),
+                Ok(d) => Ok(AnyDriver::Uring(Box::new(d))),
                 Err(e) => {
                     tracing::warn!("io_uring unavailable ({e}); using the poll backend");
                     Ok(AnyDriver::Poll(poll::Driver::new()?))
