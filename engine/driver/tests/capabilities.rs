@@ -12,6 +12,7 @@ use daffi_driver::{
 };
 
 fn drivers() -> Vec<AnyDriver> {
+    #[cfg_attr(not(all(target_os = "linux", feature = "io-uring")), allow(unused_mut))]
     let mut v = vec![AnyDriver::new(Backend::Poll).unwrap()];
     #[cfg(all(target_os = "linux", feature = "io-uring"))]
     match AnyDriver::new(Backend::Uring) {
