@@ -13,6 +13,7 @@ step "cargo fmt"
 cargo fmt --all --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets -q -- -D warnings
+cargo clippy -p daffi-driver --no-default-features --all-targets -q -- -D warnings
 step "ruff"
 .venv/bin/ruff check python bench scripts
 step "Rust tests"
