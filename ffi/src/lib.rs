@@ -219,6 +219,10 @@ impl NodeBase {
         })
     }
 
+    /// Answers a call; with `defer`, the answer is held until `flush` (an event loop flushes
+    /// once per turn, so that its answers leave together).
+    #[pyo3(signature = (conn, call_id, serde, text, payload, defer=false))]
+    #[allow(clippy::too_many_arguments)]
     fn respond(
         &self,
         py: Python<'_>,
@@ -227,11 +231,21 @@ impl NodeBase {
         serde: u8,
         text: bool,
         payload: &Bound<'_, PyAny>,
+        defer: bool,
     ) -> PyResult<()> {
         let p = self::payload(py, payload)?;
         let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
-        py.detach(|| self.node.respond(conn, call_id, serde, flags, p));
+        if defer {
+            self.node.respond_deferred(conn, call_id, serde, flags, p);
+        } else {
+            py.detach(|| self.node.respond(conn, call_id, serde, flags, p));
+        }
         Ok(())
+    }
+
+    /// Sends every frame held for this node (deferred answers; a client's async calls).
+    fn flush(&self, py: Python<'_>) {
+        py.detach(|| self.node.flush());
     }
 
     fn respond_error(
@@ -650,8 +664,10 @@ impl Client {
             .map_err(|e| call_error(py, e))
     }
 
-    /// Sends a call that wants no answer; returns the receiver's name.
-    #[pyo3(signature = (name, serde, text, payload, receiver=None))]
+    /// Sends a call that wants no answer; returns the receiver's name. With `defer`, it is
+    /// held until `flush`, in order with the async calls.
+    #[pyo3(signature = (name, serde, text, payload, receiver=None, defer=false))]
+    #[allow(clippy::too_many_arguments)]
     fn send(
         &self,
         py: Python<'_>,
@@ -660,16 +676,18 @@ impl Client {
         text: bool,
         payload: &Bound<'_, PyAny>,
         receiver: Option<&str>,
+        defer: bool,
     ) -> PyResult<String> {
         let p = self::payload(py, payload)?;
         let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
         self.inner
-            .send(receiver, name, serde, flags, p)
+            .send_with(receiver, name, serde, flags, p, defer)
             .map_err(|e| call_error(py, e))
     }
 
-    /// Sends a call whose answer comes through `take_done` (the client must be watched).
-    /// Returns `(call_id, receiver)`; refusals (no such receiver...) raise at once.
+    /// Sends a call whose answer comes through `take_done` (the client must be watched); the
+    /// request is held until `flush`. Returns `(call_id, receiver)`; refusals (no such
+    /// receiver...) raise at once.
     #[pyo3(signature = (name, serde, text, payload, receiver=None))]
     fn start_async(
         &self,

@@ -106,6 +106,7 @@ class _Bridge:
         self.fd = native.watch()
         loop.add_reader(self.fd, self.ready)
         self.closed = False
+        self.flush_pending = False
         # Anything that became ready before the reader was installed.
         loop.call_soon(self.ready)
 
@@ -134,10 +135,22 @@ class _Bridge:
             # A full batch: the rest comes on the next turn of the loop (no new signal will).
             self.loop.call_soon(self.ready)
 
+    def schedule_flush(self) -> None:
+        """The node holds frames (calls, answers) until flushed: once per turn of the loop, so
+        that the frames of one turn leave in one system call."""
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_pending = False
+        self.native.flush()
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self.native.flush()
         try:
             self.loop.remove_reader(self.fd)
         except (ValueError, OSError, RuntimeError):  # the loop is closed or the fd gone
@@ -243,7 +256,9 @@ class _AsyncNode(_Node):
                     result = await result
             if reply:
                 out, text = encode_result(serde, result)
-                native.respond(conn, call_id, serde, text, out)
+                native.respond(conn, call_id, serde, text, out, True)
+                if self._bridge is not None:
+                    self._bridge.schedule_flush()
         except asyncio.CancelledError as exc:
             if _cancel_requested():  # the node is stopping
                 raise
@@ -444,9 +459,11 @@ class AsyncConnection:
 
     def _start(self, name: str, serde: int, payload: Any, text: bool,
                receiver: str | None) -> tuple[asyncio.Future, int, str]:
+        bridge = self._bridge
         call_id, target = self._native.start_async(name, serde, text, payload, receiver)
-        future = self._bridge.loop.create_future()
-        self._bridge.futures[call_id] = future
+        future = bridge.loop.create_future()
+        bridge.futures[call_id] = future
+        bridge.schedule_flush()
         return future, call_id, target
 
     def _forget(self, call_id: int) -> None:
@@ -481,7 +498,8 @@ class AsyncConnection:
     async def _send_one(self, name: str, timeout: float | None, receiver: str | None, serde: int,
                         args: tuple, kwargs: dict) -> None:
         payload, text = encode_call(serde, args, kwargs)
-        self._native.send(name, serde, text, payload, receiver)
+        self._native.send(name, serde, text, payload, receiver, True)
+        self._bridge.schedule_flush()
 
     async def _cast(self, name: str, timeout: float | None, receiver: Any, serde: int,
                     args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -525,7 +543,8 @@ class AsyncConnection:
         targets = native.cast_targets(name, _targets(receiver))
         payload, text = encode_call(serde, args, kwargs)
         for target in targets:
-            native.send(name, serde, text, payload, target)
+            native.send(name, serde, text, payload, target, True)
+        self._bridge.schedule_flush()
 
     async def _stream(self, name: str, timeout: float | None, receiver: str | None, serde: int,
                       args: tuple, kwargs: dict, *, wait: bool) -> None:
@@ -553,7 +572,8 @@ class AsyncConnection:
             future, call_id, _ = self._start(name, serde, payload, text, target)
             await self._await(name, timeout, future, call_id, target)
         else:
-            self._native.send(name, serde, text, payload, target)
+            self._native.send(name, serde, text, payload, target, True)
+            self._bridge.schedule_flush()
 
 
 class _Proxy:

@@ -49,6 +49,11 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// Whether the answer goes to a [`Completions`] list rather than to a waiting thread.
+    pub fn is_hooked(&self) -> bool {
+        self.hook.is_some()
+    }
+
     pub fn fill(&self, r: Result<Reply, CallError>) {
         if let Some((done, id)) = &self.hook {
             done.push(*id, r);

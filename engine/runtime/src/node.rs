@@ -130,6 +130,8 @@ pub(crate) struct ServerState {
     pub(crate) connections: usize,
     /// The sending side of every connection, for answers.
     pub(crate) wires: HashMap<u64, Arc<Wire>>,
+    /// Connections holding deferred answers (see [`Node::respond_deferred`]).
+    pub(crate) corked: Vec<Arc<Wire>>,
 }
 
 #[derive(Debug)]
@@ -250,6 +252,8 @@ impl Server {
     /// Closes the listener and every connection. Returns once the address can be bound again
     /// (bounded wait: connections whose peers do not read are cut after a grace period).
     pub fn stop(&self) {
+        // Answers held for an event loop go out before the goodbyes.
+        Node::flush(self);
         self.engine.send(Command::StopServer { id: self.shared.id });
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut s = lock(&self.shared.state);
@@ -370,6 +374,10 @@ impl Node for Router {
     fn take_events(&self, max: usize) -> Option<Vec<MemberEvent>> {
         self.server.take_events(max)
     }
+
+    fn respond_deferred(&self, _conn: u64, _call_id: u64, _serde: u8, _flags: u8, _p: Bytes) {}
+
+    fn flush(&self) {}
 }
 
 fn listen_error(address: &Address, e: io::Error) -> StartError {
@@ -811,6 +819,11 @@ impl Client {
         Ok((call_id, receiver))
     }
 
+    /// Sends the frames held since the last flush (see [`Node::flush`]).
+    fn flush_held(&self) {
+        self.shared.wire.uncork(&self.engine);
+    }
+
     /// The answers of [`Client::start_async`] calls that arrived since the last call.
     pub fn take_done(&self) -> Vec<(u64, Result<Reply, CallError>)> {
         self.completions.get().map(|c| c.take()).unwrap_or_default()
@@ -848,8 +861,42 @@ impl Client {
             &route.meta,
             payload,
         );
-        self.shared.wire.send(&self.engine, f);
+        // An event loop's calls are held until it flushes, and leave together.
+        if slot.is_hooked() {
+            self.shared.wire.cork(f);
+        } else {
+            self.shared.wire.send(&self.engine, f);
+        }
         Ok((call_id, slot, route.target))
+    }
+
+    /// Sends a call that wants no answer; returns the receiver's name once the call is queued
+    /// for sending. With `defer`, the call is held until [`Node::flush`], like the calls of
+    /// [`Client::start_async`] (and in order with them).
+    pub fn send_with(
+        &self,
+        receiver: Option<&str>,
+        name: &str,
+        serde: u8,
+        flags: u8,
+        payload: Bytes,
+        defer: bool,
+    ) -> Result<String, CallError> {
+        let route = self.route(receiver, name, payload.len())?;
+        let f = frame(
+            Kind::Request,
+            0,
+            serde,
+            flags | Flags::NO_REPLY,
+            &route.meta,
+            payload,
+        );
+        if defer {
+            self.shared.wire.cork(f);
+        } else {
+            self.shared.wire.send(&self.engine, f);
+        }
+        Ok(route.target)
     }
 
     /// Sends a call that wants no answer; returns the receiver's name once the call is queued
@@ -862,17 +909,7 @@ impl Client {
         flags: u8,
         payload: Bytes,
     ) -> Result<String, CallError> {
-        let route = self.route(receiver, name, payload.len())?;
-        let f = frame(
-            Kind::Request,
-            0,
-            serde,
-            flags | Flags::NO_REPLY,
-            &route.meta,
-            payload,
-        );
-        self.shared.wire.send(&self.engine, f);
-        Ok(route.target)
+        self.send_with(receiver, name, serde, flags, payload, false)
     }
 
     /// Waits until every named peer is connected; returns the missing ones on timeout.
@@ -918,6 +955,7 @@ impl Client {
 
     /// Sends what is queued, says goodbye and closes; waits (bounded) until closed.
     pub fn close(&self) {
+        self.flush_held();
         self.engine.send(Command::Close {
             conn: self.shared.conn,
             reason: "client stopped".into(),
@@ -963,6 +1001,12 @@ pub trait Node {
     fn take_calls(&self, max: usize) -> Option<Vec<IncomingCall>>;
     /// Takes up to `max` membership events without waiting; `None` once the node stopped.
     fn take_events(&self, max: usize) -> Option<Vec<MemberEvent>>;
+    /// Like [`Node::respond`], but the answer is held until [`Node::flush`], so that an event
+    /// loop's answers of one turn leave together.
+    fn respond_deferred(&self, conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes);
+    /// Sends every frame held by `respond_deferred` (and, on a client, by
+    /// [`Client::start_async`] and deferred sends).
+    fn flush(&self);
 }
 
 impl Node for Server {
@@ -1011,6 +1055,22 @@ impl Node for Server {
 
     fn take_events(&self, max: usize) -> Option<Vec<MemberEvent>> {
         self.shared.callee.events.take(max)
+    }
+
+    fn respond_deferred(&self, conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
+        let Some(wire) = self.wire(conn) else {
+            return;
+        };
+        if wire.cork(answer(&wire, call_id, serde, flags, payload)) {
+            lock(&self.shared.state).corked.push(wire);
+        }
+    }
+
+    fn flush(&self) {
+        let held = std::mem::take(&mut lock(&self.shared.state).corked);
+        for wire in held {
+            wire.uncork(&self.engine);
+        }
     }
 }
 
@@ -1063,6 +1123,15 @@ impl Node for Client {
 
     fn take_events(&self, max: usize) -> Option<Vec<MemberEvent>> {
         self.shared.callee.events.take(max)
+    }
+
+    fn respond_deferred(&self, _conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
+        let wire = &self.shared.wire;
+        wire.cork(answer(wire, call_id, serde, flags, payload));
+    }
+
+    fn flush(&self) {
+        self.flush_held();
     }
 }
 
@@ -1124,29 +1193,28 @@ fn frame(kind: Kind, call_id: u64, serde: u8, flags: u8, meta: &str, payload: By
     }
 }
 
-/// Sends an answer, or a `too-large` error when the caller would refuse it.
+/// Sends an answer (see [`answer`]).
 fn respond(engine: &Engine, wire: &Wire, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
+    wire.send(engine, answer(wire, call_id, serde, flags, payload));
+}
+
+/// The frame that answers a call: the result, or a `too-large` error when the caller would
+/// refuse it.
+fn answer(wire: &Wire, call_id: u64, serde: u8, flags: u8, payload: Bytes) -> Vec<Bytes> {
     let limit = wire.peer_max();
     if payload.len() as u64 > limit {
         let msg = format!(
             "result of {} bytes exceeds the caller's limit of {limit} bytes",
             payload.len()
         );
-        wire.send(
-            engine,
-            frame(
-                Kind::Error,
-                call_id,
-                0,
-                0,
-                error_code::TOO_LARGE,
-                Bytes::from(msg),
-            ),
+        return frame(
+            Kind::Error,
+            call_id,
+            0,
+            0,
+            error_code::TOO_LARGE,
+            Bytes::from(msg),
         );
-        return;
     }
-    wire.send(
-        engine,
-        frame(Kind::Response, call_id, serde, flags, "", payload),
-    );
+    frame(Kind::Response, call_id, serde, flags, "", payload)
 }

@@ -30,6 +30,8 @@ struct State {
     closed: bool,
     /// The largest message the peer accepts (known once the handshake completed).
     peer_max: u64,
+    /// Frames held by [`Wire::cork`] until [`Wire::uncork`].
+    corked: Vec<Bytes>,
 }
 
 /// See the module documentation.
@@ -49,6 +51,7 @@ impl Wire {
                 queued: 0,
                 closed: false,
                 peer_max: u64::MAX,
+                corked: Vec::new(),
             }),
         }
     }
@@ -63,10 +66,16 @@ impl Wire {
 
     /// Sends one encoded frame: at once when possible, else through `engine`, in order with
     /// every other frame of this connection. After the connection closed it is dropped.
-    pub(crate) fn send(&self, engine: &Engine, bufs: Vec<Bytes>) {
+    pub(crate) fn send(&self, engine: &Engine, mut bufs: Vec<Bytes>) {
         let mut s = self.lock();
         if s.closed {
             return;
+        }
+        if !s.corked.is_empty() {
+            // Held frames go first: the stream keeps the order frames were given in.
+            let mut all = std::mem::take(&mut s.corked);
+            all.append(&mut bufs);
+            bufs = all;
         }
         let mut skip = 0;
         let total = sys::total_len(&bufs);
@@ -107,6 +116,27 @@ impl Wire {
             bufs,
             skip,
         });
+    }
+
+    /// Holds a frame until [`Wire::uncork`], so that a burst of frames (an event loop's calls
+    /// or answers of one turn) is written with one system call. Returns true for the first
+    /// frame held, when the caller should arrange an `uncork`.
+    pub(crate) fn cork(&self, bufs: Vec<Bytes>) -> bool {
+        let mut s = self.lock();
+        if s.closed {
+            return false;
+        }
+        let first = s.corked.is_empty();
+        s.corked.extend(bufs);
+        first
+    }
+
+    /// Sends every held frame.
+    pub(crate) fn uncork(&self, engine: &Engine) {
+        let held = std::mem::take(&mut self.lock().corked);
+        if !held.is_empty() {
+            self.send(engine, held);
+        }
     }
 
     // ── engine side ──
