@@ -6,13 +6,15 @@ async nodes mix freely on one network. Every call style returns an awaitable::
     client = AsyncClient(app_name="caller", host="127.0.0.1", port=5000)
     conn = await client.connect()
     print(await conn.rpc(timeout=5).add(1, 2))
-    await conn.rpc_nowait().notify("x")      # sent when awaited
+    await conn.rpc_nowait().notify("x")      # handed over when awaited
 
 How it waits: the engine makes one descriptor per node readable whenever answers, calls or
 membership events are ready, and the event loop watches it with ``loop.add_reader``; the
 callback takes everything that is ready without blocking. There is no thread hop per call and
 no thread per waiting call: thousands of concurrent calls on one connection each get their own
 future. Cancelling a task that awaits a call abandons the call (a late answer is dropped).
+The frames a node sends during one turn of the loop are written together when the turn ends
+(or as soon as 256 KiB of them wait), in the order they were made.
 
 Callbacks on an async node: ``async def`` callbacks run on the node's event loop, plain ``def``
 callbacks in a thread pool of ``workers`` threads, so they never block the loop; at most
@@ -459,12 +461,20 @@ class AsyncConnection:
 
     def _start(self, name: str, serde: int, payload: Any, text: bool,
                receiver: str | None) -> tuple[asyncio.Future, int, str]:
-        bridge = self._bridge
+        bridge = self._check_open()
         call_id, target = self._native.start_async(name, serde, text, payload, receiver)
         future = bridge.loop.create_future()
         bridge.futures[call_id] = future
         bridge.schedule_flush()
         return future, call_id, target
+
+    def _check_open(self) -> _Bridge:
+        """The bridge, unless the client is stopping or stopped (no call may start then: its
+        answer would have nobody to go to)."""
+        bridge = self._bridge
+        if bridge.closed:
+            raise Disconnected("disconnected: client stopped")
+        return bridge
 
     def _forget(self, call_id: int) -> None:
         self._bridge.futures.pop(call_id, None)
@@ -498,8 +508,9 @@ class AsyncConnection:
     async def _send_one(self, name: str, timeout: float | None, receiver: str | None, serde: int,
                         args: tuple, kwargs: dict) -> None:
         payload, text = encode_call(serde, args, kwargs)
+        bridge = self._check_open()
         self._native.send(name, serde, text, payload, receiver, True)
-        self._bridge.schedule_flush()
+        bridge.schedule_flush()
 
     async def _cast(self, name: str, timeout: float | None, receiver: Any, serde: int,
                     args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -542,9 +553,13 @@ class AsyncConnection:
         native = self._native
         targets = native.cast_targets(name, _targets(receiver))
         payload, text = encode_call(serde, args, kwargs)
-        for target in targets:
-            native.send(name, serde, text, payload, target, True)
-        self._bridge.schedule_flush()
+        bridge = self._check_open()
+        try:
+            for target in targets:
+                native.send(name, serde, text, payload, target, True)
+        finally:
+            # Whatever was held goes out, even when a later target refused the call.
+            bridge.schedule_flush()
 
     async def _stream(self, name: str, timeout: float | None, receiver: str | None, serde: int,
                       args: tuple, kwargs: dict, *, wait: bool) -> None:
@@ -572,8 +587,9 @@ class AsyncConnection:
             future, call_id, _ = self._start(name, serde, payload, text, target)
             await self._await(name, timeout, future, call_id, target)
         else:
+            bridge = self._check_open()
             self._native.send(name, serde, text, payload, target, True)
-            self._bridge.schedule_flush()
+            bridge.schedule_flush()
 
 
 class _Proxy:

@@ -1560,6 +1560,26 @@ def test_sync_and_async_clients_call_the_same_async_service(aio, sink, loop_kind
     aio.run(main(), loop_kind)
 
 
+def test_calls_made_while_the_client_stops_fail_at_once(aio):
+    async def main():
+        _, conn = await service_and_conn(aio)
+        client = aio.nodes[-1]
+        # stop() detaches from the loop at once, then waits for the engine off the loop: calls
+        # made in between must fail, not wait for an answer nobody will deliver.
+        stopping = asyncio.create_task(client.stop())
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(GONE):
+            await conn.rpc().ax_echo(1)
+        with pytest.raises(GONE):
+            await conn.rpc_nowait().ax_echo(1)
+        assert loop.time() - started < 1
+        await stopping
+
+    aio.run(main())
+
+
 def test_a_sync_client_in_another_process_calls_an_async_service(aio, spawn):
     async def main():
         svc = await aio.service(workers=2).start()

@@ -222,7 +222,7 @@ impl FrameReader {
         // The limit is on the payload; meta is bounded by MAX_META above.
         if header.payload_len > self.max_message_size {
             self.pos += HEADER_LEN;
-            self.skip = header.body_len() + u64::from(trailer);
+            self.skip = header.body_len().saturating_add(u64::from(trailer));
             return Ok(Some(Item::Oversized(header)));
         }
         let head_len = HEADER_LEN + header.meta_len as usize;

@@ -182,6 +182,10 @@ fn token(id: u64, op: u64) -> u64 {
 
 /// A Router passes a large payload on in pieces of this size, as they arrive.
 const RELAY_CHUNK: usize = 1 << 20;
+/// How long a payload relayed through a Router may go without a byte arriving: its receiver's
+/// connection carries nothing else meanwhile, so a sender that stalls longer is cut off (its
+/// frame ends as lost).
+const RELAY_STALL: Duration = Duration::from_secs(10);
 
 /// How long a peer may take to complete the handshake.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
@@ -233,6 +237,8 @@ struct Conn {
     raw: VecDeque<(Vec<Bytes>, usize)>,
     /// On a Router's connection: where the large payload being received goes.
     relay: Option<Relay>,
+    /// When the relayed payload last made progress (see `RELAY_STALL`).
+    relay_progress: Instant,
 }
 
 /// What a Router does with a large payload while it arrives.
@@ -425,6 +431,7 @@ impl Loop {
             wire,
             raw: VecDeque::new(),
             relay: None,
+            relay_progress: Instant::now(),
         };
         self.conns.insert(id, c);
         self.start_recv(id);
@@ -607,11 +614,13 @@ impl Loop {
             (Ok(_), Ok(())) => {
                 self.relay_piece(id);
                 if let Err(e) = self.after_parse(id) {
+                    // Nothing more is read from a connection that broke the protocol.
                     self.protocol_error(id, e);
+                } else {
+                    // The handshake answer, `no function` errors, ... were queued by proto.
+                    self.dirty.push(id);
+                    self.start_recv(id);
                 }
-                // The handshake answer, `no function` errors, ... were queued by proto.
-                self.dirty.push(id);
-                self.start_recv(id);
             }
             (Err(e), _) => self.close(id, e.to_string(), false),
         }
@@ -662,6 +671,7 @@ impl Loop {
             return Ok(false);
         };
         if c.relay.is_none() {
+            c.relay_progress = Instant::now();
             self.start_relay(id)?;
             let Some(c) = self.conns.get_mut(&id) else {
                 return Ok(false);
@@ -723,7 +733,7 @@ impl Loop {
         } else {
             table.route_answer(id, h.kind, h.call_id, h.payload_len, out)
         };
-        let flags = h.flags.0 & !Flags::TRAILER;
+        let flags = h.flags.without_wire().0;
         let relay = match forward {
             None => Relay::Drop,
             Some(f) => match self.conns.get_mut(&f.to) {
@@ -771,6 +781,9 @@ impl Loop {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
+        if c.relay.is_some() {
+            c.relay_progress = Instant::now();
+        }
         if !matches!(c.relay, Some(Relay::Stream { .. }) | Some(Relay::Drop)) {
             return;
         }
@@ -836,20 +849,36 @@ impl Loop {
                 flags,
                 forward,
             } => {
-                if let (false, Some(p), Some(d)) = (aborted, payload, self.conns.get_mut(&to)) {
-                    if d.closing.is_none() && !d.shut {
+                let Some(d) = self
+                    .conns
+                    .get_mut(&to)
+                    .filter(|d| d.closing.is_none() && !d.shut)
+                else {
+                    return;
+                };
+                match (aborted, payload) {
+                    (false, Some(p)) => {
                         let bytes = p.into_bytes();
-                        d.proto.queue_frame(
-                            kind,
-                            forward.call_id,
-                            serde,
-                            flags,
-                            &forward.meta,
-                            bytes,
-                        );
-                        self.dirty.push(to);
+                        let (id, meta) = (forward.call_id, &forward.meta);
+                        d.proto.queue_frame(kind, id, serde, flags, meta, bytes);
+                    }
+                    // A lost answer: its caller learns at once that it will not come.
+                    _ if kind != Kind::Request => {
+                        let msg = Bytes::from_static(b"the answer was cut off: its sender left");
+                        d.proto
+                            .send_error(forward.call_id, error_code::DISCONNECTED, msg);
+                    }
+                    // A lost request: nobody is to wait for its answer.
+                    _ => {
+                        if forward.call_id != 0 {
+                            for table in self.routes.values_mut() {
+                                table.cancel(to, forward.call_id);
+                            }
+                        }
+                        return;
                     }
                 }
+                self.dirty.push(to);
             }
             Relay::Drop => {}
         }
@@ -1259,6 +1288,16 @@ impl Loop {
         if c.closing.is_none() {
             c.closing = Some((reason, Instant::now() + CLOSE_GRACE));
         }
+        if graceful && c.proto.is_streaming() {
+            // A payload relayed into this connection ends here, marked lost, so that the
+            // frames held behind it (the goodbye) follow a whole frame; its sender's bytes
+            // are dropped from now on.
+            c.proto.abort_stream();
+            self.relays_lose(id);
+        }
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
         if graceful && !c.shut {
             self.dirty.push(id);
         } else {
@@ -1338,6 +1377,11 @@ impl Loop {
                 Some((_, deadline)) if now >= *deadline && !c.shut => cut.push((*id, None)),
                 None if !c.proto.is_open() && now - c.opened > HANDSHAKE_LIMIT => {
                     cut.push((*id, Some("no handshake in time")))
+                }
+                None if matches!(c.relay, Some(Relay::Stream { .. }))
+                    && now - c.relay_progress > RELAY_STALL =>
+                {
+                    cut.push((*id, Some("a relayed payload stalled")))
                 }
                 _ => {}
             }

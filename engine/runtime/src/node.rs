@@ -863,7 +863,7 @@ impl Client {
         );
         // An event loop's calls are held until it flushes, and leave together.
         if slot.is_hooked() {
-            self.shared.wire.cork(f);
+            self.shared.wire.cork(&self.engine, f);
         } else {
             self.shared.wire.send(&self.engine, f);
         }
@@ -892,7 +892,7 @@ impl Client {
             payload,
         );
         if defer {
-            self.shared.wire.cork(f);
+            self.shared.wire.cork(&self.engine, f);
         } else {
             self.shared.wire.send(&self.engine, f);
         }
@@ -1061,7 +1061,7 @@ impl Node for Server {
         let Some(wire) = self.wire(conn) else {
             return;
         };
-        if wire.cork(answer(&wire, call_id, serde, flags, payload)) {
+        if wire.cork(&self.engine, answer(&wire, call_id, serde, flags, payload)) {
             lock(&self.shared.state).corked.push(wire);
         }
     }
@@ -1127,7 +1127,7 @@ impl Node for Client {
 
     fn respond_deferred(&self, _conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
         let wire = &self.shared.wire;
-        wire.cork(answer(wire, call_id, serde, flags, payload));
+        wire.cork(&self.engine, answer(wire, call_id, serde, flags, payload));
     }
 
     fn flush(&self) {

@@ -18,6 +18,8 @@ use crate::engine::{Command, Engine};
 /// Larger frames always go through the engine: the wake-up is negligible next to their
 /// transfer, and the engine streams them without holding this lock.
 const DIRECT_MAX: usize = 256 * 1024;
+/// The most bytes [`Wire::cork`] holds before sending them anyway.
+const CORK_MAX: usize = 256 * 1024;
 
 #[derive(Debug)]
 struct State {
@@ -77,6 +79,9 @@ impl Wire {
             all.append(&mut bufs);
             bufs = all;
         }
+        if bufs.is_empty() {
+            return;
+        }
         let mut skip = 0;
         let total = sys::total_len(&bufs);
         // `engine_sending` is false only when nothing at all is pending: no frame queued, taken
@@ -121,22 +126,27 @@ impl Wire {
     /// Holds a frame until [`Wire::uncork`], so that a burst of frames (an event loop's calls
     /// or answers of one turn) is written with one system call. Returns true for the first
     /// frame held, when the caller should arrange an `uncork`.
-    pub(crate) fn cork(&self, bufs: Vec<Bytes>) -> bool {
+    /// Past `CORK_MAX` bytes held, they are sent at once: a burst that never lets its event
+    /// loop turn must not pile up.
+    pub(crate) fn cork(&self, engine: &Engine, bufs: Vec<Bytes>) -> bool {
         let mut s = self.lock();
         if s.closed {
             return false;
         }
         let first = s.corked.is_empty();
         s.corked.extend(bufs);
+        let full = sys::total_len(&s.corked) > CORK_MAX;
+        drop(s);
+        if full {
+            self.uncork(engine);
+        }
         first
     }
 
     /// Sends every held frame.
     pub(crate) fn uncork(&self, engine: &Engine) {
-        let held = std::mem::take(&mut self.lock().corked);
-        if !held.is_empty() {
-            self.send(engine, held);
-        }
+        // `send` takes the held frames under its lock, so nothing can slip in between.
+        self.send(engine, Vec::new());
     }
 
     // ── engine side ──
