@@ -421,3 +421,33 @@ fn large_payloads_to_one_worker_from_many_callers_at_once() {
         r.stop();
     }
 }
+
+#[test]
+fn an_evicted_receiver_gets_its_relayed_frame_ended_then_its_goodbye() {
+    use daffi_proto::Kind;
+    for engine in backends() {
+        let (r, addr, port) = tcp_router(&engine);
+        let mut old = raw::Peer::join(port, "w", &["echo"]);
+        let mut caller = raw::Peer::join(port, "caller", &[]);
+        // The old "w" learns about the caller.
+        assert_eq!(old.frame().0.kind, Kind::Joined);
+        // 4 MiB announced, 1 MiB sent: the Router starts passing it on to "w"...
+        caller.partial(Kind::Request, 1, "w\0echo", 4 << 20, 1 << 20);
+        std::thread::sleep(Duration::from_millis(200));
+        // ...when a newer "w" takes the name.
+        let _new = worker(&engine, &addr, "w");
+        let (h, meta, payload) = old.frame();
+        assert_eq!((h.kind, meta.as_str()), (Kind::Request, "caller\0echo"));
+        assert!(h.flags.trailer(), "{}", engine.backend());
+        assert_eq!(payload.len() as u64, h.payload_len + 1);
+        assert_ne!(
+            *payload.last().unwrap(),
+            0,
+            "the cut-off frame is marked lost"
+        );
+        let (h, meta, _) = old.frame();
+        assert_eq!(h.kind, Kind::Goodbye);
+        assert!(meta.starts_with("evicted"), "{meta}");
+        r.stop();
+    }
+}
