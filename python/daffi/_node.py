@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from daffi import _native
@@ -479,7 +479,33 @@ class Client(_Node):
         self.stop()
 
 
-class Connection:
+class _PeerView:
+    """What a connection handle tells about membership (sync and asyncio alike)."""
+
+    __slots__ = ()
+    _client: Any
+    _native: Any
+
+    @property
+    def members(self) -> list[str]:
+        """Names of the peers this connection can call: the Service, or every other client of
+        the Router."""
+        native = self._native
+        return native.peers() if native.connected else []
+
+    # -- membership handlers, as on the client ----------------------------------------------
+
+    def add_event_handler(self, fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
+        return self._client.add_event_handler(fn)
+
+    def on_member_added(self, fn: Callable[[str], Any]) -> Callable[[str], Any]:
+        return self._client.on_member_added(fn)
+
+    def on_member_removed(self, fn: Callable[[str], Any]) -> Callable[[str], Any]:
+        return self._client.on_member_removed(fn)
+
+
+class Connection(_PeerView):
     """The handle returned by :meth:`Client.connect`: call styles and membership."""
 
     __slots__ = ("_client", "_native", "__weakref__")
@@ -523,24 +549,6 @@ class Connection:
         missing = self._native.wait_for_members(list(names), timeout)
         if missing:
             raise TimeoutError(f"members not connected after {timeout} s: {', '.join(missing)}")
-
-    @property
-    def members(self) -> list[str]:
-        """Names of the peers this connection can call: the Service, or every other client of
-        the Router."""
-        native = self._native
-        return native.peers() if native.connected else []
-
-    # -- membership handlers, as on the client ----------------------------------------------
-
-    def add_event_handler(self, fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
-        return self._client.add_event_handler(fn)
-
-    def on_member_added(self, fn: Callable[[str], Any]) -> Callable[[str], Any]:
-        return self._client.on_member_added(fn)
-
-    def on_member_removed(self, fn: Callable[[str], Any]) -> Callable[[str], Any]:
-        return self._client.on_member_removed(fn)
 
     # -- the calls themselves ---------------------------------------------------------------
     # Receiver checks and round-robin happen in the engine (daffi._native), before anything is
@@ -589,12 +597,7 @@ class Connection:
         native = self._native
         # Every chunk goes to the same peer, chosen once.
         target = native.resolve(name, receiver)
-        chunks = (source,) if isinstance(source, (str, bytes, bytearray, memoryview, dict)) else source
-        try:
-            iterator = iter(chunks)
-        except TypeError:
-            iterator = iter((source,))
-        for chunk in iterator:
+        for chunk in _chunks(source):
             payload, text = encode_call(serde, (chunk,), {})
             if wait:
                 ok, rserde, rtext, data = native.call(name, serde, text, payload, timeout, target)
@@ -602,6 +605,17 @@ class Connection:
                     raise decode_error(data)
             else:
                 native.send(name, serde, text, payload, target)
+
+
+def _chunks(source: Any) -> Iterator[Any]:
+    """The chunks of a stream: each item of an iterable, but a ``str``, a bytes-like object, a
+    ``dict`` or anything not iterable is one chunk."""
+    if isinstance(source, (str, bytes, bytearray, memoryview, dict)):
+        return iter((source,))
+    try:
+        return iter(source)
+    except TypeError:
+        return iter((source,))
 
 
 def _targets(receiver: Any) -> list[str] | None:

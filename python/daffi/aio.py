@@ -32,7 +32,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from daffi._node import Client, Router, Service, _Node, _targets
+from daffi._node import Client, Router, Service, _chunks, _Node, _PeerView, _targets
 from daffi._serialization import (
     SerdeFormat,
     decode_call,
@@ -393,7 +393,7 @@ class AsyncClient(_AsyncNode, Client):
         await self.stop()
 
 
-class AsyncConnection:
+class AsyncConnection(_PeerView):
     """The handle returned by :meth:`AsyncClient.connect`; every call style is awaitable."""
 
     __slots__ = ("_client", "_native", "_bridge", "__weakref__")
@@ -442,20 +442,6 @@ class AsyncConnection:
             if end is not None and loop.time() >= end:
                 raise TimeoutError(f"members not connected after {timeout} s: {', '.join(missing)}")
             await asyncio.sleep(0.02 if end is None else max(0.0, min(0.02, end - loop.time())))
-
-    @property
-    def members(self) -> list[str]:
-        native = self._native
-        return native.peers() if native.connected else []
-
-    def add_event_handler(self, fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
-        return self._client.add_event_handler(fn)
-
-    def on_member_added(self, fn: Callable[[str], Any]) -> Callable[[str], Any]:
-        return self._client.on_member_added(fn)
-
-    def on_member_removed(self, fn: Callable[[str], Any]) -> Callable[[str], Any]:
-        return self._client.on_member_removed(fn)
 
     # -- the calls themselves ---------------------------------------------------------------
 
@@ -568,16 +554,11 @@ class AsyncConnection:
         source = args[0]
         native = self._native
         target = native.resolve(name, receiver)
-        chunks = (source,) if isinstance(source, (str, bytes, bytearray, memoryview, dict)) else source
-        if hasattr(chunks, "__aiter__"):
-            async for chunk in chunks:
+        if hasattr(source, "__aiter__"):
+            async for chunk in source:
                 await self._chunk(name, timeout, target, serde, chunk, wait)
             return
-        try:
-            iterator = iter(chunks)
-        except TypeError:
-            iterator = iter((source,))
-        for chunk in iterator:
+        for chunk in _chunks(source):
             await self._chunk(name, timeout, target, serde, chunk, wait)
 
     async def _chunk(self, name: str, timeout: float | None, target: str, serde: int, chunk: Any,
