@@ -517,30 +517,30 @@ class Connection(_PeerView):
     # -- call styles ----------------------------------------------------------------------
 
     def rpc(self, timeout: float | None = None, receiver: str | None = None,
-            serde: SerdeFormat = _PICKLE) -> _RpcProxy:
+            serde: SerdeFormat = _PICKLE) -> _Proxy:
         """Call one peer and wait for its result."""
-        return _RpcProxy(self, timeout, receiver, serde)
+        return _Proxy(self._call, timeout, receiver, serde)
 
-    def rpc_nowait(self, receiver: str | None = None, serde: SerdeFormat = _PICKLE) -> _NowaitProxy:
+    def rpc_nowait(self, receiver: str | None = None, serde: SerdeFormat = _PICKLE) -> _Proxy:
         """Call one peer without waiting; returns None once sent."""
-        return _NowaitProxy(self, receiver, serde)
+        return _Proxy(self._send, None, receiver, serde)
 
     def cast(self, timeout: float | None = None, receiver: str | Iterable[str] | None = None,
-             serde: SerdeFormat = _PICKLE) -> _CastProxy:
+             serde: SerdeFormat = _PICKLE) -> _Proxy:
         """Call every peer exposing the function; returns ``{peer: result or exception}``."""
-        return _CastProxy(self, timeout, receiver, serde)
+        return _Proxy(self._cast, timeout, receiver, serde)
 
     def cast_nowait(self, receiver: str | Iterable[str] | None = None,
-                    serde: SerdeFormat = _PICKLE) -> _CastNowaitProxy:
-        return _CastNowaitProxy(self, receiver, serde)
+                    serde: SerdeFormat = _PICKLE) -> _Proxy:
+        return _Proxy(self._cast_nowait, None, receiver, serde)
 
     def stream(self, receiver: str | None = None, serde: SerdeFormat = _OPAQUE,
-               timeout: float | None = None) -> _StreamProxy:
+               timeout: float | None = None) -> _Proxy:
         """Send chunks one call each, waiting for each acknowledgement (back-pressure)."""
-        return _StreamProxy(self, receiver, serde, timeout)
+        return _Proxy(self._stream, timeout, receiver, serde)
 
-    def stream_nowait(self, receiver: str | None = None, serde: SerdeFormat = _OPAQUE) -> _StreamNowaitProxy:
-        return _StreamNowaitProxy(self, receiver, serde)
+    def stream_nowait(self, receiver: str | None = None, serde: SerdeFormat = _OPAQUE) -> _Proxy:
+        return _Proxy(self._stream_nowait, None, receiver, serde)
 
     def wait_for_members(self, *names: str, timeout: float | None = None, interval: float = 1.0) -> None:
         """Return once every named peer is connected; TimeoutError names the missing ones."""
@@ -563,7 +563,8 @@ class Connection(_PeerView):
             return decode_result(rserde, data, rtext)
         raise decode_error(data)
 
-    def _send(self, name: str, receiver: str | None, serde: int, args: tuple, kwargs: dict) -> None:
+    def _send(self, name: str, timeout: float | None, receiver: str | None, serde: int,
+              args: tuple, kwargs: dict) -> None:
         payload, text = encode_call(serde, args, kwargs)
         self._native.send(name, serde, text, payload, receiver)
 
@@ -574,26 +575,23 @@ class Connection(_PeerView):
         results: dict[str, Any] = {}
         for peer, status, rserde, rtext, value in entries:
             # A failing peer never fails the cast: its entry is the exception.
-            if status == 0:
-                try:
-                    results[peer] = decode_result(rserde, value, rtext)
-                except Exception as exc:
-                    results[peer] = exc
-            elif status == 1:
-                results[peer] = decode_error(value)
-            else:
-                results[peer] = value
+            try:
+                results[peer] = _outcome(status, rserde, rtext, value)
+            except Exception as exc:
+                results[peer] = exc
         return results
 
-    def _cast_nowait(self, name: str, receiver: Any, serde: int, args: tuple, kwargs: dict) -> None:
+    def _cast_nowait(self, name: str, timeout: float | None, receiver: Any, serde: int,
+                     args: tuple, kwargs: dict) -> None:
         native = self._native
         targets = native.cast_targets(name, _targets(receiver))
         payload, text = encode_call(serde, args, kwargs)
         for target in targets:
             native.send(name, serde, text, payload, target)
 
-    def _stream(self, name: str, receiver: str | None, serde: int, timeout: float | None,
-                source: Any, wait: bool) -> None:
+    def _stream(self, name: str, timeout: float | None, receiver: str | None, serde: int,
+                args: tuple, kwargs: dict, *, wait: bool = True) -> None:
+        source = _stream_source(args, kwargs)
         native = self._native
         # Every chunk goes to the same peer, chosen once.
         target = native.resolve(name, receiver)
@@ -605,6 +603,27 @@ class Connection(_PeerView):
                     raise decode_error(data)
             else:
                 native.send(name, serde, text, payload, target)
+
+    def _stream_nowait(self, name: str, timeout: float | None, receiver: str | None, serde: int,
+                       args: tuple, kwargs: dict) -> None:
+        self._stream(name, timeout, receiver, serde, args, kwargs, wait=False)
+
+
+def _outcome(status: int, serde: int, text: bool, value: Any) -> Any:
+    """The result of a finished call as ``_native`` reports it (status 0: the result payload,
+    1: the callee's encoded exception, 2: an exception instance), or raises its error."""
+    if status == 0:
+        return decode_result(serde, value, text)
+    if status == 1:
+        raise decode_error(value)
+    raise value
+
+
+def _stream_source(args: tuple, kwargs: dict) -> Any:
+    """A stream proxy's one argument: the chunks (or the only chunk)."""
+    if len(args) != 1 or kwargs:
+        raise TypeError("a stream takes exactly one positional argument (the chunks)")
+    return args[0]
 
 
 def _chunks(source: Any) -> Iterator[Any]:
@@ -627,10 +646,14 @@ def _targets(receiver: Any) -> list[str] | None:
 
 
 class _Proxy:
-    __slots__ = ("_conn", "_receiver", "_serde")
+    """A call style bound to its options: ``proxy.name(*args, **kwargs)`` runs
+    ``run(name, timeout, receiver, serde, args, kwargs)``. Cheap, immutable, shareable."""
 
-    def __init__(self, conn: Connection, receiver: Any, serde: Any) -> None:
-        object.__setattr__(self, "_conn", conn)
+    __slots__ = ("_run", "_timeout", "_receiver", "_serde")
+
+    def __init__(self, run: Callable[..., Any], timeout: float | None, receiver: Any, serde: Any) -> None:
+        object.__setattr__(self, "_run", run)
+        object.__setattr__(self, "_timeout", timeout)
         object.__setattr__(self, "_receiver", receiver)
         object.__setattr__(self, "_serde", int(serde))
 
@@ -640,87 +663,9 @@ class _Proxy:
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("__"):
             raise AttributeError(name)
-        return self._bind(name)
-
-    def _bind(self, name: str) -> Callable[..., Any]:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-
-class _RpcProxy(_Proxy):
-    __slots__ = ("_timeout",)
-
-    def __init__(self, conn: Connection, timeout: float | None, receiver: Any, serde: Any) -> None:
-        super().__init__(conn, receiver, serde)
-        object.__setattr__(self, "_timeout", timeout)
-
-    def _bind(self, name: str) -> Callable[..., Any]:
-        conn, timeout, receiver, serde = self._conn, self._timeout, self._receiver, self._serde
+        run, timeout, receiver, serde = self._run, self._timeout, self._receiver, self._serde
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            return conn._call(name, timeout, receiver, serde, args, kwargs)
-
-        return call
-
-
-class _NowaitProxy(_Proxy):
-    __slots__ = ()
-
-    def _bind(self, name: str) -> Callable[..., None]:
-        conn, receiver, serde = self._conn, self._receiver, self._serde
-
-        def call(*args: Any, **kwargs: Any) -> None:
-            conn._send(name, receiver, serde, args, kwargs)
-
-        return call
-
-
-class _CastProxy(_RpcProxy):
-    __slots__ = ()
-
-    def _bind(self, name: str) -> Callable[..., dict[str, Any]]:
-        conn, timeout, receiver, serde = self._conn, self._timeout, self._receiver, self._serde
-
-        def call(*args: Any, **kwargs: Any) -> dict[str, Any]:
-            return conn._cast(name, timeout, receiver, serde, args, kwargs)
-
-        return call
-
-
-class _CastNowaitProxy(_Proxy):
-    __slots__ = ()
-
-    def _bind(self, name: str) -> Callable[..., None]:
-        conn, receiver, serde = self._conn, self._receiver, self._serde
-
-        def call(*args: Any, **kwargs: Any) -> None:
-            conn._cast_nowait(name, receiver, serde, args, kwargs)
-
-        return call
-
-
-class _StreamProxy(_Proxy):
-    __slots__ = ("_timeout",)
-
-    def __init__(self, conn: Connection, receiver: Any, serde: Any, timeout: float | None) -> None:
-        super().__init__(conn, receiver, serde)
-        object.__setattr__(self, "_timeout", timeout)
-
-    def _bind(self, name: str) -> Callable[[Any], None]:
-        conn, receiver, serde, timeout = self._conn, self._receiver, self._serde, self._timeout
-
-        def call(source: Any) -> None:
-            conn._stream(name, receiver, serde, timeout, source, True)
-
-        return call
-
-
-class _StreamNowaitProxy(_Proxy):
-    __slots__ = ()
-
-    def _bind(self, name: str) -> Callable[[Any], None]:
-        conn, receiver, serde = self._conn, self._receiver, self._serde
-
-        def call(source: Any) -> None:
-            conn._stream(name, receiver, serde, None, source, False)
+            return run(name, timeout, receiver, serde, args, kwargs)
 
         return call

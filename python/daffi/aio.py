@@ -32,12 +32,21 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from daffi._node import Client, Router, Service, _chunks, _Node, _PeerView, _targets
+from daffi._node import (
+    Client,
+    Router,
+    Service,
+    _chunks,
+    _Node,
+    _outcome,
+    _PeerView,
+    _Proxy,
+    _stream_source,
+    _targets,
+)
 from daffi._serialization import (
     SerdeFormat,
     decode_call,
-    decode_error,
-    decode_result,
     encode_call,
     encode_error,
     encode_result,
@@ -80,15 +89,6 @@ def _cancel_requested() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
     return cancelling is None or cancelling() > 0
-
-
-def _outcome(status: int, serde: int, text: bool, value: Any) -> Any:
-    """The result of a finished call, or raises its error (statuses as in ``_native``)."""
-    if status == 0:
-        return decode_result(serde, value, text)
-    if status == 1:
-        raise decode_error(value)
-    raise value
 
 
 class _Bridge:
@@ -549,9 +549,7 @@ class AsyncConnection(_PeerView):
 
     async def _stream(self, name: str, timeout: float | None, receiver: str | None, serde: int,
                       args: tuple, kwargs: dict, *, wait: bool) -> None:
-        if len(args) != 1 or kwargs:
-            raise TypeError("a stream takes exactly one positional argument (the chunks)")
-        source = args[0]
+        source = _stream_source(args, kwargs)
         native = self._native
         target = native.resolve(name, receiver)
         if hasattr(source, "__aiter__"):
@@ -572,27 +570,3 @@ class AsyncConnection(_PeerView):
             self._native.send(name, serde, text, payload, target, True)
             bridge.schedule_flush()
 
-
-class _Proxy:
-    """``proxy.name(*args)`` returns an awaitable that makes the call."""
-
-    __slots__ = ("_run", "_timeout", "_receiver", "_serde")
-
-    def __init__(self, run: Callable[..., Any], timeout: float | None, receiver: Any, serde: Any) -> None:
-        object.__setattr__(self, "_run", run)
-        object.__setattr__(self, "_timeout", timeout)
-        object.__setattr__(self, "_receiver", receiver)
-        object.__setattr__(self, "_serde", int(serde))
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("call proxies are immutable")
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        run, timeout, receiver, serde = self._run, self._timeout, self._receiver, self._serde
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return run(name, timeout, receiver, serde, args, kwargs)
-
-        return call
