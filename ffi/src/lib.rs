@@ -14,9 +14,9 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
 use bytes::Bytes;
 use daffi_runtime::{
-    Address, Backend, CallError, Client as RtClient, ClientConfig, Engine, Next, Node, Notifier,
-    PendingCall, Reply, Router as RtRouter, RouterConfig, Server as RtServer, ServerConfig,
-    StartError,
+    Address, Backend, CallError, Client as RtClient, ClientConfig, Engine, Listening, Next, Node,
+    Notifier, PendingCall, Reply, Router as RtRouter, RouterConfig, Server as RtServer,
+    ServerConfig, StartError,
 };
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -319,11 +319,49 @@ impl NodeBase {
     }
 }
 
-/// A listening node. Binds on construction.
-#[pyclass(frozen, extends = NodeBase, module = "daffi._native")]
-struct Server {
-    inner: Arc<RtServer>,
+/// What servers and routers share: their address, members and stop.
+#[pyclass(frozen, subclass, extends = NodeBase, module = "daffi._native")]
+struct Listener {
+    inner: Arc<dyn Listening + Send + Sync>,
 }
+
+/// The Python object for a listening node: `Node`, then `Listener`, then `class`.
+fn listener_init<T, S>(inner: Arc<T>, class: S) -> PyClassInitializer<S>
+where
+    T: Node + Listening + Send + Sync + 'static,
+    S: pyo3::PyClass<BaseType = Listener>,
+{
+    with_base(inner, |inner| Listener { inner }).add_subclass(class)
+}
+
+#[pymethods]
+impl Listener {
+    /// The bound TCP port, or None for a Unix socket.
+    #[getter]
+    fn port(&self) -> Option<u16> {
+        match self.inner.address() {
+            Address::Tcp { port, .. } => Some(*port),
+            Address::Unix(_) => None,
+        }
+    }
+
+    #[getter]
+    fn address(&self) -> String {
+        self.inner.address().to_string()
+    }
+
+    fn members(&self, py: Python<'_>) -> Vec<String> {
+        py.detach(|| self.inner.members())
+    }
+
+    fn stop(&self, py: Python<'_>) {
+        py.detach(|| self.inner.stop());
+    }
+}
+
+/// A Service's listening node. Binds on construction.
+#[pyclass(frozen, extends = Listener, module = "daffi._native")]
+struct Server {}
 
 #[pymethods]
 impl Server {
@@ -354,37 +392,13 @@ impl Server {
         let inner = py
             .detach(|| RtServer::start(&engine, cfg))
             .map_err(|e| start_error(py, e))?;
-        Ok(with_base(Arc::new(inner), |inner| Server { inner }))
-    }
-
-    /// The bound TCP port, or None for a Unix socket.
-    #[getter]
-    fn port(&self) -> Option<u16> {
-        match self.inner.address() {
-            Address::Tcp { port, .. } => Some(*port),
-            Address::Unix(_) => None,
-        }
-    }
-
-    #[getter]
-    fn address(&self) -> String {
-        self.inner.address().to_string()
-    }
-
-    fn members(&self, py: Python<'_>) -> Vec<String> {
-        py.detach(|| self.inner.members())
-    }
-
-    fn stop(&self, py: Python<'_>) {
-        py.detach(|| self.inner.stop());
+        Ok(listener_init(Arc::new(inner), Server {}))
     }
 }
 
 /// A Router: forwards calls between its clients. Binds on construction.
-#[pyclass(frozen, extends = NodeBase, module = "daffi._native")]
-struct Router {
-    inner: Arc<RtRouter>,
-}
+#[pyclass(frozen, extends = Listener, module = "daffi._native")]
+struct Router {}
 
 #[pymethods]
 impl Router {
@@ -411,29 +425,7 @@ impl Router {
         let inner = py
             .detach(|| RtRouter::start(&engine, cfg))
             .map_err(|e| start_error(py, e))?;
-        Ok(with_base(Arc::new(inner), |inner| Router { inner }))
-    }
-
-    /// The bound TCP port, or None for a Unix socket.
-    #[getter]
-    fn port(&self) -> Option<u16> {
-        match self.inner.address() {
-            Address::Tcp { port, .. } => Some(*port),
-            Address::Unix(_) => None,
-        }
-    }
-
-    #[getter]
-    fn address(&self) -> String {
-        self.inner.address().to_string()
-    }
-
-    fn members(&self, py: Python<'_>) -> Vec<String> {
-        py.detach(|| self.inner.members())
-    }
-
-    fn stop(&self, py: Python<'_>) {
-        py.detach(|| self.inner.stop());
+        Ok(listener_init(Arc::new(inner), Router {}))
     }
 }
 
@@ -770,6 +762,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         daffi_runtime::tune_allocator();
     }
     m.add_class::<NodeBase>()?;
+    m.add_class::<Listener>()?;
     m.add_class::<Server>()?;
     m.add_class::<Client>()?;
     m.add_class::<Router>()?;

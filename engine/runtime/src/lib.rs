@@ -32,7 +32,7 @@ pub use daffi_proto::{DEFAULT_MAX_MESSAGE_SIZE, Flags, Peer};
 pub use engine::Engine;
 pub use inbox::Next;
 pub use node::{
-    Address, Client, ClientConfig, IncomingCall, MemberEvent, Node, PendingCall, Router,
+    Address, Client, ClientConfig, IncomingCall, Listening, MemberEvent, Node, PendingCall, Router,
     RouterConfig, Server, ServerConfig, StartError,
 };
 pub use notify::{Completions, Notifier};

@@ -321,21 +321,6 @@ impl Router {
             server: Server::start_as(engine, cfg, true)?,
         })
     }
-
-    /// The bound address (with the real port when port 0 was asked for).
-    pub fn address(&self) -> &Address {
-        self.server.address()
-    }
-
-    /// Names of the connected peers.
-    pub fn members(&self) -> Vec<String> {
-        self.server.members()
-    }
-
-    /// Closes the listener and every connection (see [`Server::stop`]).
-    pub fn stop(&self) {
-        self.server.stop()
-    }
 }
 
 /// A Router runs no calls: `next_call` only waits, and answers are never needed. Its binding
@@ -378,6 +363,44 @@ impl Node for Router {
     fn respond_deferred(&self, _conn: u64, _call_id: u64, _serde: u8, _flags: u8, _p: Bytes) {}
 
     fn flush(&self) {}
+}
+
+/// What every listening node (a [`Server`] or a [`Router`]) offers its binding.
+pub trait Listening {
+    /// The bound address (with the real port when port 0 was asked for).
+    fn address(&self) -> &Address;
+    /// Names of the connected peers.
+    fn members(&self) -> Vec<String>;
+    /// Closes the listener and every connection (see [`Server::stop`]).
+    fn stop(&self);
+}
+
+impl Listening for Server {
+    fn address(&self) -> &Address {
+        Server::address(self)
+    }
+
+    fn members(&self) -> Vec<String> {
+        Server::members(self)
+    }
+
+    fn stop(&self) {
+        Server::stop(self)
+    }
+}
+
+impl Listening for Router {
+    fn address(&self) -> &Address {
+        self.server.address()
+    }
+
+    fn members(&self) -> Vec<String> {
+        self.server.members()
+    }
+
+    fn stop(&self) {
+        self.server.stop()
+    }
 }
 
 fn listen_error(address: &Address, e: io::Error) -> StartError {
