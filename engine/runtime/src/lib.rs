@@ -32,8 +32,8 @@ pub use daffi_proto::{DEFAULT_MAX_MESSAGE_SIZE, Flags, Peer};
 pub use engine::Engine;
 pub use inbox::Next;
 pub use node::{
-    Address, Client, ClientConfig, IncomingCall, Listening, MemberEvent, Node, PendingCall, Router,
-    RouterConfig, Server, ServerConfig, StartError,
+    Address, Client, ClientConfig, IncomingCall, Listening, MemberEvent, Node, NodeCore,
+    PendingCall, Router, RouterConfig, Server, ServerConfig, StartError,
 };
 pub use notify::{Completions, Notifier};
 pub use payload::{Payload, set_body_allocator};

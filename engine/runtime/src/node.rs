@@ -326,20 +326,8 @@ impl Router {
 /// A Router runs no calls: `next_call` only waits, and answers are never needed. Its binding
 /// uses `next_event` for its membership handlers.
 impl Node for Router {
-    fn name(&self) -> &str {
-        self.server.name()
-    }
-
-    fn backend(&self) -> &'static str {
-        self.server.backend()
-    }
-
-    fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
-        self.server.next_call(timeout)
-    }
-
-    fn next_event(&self, timeout: Option<Duration>) -> Next<MemberEvent> {
-        self.server.next_event(timeout)
+    fn core(&self) -> NodeCore<'_> {
+        self.server.core()
     }
 
     fn respond(&self, _conn: u64, _call_id: u64, _serde: u8, _flags: u8, _payload: Bytes) {}
@@ -347,18 +335,6 @@ impl Node for Router {
     fn respond_error(&self, _conn: u64, _call_id: u64, _code: &'static str, _payload: Bytes) {}
 
     fn announce(&self, _names: &[String]) {}
-
-    fn watch(&self, n: Arc<Notifier>) {
-        self.server.watch(n)
-    }
-
-    fn take_calls(&self, max: usize) -> Option<Vec<IncomingCall>> {
-        self.server.take_calls(max)
-    }
-
-    fn take_events(&self, max: usize) -> Option<Vec<MemberEvent>> {
-        self.server.take_events(max)
-    }
 
     fn respond_deferred(&self, _conn: u64, _call_id: u64, _serde: u8, _flags: u8, _p: Bytes) {}
 
@@ -1002,14 +978,26 @@ impl Client {
 
 /// What a binding uses to run the calls a node receives; Servers and Clients both offer it.
 pub trait Node {
+    /// The parts every node has (its engine, name and inboxes); the other methods' defaults
+    /// use them.
+    #[doc(hidden)]
+    fn core(&self) -> NodeCore<'_>;
     /// This node's name.
-    fn name(&self) -> &str;
+    fn name(&self) -> &str {
+        self.core().name
+    }
     /// The I/O backend it runs on: `"uring"` or `"poll"`.
-    fn backend(&self) -> &'static str;
+    fn backend(&self) -> &'static str {
+        self.core().engine.backend()
+    }
     /// Waits for the next call to run, at most `timeout` (`None`: no limit).
-    fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall>;
+    fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
+        self.core().callee.calls.pop(timeout)
+    }
     /// Waits for the next membership event.
-    fn next_event(&self, timeout: Option<Duration>) -> Next<MemberEvent>;
+    fn next_event(&self, timeout: Option<Duration>) -> Next<MemberEvent> {
+        self.core().callee.events.pop(timeout)
+    }
     /// Answers call `call_id` that arrived on connection `conn` (`IncomingCall::conn`); dropped
     /// when the caller has left.
     fn respond(&self, conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes);
@@ -1019,11 +1007,17 @@ pub trait Node {
     fn announce(&self, names: &[String]);
     /// Makes `n` readable whenever a call or an event is ready (and, on a client, the answer of
     /// a [`Client::start_async`] call), for an event loop that takes them without waiting.
-    fn watch(&self, n: Arc<Notifier>);
+    fn watch(&self, n: Arc<Notifier>) {
+        self.core().callee.watch(&n);
+    }
     /// Takes up to `max` calls to run without waiting; `None` once the node stopped.
-    fn take_calls(&self, max: usize) -> Option<Vec<IncomingCall>>;
+    fn take_calls(&self, max: usize) -> Option<Vec<IncomingCall>> {
+        self.core().callee.calls.take(max)
+    }
     /// Takes up to `max` membership events without waiting; `None` once the node stopped.
-    fn take_events(&self, max: usize) -> Option<Vec<MemberEvent>>;
+    fn take_events(&self, max: usize) -> Option<Vec<MemberEvent>> {
+        self.core().callee.events.take(max)
+    }
     /// Like [`Node::respond`], but the answer is held until [`Node::flush`], so that an event
     /// loop's answers of one turn leave together.
     fn respond_deferred(&self, conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes);
@@ -1032,21 +1026,21 @@ pub trait Node {
     fn flush(&self);
 }
 
+/// What [`Node`]'s provided methods work on (opaque outside this crate).
+#[derive(Debug)]
+pub struct NodeCore<'a> {
+    name: &'a str,
+    engine: &'a Engine,
+    callee: &'a Callee,
+}
+
 impl Node for Server {
-    fn name(&self) -> &str {
-        &self.shared.name
-    }
-
-    fn backend(&self) -> &'static str {
-        self.engine.backend()
-    }
-
-    fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
-        self.shared.callee.calls.pop(timeout)
-    }
-
-    fn next_event(&self, timeout: Option<Duration>) -> Next<MemberEvent> {
-        self.shared.callee.events.pop(timeout)
+    fn core(&self) -> NodeCore<'_> {
+        NodeCore {
+            name: &self.shared.name,
+            engine: &self.engine,
+            callee: &self.shared.callee,
+        }
     }
 
     fn respond(&self, conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
@@ -1068,18 +1062,6 @@ impl Node for Server {
         announce(&self.engine, &self.shared.callee, self.shared.id, names);
     }
 
-    fn watch(&self, n: Arc<Notifier>) {
-        self.shared.callee.watch(&n);
-    }
-
-    fn take_calls(&self, max: usize) -> Option<Vec<IncomingCall>> {
-        self.shared.callee.calls.take(max)
-    }
-
-    fn take_events(&self, max: usize) -> Option<Vec<MemberEvent>> {
-        self.shared.callee.events.take(max)
-    }
-
     fn respond_deferred(&self, conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
         let Some(wire) = self.wire(conn) else {
             return;
@@ -1098,20 +1080,12 @@ impl Node for Server {
 }
 
 impl Node for Client {
-    fn name(&self) -> &str {
-        &self.shared.name
-    }
-
-    fn backend(&self) -> &'static str {
-        self.engine.backend()
-    }
-
-    fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
-        self.shared.callee.calls.pop(timeout)
-    }
-
-    fn next_event(&self, timeout: Option<Duration>) -> Next<MemberEvent> {
-        self.shared.callee.events.pop(timeout)
+    fn core(&self) -> NodeCore<'_> {
+        NodeCore {
+            name: &self.shared.name,
+            engine: &self.engine,
+            callee: &self.shared.callee,
+        }
     }
 
     /// A client has one connection; `conn` is ignored.
@@ -1138,14 +1112,6 @@ impl Node for Client {
     fn watch(&self, n: Arc<Notifier>) {
         let _ = self.completions.set(Completions::new(n.clone()));
         self.shared.callee.watch(&n);
-    }
-
-    fn take_calls(&self, max: usize) -> Option<Vec<IncomingCall>> {
-        self.shared.callee.calls.take(max)
-    }
-
-    fn take_events(&self, max: usize) -> Option<Vec<MemberEvent>> {
-        self.shared.callee.events.take(max)
     }
 
     fn respond_deferred(&self, _conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
