@@ -32,8 +32,9 @@ struct State {
     closed: bool,
     /// The largest message the peer accepts (known once the handshake completed).
     peer_max: u64,
-    /// Frames held by [`Wire::cork`] until [`Wire::uncork`].
+    /// Frames held by [`Wire::cork`] until [`Wire::uncork`], and their length in bytes.
     corked: Vec<Bytes>,
+    corked_len: usize,
 }
 
 /// See the module documentation.
@@ -54,6 +55,7 @@ impl Wire {
                 closed: false,
                 peer_max: u64::MAX,
                 corked: Vec::new(),
+                corked_len: 0,
             }),
         }
     }
@@ -76,6 +78,7 @@ impl Wire {
         if !s.corked.is_empty() {
             // Held frames go first: the stream keeps the order frames were given in.
             let mut all = std::mem::take(&mut s.corked);
+            s.corked_len = 0;
             all.append(&mut bufs);
             bufs = all;
         }
@@ -134,8 +137,9 @@ impl Wire {
             return false;
         }
         let first = s.corked.is_empty();
+        s.corked_len += sys::total_len(&bufs);
         s.corked.extend(bufs);
-        let full = sys::total_len(&s.corked) > CORK_MAX;
+        let full = s.corked_len > CORK_MAX;
         drop(s);
         if full {
             self.uncork(engine);
