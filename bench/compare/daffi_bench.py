@@ -17,6 +17,8 @@ import asyncio
 import os
 import pickle
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -38,8 +40,25 @@ W = Workloads()
 
 
 def echo(payload):
-    """The only callback: returns its argument (OPAQUE: the same bytes object)."""
+    """The callback of every call row: returns its argument (OPAQUE: the same bytes object)."""
     return payload
+
+
+class Sink:
+    """The stream row's callbacks: ``sink`` counts the bytes of each chunk, ``received``
+    reports the count so far."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.total = 0
+
+    def sink(self, chunk) -> None:
+        with self.lock:
+            self.total += len(chunk)
+
+    def received(self) -> int:
+        with self.lock:
+            return self.total
 
 
 # --- peer processes ---------------------------------------------------------------------
@@ -92,6 +111,9 @@ def serve(ready, kind: str, port: str, arg: str = "", big: str = "", workers: st
     else:
         daffi.callback(echo)  # registered only here: callers must not expose echo
         if kind == "service":
+            counter = Sink()
+            daffi.callback(counter.sink)
+            daffi.callback(counter.received)
             server = node(daffi.Service, bool(big), host=HOST, port=int(port), workers=int(arg))
             server.start()
         else:
@@ -164,6 +186,46 @@ def opaque_echo(big: bool):
 
 
 common.add_echo_workloads(W, opaque_echo)
+
+
+# --- one-way stream ---------------------------------------------------------------------
+
+STREAM_CHUNK = common.MiB
+STREAM_WINDOW = 64  # chunks sent but not yet counted by the Service, at most
+
+
+@W.add("stream_1MiB")
+def stream_1mib(opts) -> dict:
+    """``stream_nowait`` of 1 MiB OPAQUE chunks to a Service that counts them: bytes counted
+    by the Service per second, from the first chunk sent to the last one counted."""
+    chunk = common.big_bytes(STREAM_CHUNK)
+    with service() as (port, _), connected(port) as conn:
+        send = conn.stream_nowait(serde=SerdeFormat.OPAQUE).sink
+        received = conn.rpc(timeout=CALL_TIMEOUT).received
+
+        def counted_at_least(total: int) -> int:
+            while (got := received()) < total:
+                pass
+            return got
+
+        for _ in range(8):  # warmup
+            send(chunk)
+        sent = base = counted_at_least(8 * STREAM_CHUNK)
+        start = time.perf_counter()
+        deadline = start + opts.seconds
+        while time.perf_counter() < deadline:
+            for _ in range(STREAM_WINDOW // 2):
+                send(chunk)
+            sent += STREAM_WINDOW // 2 * STREAM_CHUNK
+            # Keep at most STREAM_WINDOW chunks in flight: neither side may buffer the run.
+            counted_at_least(sent - STREAM_WINDOW // 2 * STREAM_CHUNK)
+        got = counted_at_least(sent)
+        elapsed = time.perf_counter() - start
+    if got != sent:
+        raise AssertionError(f"the Service counted {got} bytes, {sent} were sent")
+    moved = sent - base
+    return {"value": moved / elapsed / common.GiB, "unit": "GiB/s", "bytes": moved,
+            "seconds": round(elapsed, 3)}
 
 
 # --- concurrent callers (threads) -------------------------------------------------------

@@ -32,7 +32,7 @@ OURS = ("ours-uring", "ours-poll")
 ROWS_OF = {
     "pyzmq": ("seq_", "echo_", "mem_"),
     "socket": ("seq_", "echo_", "mem_"),
-    "iperf3": ("echo_",),
+    "iperf3": ("echo_", "stream_"),
 }
 # Ratio columns: ours (uring / poll) divided by this contender, on the rows where both ran.
 RATIO_TO = [("reference", "ours / ref"), ("pyzmq", "ours / pyzmq"), ("iperf3", "ours / iperf3")]
@@ -45,6 +45,7 @@ ROWS = {
     "echo_8MiB": "OPAQUE echo 8 MiB",
     "echo_28MiB": "OPAQUE echo 28 MiB",
     "echo_1GiB": "OPAQUE echo 1 GiB",
+    "stream_1MiB": "stream_nowait of 1 MiB chunks, one way",
     "conc8_shared": "8 threads, one shared connection, workers=4",
     "conc8_per_client": "8 threads, one client each, workers=4",
     "aio_seq_pickle": "asyncio, sequential PICKLE (AsyncService)",
@@ -75,12 +76,12 @@ def load(out_dir: Path) -> dict[str, dict]:
 
 
 def iperf3_rows(raw: dict) -> dict:
-    """iperf3's one-way loopback throughput, shown on every echo row (the ceiling)."""
+    """iperf3's one-way loopback throughput, shown on every echo and stream row (the ceiling)."""
     if "error" in raw:
         return {"missing": raw["error"]}
     bps = raw["end"]["sum_received"]["bits_per_second"]
     row = {"value": bps / 8 / GiB, "unit": "GiB/s", "one_way": True}
-    return {"workloads": {name: row for name in ROWS if name.startswith("echo_")}}
+    return {"workloads": {name: row for name in ROWS if name.startswith(("echo_", "stream_"))}}
 
 
 def fmt(value: float, unit: str) -> str:
