@@ -1,8 +1,10 @@
 //! Receive buffers that are not `Vec`s: memory handed to the kernel that belongs to someone
 //! else, such as a Python `bytes` object that the payload will become.
 
+use std::alloc::Layout;
 use std::any::Any;
 use std::fmt;
+use std::sync::Arc;
 
 /// Memory the kernel may receive into.
 ///
@@ -153,6 +155,124 @@ impl Body {
     }
 }
 
+/// A block of equal receive buffers that the kernel picks from (io_uring's provided buffers),
+/// `count` buffers of `size` bytes each, at `base`, page-aligned. Shared (`Arc`) by the driver
+/// and every [`PoolBuf`], so the memory outlives all of them.
+pub struct Pool {
+    base: *mut u8,
+    size: usize,
+    count: usize,
+    layout: Layout,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("size", &self.size)
+            .field("count", &self.count)
+            .finish()
+    }
+}
+
+// SAFETY: the block is plain memory owned by the pool. Who may write where is decided by
+// ownership of buffer ids (the kernel while a buffer is in its ring, one `PoolBuf` otherwise),
+// never by the thread.
+unsafe impl Send for Pool {}
+// SAFETY: as above; `&Pool` only gives out addresses and reads through `PoolBuf`.
+unsafe impl Sync for Pool {}
+
+impl Pool {
+    /// `count` buffers of `size` bytes (both non-zero), or `None` when the memory cannot be had.
+    pub fn new(size: usize, count: usize) -> Option<Arc<Pool>> {
+        let len = size.checked_mul(count).filter(|l| *l > 0)?;
+        let layout = Layout::from_size_align(len, 4096).ok()?;
+        // SAFETY: the layout has a non-zero size (checked above).
+        let base = unsafe { std::alloc::alloc(layout) };
+        if base.is_null() {
+            return None;
+        }
+        Some(Arc::new(Pool {
+            base,
+            size,
+            count,
+            layout,
+        }))
+    }
+
+    /// Bytes per buffer.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// How many buffers.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Where buffer `id` starts.
+    ///
+    /// # Panics
+    /// If `id` is not below [`Pool::count`].
+    pub fn addr(&self, id: u16) -> *mut u8 {
+        assert!((id as usize) < self.count, "no buffer {id} in the pool");
+        // SAFETY: `id * size` lies within the block (checked above).
+        unsafe { self.base.add(id as usize * self.size) }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this very layout; the last `Arc` is going away, so no
+        // `PoolBuf` can read it any more (and the driver unregistered it from the kernel).
+        unsafe { std::alloc::dealloc(self.base, self.layout) }
+    }
+}
+
+/// One buffer of a [`Pool`] that the kernel filled and handed over: readable until it is given
+/// back to the driver (`Driver::recycle`), which returns it to the kernel. Dropping it without
+/// giving it back keeps the buffer out of the kernel's reach for good (the pool shrinks).
+pub struct PoolBuf {
+    pool: Arc<Pool>,
+    id: u16,
+    len: usize,
+}
+
+impl fmt::Debug for PoolBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolBuf")
+            .field("id", &self.id)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl PoolBuf {
+    /// Buffer `id` of `pool`, whose first `len` bytes the kernel filled.
+    ///
+    /// # Safety
+    /// The kernel must have written `len` bytes (at most the buffer size) to buffer `id` and
+    /// handed it over: nothing else writes to it until this value is given back.
+    #[cfg_attr(not(all(target_os = "linux", feature = "io-uring")), allow(dead_code))]
+    pub(crate) unsafe fn new(pool: Arc<Pool>, id: u16, len: usize) -> PoolBuf {
+        assert!(
+            len <= pool.size,
+            "kernel reported more bytes than the buffer holds"
+        );
+        PoolBuf { pool, id, len }
+    }
+
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// The received bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: per `new`'s contract the first `len` bytes of buffer `id` are initialised and
+        // nobody writes them while this value lives; the `Arc` keeps the memory alive.
+        unsafe { std::slice::from_raw_parts(self.pool.addr(self.id), self.len) }
+    }
+}
+
 /// What a receive writes into.
 #[derive(Debug)]
 pub enum RecvBuf {
@@ -195,6 +315,20 @@ impl RecvBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_buffers_are_disjoint_and_aligned() {
+        let pool = Pool::new(4096, 8).unwrap();
+        assert_eq!(pool.addr(0) as usize % 4096, 0);
+        assert_eq!(pool.addr(3) as usize - pool.addr(2) as usize, 4096);
+        // SAFETY: nothing else uses buffer 5; its first 3 bytes are written just below.
+        let b = unsafe {
+            std::ptr::copy_nonoverlapping(b"abc".as_ptr(), pool.addr(5), 3);
+            PoolBuf::new(pool.clone(), 5, 3)
+        };
+        assert_eq!(b.as_slice(), b"abc");
+        assert_eq!(b.id(), 5);
+    }
 
     #[test]
     fn body_fills_and_hands_back_its_buffer() {

@@ -32,7 +32,7 @@ pub mod poll;
 pub mod signal;
 pub mod sys;
 
-pub use buf::{Body, HeapBuf, RawBuf, RecvBuf};
+pub use buf::{Body, HeapBuf, Pool, PoolBuf, RawBuf, RecvBuf};
 pub use signal::ReadySignal;
 #[cfg(all(target_os = "linux", feature = "io-uring"))]
 pub mod uring;
@@ -47,6 +47,9 @@ pub enum Op {
     Accept { fd: RawFd },
     /// Receive at most `max` bytes into the free part of `buf`.
     Recv { fd: RawFd, buf: RecvBuf, max: usize },
+    /// Receive until cancelled, each time into a buffer the driver picks from its pool: one
+    /// [`Outcome::Pooled`] per arrival. Only where [`Driver::pooled_recv`] says so.
+    RecvPooled { fd: RawFd },
     /// Send the concatenation of `bufs`, less its first `skip` bytes. May send only part.
     Send {
         fd: RawFd,
@@ -70,12 +73,27 @@ pub enum Outcome {
         buf: RecvBuf,
         res: io::Result<usize>,
     },
+    /// Bytes received into a pool buffer (`buf` is `Some` when `res` is `Ok(n)`, n > 0): hand
+    /// it back with [`Driver::recycle`] once read. `more` is false on the operation's last
+    /// completion: at end of stream (`Ok(0)`), after [`Driver::cancel_recv`] (`ECANCELED`),
+    /// when the pool ran dry (`ENOBUFS`: start it again) or on an error.
+    Pooled {
+        buf: Option<PoolBuf>,
+        res: io::Result<usize>,
+        more: bool,
+    },
     /// Bytes sent.
     Sent {
         bufs: Vec<Bytes>,
         skip: usize,
         res: io::Result<usize>,
     },
+}
+
+/// Whether a pooled receive that ended with `e` is simply started again: it was cancelled
+/// ([`Driver::cancel_recv`]) or the pool ran dry for a moment.
+pub fn pooled_restart(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ECANCELED | libc::ENOBUFS))
 }
 
 /// A finished operation.
@@ -102,6 +120,14 @@ pub trait Driver {
     /// Waits until at least one completion is ready, a wake-up arrives or `timeout` passes, and
     /// appends every ready completion to `out`.
     fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()>;
+    /// Whether [`Op::RecvPooled`] is available.
+    fn pooled_recv(&self) -> bool {
+        false
+    }
+    /// Stops an [`Op::RecvPooled`] started with `token`; its last completion has `more == false`.
+    fn cancel_recv(&mut self, _token: Token) {}
+    /// Gives a pool buffer back, for the kernel to fill again.
+    fn recycle(&mut self, _buf: PoolBuf) {}
     /// A handle other threads use to interrupt [`Driver::wait`].
     fn waker(&self) -> std::sync::Arc<dyn Wake>;
     /// `"uring"` or `"poll"`.
@@ -186,6 +212,15 @@ impl Driver for AnyDriver {
     }
     fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
         dispatch!(self, d => d.wait(out, timeout))
+    }
+    fn pooled_recv(&self) -> bool {
+        dispatch!(self, d => d.pooled_recv())
+    }
+    fn cancel_recv(&mut self, token: Token) {
+        dispatch!(self, d => d.cancel_recv(token))
+    }
+    fn recycle(&mut self, buf: PoolBuf) {
+        dispatch!(self, d => d.recycle(buf))
     }
     fn waker(&self) -> std::sync::Arc<dyn Wake> {
         dispatch!(self, d => d.waker())

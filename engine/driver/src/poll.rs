@@ -168,6 +168,11 @@ impl Driver {
                 more: false,
             },
             Op::Recv { buf, .. } => Outcome::Recv { buf, res: Err(e) },
+            Op::RecvPooled { .. } => Outcome::Pooled {
+                buf: None,
+                res: Err(e),
+                more: false,
+            },
             Op::Send { bufs, skip, .. } => Outcome::Sent {
                 bufs,
                 skip,
@@ -182,6 +187,10 @@ impl crate::Driver for Driver {
     fn submit(&mut self, token: Token, op: Op) {
         let fd = match &op {
             Op::Accept { fd } | Op::Recv { fd, .. } | Op::Send { fd, .. } => *fd,
+            Op::RecvPooled { .. } => {
+                let e = io::Error::new(io::ErrorKind::Unsupported, "no pooled receives on poll");
+                return self.fail(token, op, e);
+            }
         };
         let p = match self.parked(fd) {
             Ok(p) => p,
@@ -198,6 +207,7 @@ impl crate::Driver for Driver {
                 p.recv = Some((token, buf, max));
                 self.try_recv(fd);
             }
+            Op::RecvPooled { .. } => unreachable!("refused above"),
             Op::Send { bufs, skip, .. } => {
                 debug_assert!(p.send.is_none(), "two sends on one descriptor");
                 p.send = Some((token, bufs, skip));

@@ -3,8 +3,9 @@
 //! One ring per engine thread, created by that thread (`SINGLE_ISSUER`, `DEFER_TASKRUN` where
 //! the kernel has them). Operations are queued as submission entries and handed to the kernel
 //! in one `io_uring_enter` per loop turn, together with the wait for completions. Listeners use
-//! multishot accept; sends are vectored `sendmsg`; a wake-up is an `eventfd` read kept armed on
-//! the ring.
+//! multishot accept; small frames are received by multishot receives into a ring of provided
+//! buffers (Linux 6.0+), large payloads by targeted receives straight into their destination;
+//! sends are vectored `sendmsg`; a wake-up is an `eventfd` read kept armed on the ring.
 //!
 //! Every in-flight operation's buffers live in this driver's `ops` slab, keyed by the entry's
 //! `user_data`, from submission until its completion is reaped: that is the invariant each
@@ -20,9 +21,15 @@ use bytes::Bytes;
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
 use slab::Slab;
 
-use crate::{Completion, Op, Outcome, RecvBuf, Token, Wake};
+use crate::{Completion, Op, Outcome, Pool, PoolBuf, RecvBuf, Token, Wake};
 
 const ENTRIES: u32 = 1024;
+/// The provided-buffer ring for small frames: this many buffers (a power of two)...
+const POOL_BUFFERS: u16 = 256;
+/// ... of this many bytes each: a small frame (up to 16 KiB of payload) fits in two.
+const POOL_BUFFER_SIZE: usize = 8 * 1024;
+/// The buffer group id of that ring.
+const POOL_GROUP: u16 = 0;
 
 #[derive(Debug)]
 enum InFlight {
@@ -32,6 +39,9 @@ enum InFlight {
     Recv {
         token: Token,
         buf: RecvBuf,
+    },
+    RecvPooled {
+        token: Token,
     },
     Send {
         token: Token,
@@ -55,6 +65,78 @@ pub struct Driver {
     wake_armed: bool,
     /// Completions reaped while making room to submit (see `push`), for the next `wait`.
     backlog: Vec<Completion>,
+    /// Provided buffers for pooled receives, when the kernel has them (6.0+).
+    ring_bufs: Option<BufRing>,
+    pooled: HashMap<Token, usize>,
+}
+
+/// A ring of provided buffers registered with the kernel: the kernel takes buffers from its
+/// head for pooled receives, the driver puts them back at its tail.
+struct BufRing {
+    /// `POOL_BUFFERS` ring entries, page-aligned, registered under `POOL_GROUP`.
+    entries: Arc<Pool>,
+    /// The buffers the entries point to.
+    pool: Arc<Pool>,
+    tail: u16,
+}
+
+impl BufRing {
+    /// Registers a ring with every buffer of a fresh pool in it.
+    fn register(ring: &IoUring) -> io::Result<BufRing> {
+        let oom = || io::Error::from(io::ErrorKind::OutOfMemory);
+        let entry_size = std::mem::size_of::<types::BufRingEntry>();
+        let entries = Pool::new(entry_size * POOL_BUFFERS as usize, 1).ok_or_else(oom)?;
+        let pool = Pool::new(POOL_BUFFER_SIZE, POOL_BUFFERS as usize).ok_or_else(oom)?;
+        let mut r = BufRing {
+            entries,
+            pool,
+            tail: 0,
+        };
+        // The tail field lives inside the ring memory; it starts at 0 (fresh memory is not
+        // zeroed, so write it before the kernel looks).
+        r.store_tail();
+        // SAFETY: the entries' memory is page-aligned, holds POOL_BUFFERS entries and stays
+        // alive (an `Arc` in this driver) until the ring is unregistered in `Drop`; the kernel
+        // pins it meanwhile.
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                r.entries.addr(0) as u64,
+                POOL_BUFFERS,
+                POOL_GROUP,
+                0,
+            )?;
+        }
+        for id in 0..POOL_BUFFERS {
+            r.put(id);
+        }
+        r.store_tail();
+        Ok(r)
+    }
+
+    /// Writes entry `tail` for buffer `id` (published by `store_tail`).
+    fn put(&mut self, id: u16) {
+        let base = self.entries.addr(0) as *mut types::BufRingEntry;
+        let slot = (self.tail & (POOL_BUFFERS - 1)) as usize;
+        // SAFETY: `slot` < POOL_BUFFERS entries of the ring's memory; the kernel does not read an
+        // entry at or past the published tail, so writing it races with nothing.
+        let e = unsafe { &mut *base.add(slot) };
+        e.set_addr(self.pool.addr(id) as u64);
+        e.set_len(POOL_BUFFER_SIZE as u32);
+        e.set_bid(id);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Publishes the entries written so far to the kernel.
+    fn store_tail(&self) {
+        let base = self.entries.addr(0) as *const types::BufRingEntry;
+        // SAFETY: the tail is the u16 the kernel reads at this offset of the ring's first entry
+        // (what `BufRingEntry::tail` computes), aligned for an atomic u16; the release store
+        // orders the entry writes before it.
+        unsafe {
+            let tail = types::BufRingEntry::tail(base) as *const std::sync::atomic::AtomicU16;
+            (*tail).store(self.tail, std::sync::atomic::Ordering::Release);
+        }
+    }
 }
 
 impl std::fmt::Debug for Driver {
@@ -137,6 +219,19 @@ impl Driver {
         }
         // SAFETY: `efd` is a fresh descriptor owned by nobody else.
         let wake_fd = Arc::new(EventFd(unsafe { OwnedFd::from_raw_fd(efd) }));
+        // Pooled (multishot) receives arrived in Linux 6.0; without them receives are targeted.
+        let multishot_recv = crate::sys::kernel_version().is_some_and(|v| v >= (6, 0));
+        let ring_bufs = if multishot_recv && std::env::var_os("DAFFI_NO_POOLED_RECV").is_none() {
+            match BufRing::register(&ring) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::debug!("no provided-buffer ring ({e}): receives are targeted");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let mut d = Driver {
             ring,
             ops: Slab::with_capacity(256),
@@ -144,6 +239,8 @@ impl Driver {
             wake_fd,
             wake_armed: false,
             backlog: Vec::new(),
+            ring_bufs,
+            pooled: HashMap::new(),
         };
         d.arm_wake();
         Ok(d)
@@ -231,6 +328,35 @@ impl Driver {
                     outcome: Outcome::Recv { buf, res },
                 });
             }
+            InFlight::RecvPooled { token } => {
+                let token = *token;
+                let more = cqueue::more(flags);
+                if !more {
+                    self.ops.remove(key);
+                    self.pooled.remove(&token);
+                }
+                let mut buf = None;
+                let res = if res >= 0 {
+                    match (cqueue::buffer_select(flags), &self.ring_bufs) {
+                        (Some(id), Some(r)) if (id as usize) < r.pool.count() => {
+                            // SAFETY: the kernel wrote `res` bytes to buffer `id`, which it took
+                            // from the ring and no longer uses; it comes back via `recycle`.
+                            buf = Some(unsafe { PoolBuf::new(r.pool.clone(), id, res as usize) });
+                        }
+                        _ if res == 0 => {}
+                        _ => {
+                            tracing::error!("a pooled receive completed without a valid buffer");
+                        }
+                    }
+                    Ok(res as usize)
+                } else {
+                    Err(err())
+                };
+                out.push(Completion {
+                    token,
+                    outcome: Outcome::Pooled { buf, res, more },
+                });
+            }
             InFlight::Send { .. } => {
                 let InFlight::Send {
                     token, bufs, skip, ..
@@ -282,6 +408,28 @@ impl crate::Driver for Driver {
                     .user_data(key as u64);
                 self.push(sqe);
             }
+            Op::RecvPooled { fd } => {
+                if self.ring_bufs.is_none() {
+                    self.backlog.push(Completion {
+                        token,
+                        outcome: Outcome::Pooled {
+                            buf: None,
+                            res: Err(io::Error::new(
+                                io::ErrorKind::Unsupported,
+                                "no provided-buffer ring",
+                            )),
+                            more: false,
+                        },
+                    });
+                    return;
+                }
+                let key = self.ops.insert(InFlight::RecvPooled { token });
+                self.pooled.insert(token, key);
+                let sqe = opcode::RecvMulti::new(types::Fd(fd), POOL_GROUP)
+                    .build()
+                    .user_data(key as u64);
+                self.push(sqe);
+            }
             Op::Send { fd, bufs, skip } => {
                 let iov = crate::iovecs(&bufs, skip, crate::MAX_IOV);
                 // SAFETY: an all-zero msghdr is valid (no name, no control data).
@@ -317,6 +465,27 @@ impl crate::Driver for Driver {
 
     fn close(&mut self, fd: OwnedFd) {
         drop(fd);
+    }
+
+    fn pooled_recv(&self) -> bool {
+        self.ring_bufs.is_some()
+    }
+
+    fn cancel_recv(&mut self, token: Token) {
+        if let Some(&key) = self.pooled.get(&token) {
+            let cancel = self.ops.insert(InFlight::Cancel);
+            let sqe = opcode::AsyncCancel::new(key as u64)
+                .build()
+                .user_data(cancel as u64);
+            self.push(sqe);
+        }
+    }
+
+    fn recycle(&mut self, buf: PoolBuf) {
+        if let Some(r) = &mut self.ring_bufs {
+            r.put(buf.id());
+            r.store_tail();
+        }
     }
 
     fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
@@ -400,6 +569,11 @@ impl Drop for Driver {
         if !self.ops.is_empty() {
             // Leak rather than free memory the kernel may still write to.
             std::mem::forget(std::mem::take(&mut self.ops));
+            if let Some(r) = self.ring_bufs.take() {
+                std::mem::forget(r);
+            }
+        } else if self.ring_bufs.is_some() {
+            let _ = self.ring.submitter().unregister_buf_ring(POOL_GROUP);
         }
     }
 }

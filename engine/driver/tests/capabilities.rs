@@ -325,3 +325,112 @@ fn bursts_larger_than_the_queue_all_complete() {
         assert_eq!(reader.join().unwrap(), BURST as usize, "{}", d.name());
     }
 }
+
+/// Pooled receives (io_uring's provided buffers): every byte arrives once and in order through
+/// buffers that go back to the pool, across more data than the pool holds at once; a cancel
+/// ends the operation; end of stream ends it too.
+#[test]
+fn pooled_receives_deliver_everything_in_order() {
+    for mut d in drivers() {
+        if !d.pooled_recv() {
+            // The poll backend refuses the operation with a completion, never a panic.
+            let mut pending = Vec::new();
+            d.submit(9, Op::RecvPooled { fd: 0 });
+            let c = wait_for(&mut d, &mut pending, 9);
+            assert!(matches!(
+                c.outcome,
+                Outcome::Pooled {
+                    res: Err(_),
+                    more: false,
+                    ..
+                }
+            ));
+            continue;
+        }
+        let mut pending = Vec::new();
+        let (_listener, server, mut client) = pair(&mut d, &mut pending);
+        let fd = server.as_raw_fd();
+        // 8 MiB in 64 KiB writes from another thread: far more than the pool's buffers.
+        let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+        let expected = data.clone();
+        let writer = std::thread::spawn(move || {
+            for piece in data.chunks(64 << 10) {
+                client.write_all(piece).unwrap();
+            }
+            client
+        });
+        let mut got = Vec::with_capacity(expected.len());
+        let mut armed = false;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.len() < expected.len() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: stalled at {}",
+                d.name(),
+                got.len()
+            );
+            if !armed {
+                d.submit(2, Op::RecvPooled { fd });
+                armed = true;
+            }
+            d.wait(&mut pending, Some(Duration::from_millis(100)))
+                .unwrap();
+            for c in pending.drain(..) {
+                let Outcome::Pooled { buf, res, more } = c.outcome else {
+                    panic!("{}: not a pooled receive", d.name())
+                };
+                if let Some(b) = buf {
+                    assert_eq!(res.as_ref().ok(), Some(&b.as_slice().len()));
+                    got.extend_from_slice(b.as_slice());
+                    d.recycle(b);
+                }
+                if !more {
+                    // Out of buffers (ENOBUFS), or a full completion queue (its last
+                    // completion then carries data), ends it: start again.
+                    match &res {
+                        Err(e) => assert!(daffi_driver::pooled_restart(e), "{}: {e}", d.name()),
+                        Ok(n) => assert!(*n > 0, "{}: early end of stream", d.name()),
+                    }
+                    armed = false;
+                }
+            }
+        }
+        assert!(got == expected, "{}: bytes differ", d.name());
+        let mut client = writer.join().unwrap();
+        if !armed {
+            d.submit(2, Op::RecvPooled { fd });
+        }
+        // A cancel ends the operation with its last completion.
+        d.cancel_recv(2);
+        let c = wait_for(&mut d, &mut pending, 2);
+        let Outcome::Pooled {
+            res: Err(e),
+            more: false,
+            ..
+        } = c.outcome
+        else {
+            panic!("{}: the cancel did not end the receive", d.name())
+        };
+        assert!(daffi_driver::pooled_restart(&e));
+        // Started again, it sees new bytes, then the end of the stream.
+        d.submit(2, Op::RecvPooled { fd });
+        client.write_all(b"tail").unwrap();
+        drop(client);
+        let mut tail = Vec::new();
+        loop {
+            let c = wait_for(&mut d, &mut pending, 2);
+            let Outcome::Pooled { buf, res, more } = c.outcome else {
+                panic!("not a pooled receive")
+            };
+            if let Some(b) = buf {
+                tail.extend_from_slice(b.as_slice());
+                d.recycle(b);
+            }
+            if !more {
+                assert_eq!(res.unwrap(), 0, "{}: not an end of stream", d.name());
+                break;
+            }
+        }
+        assert_eq!(tail, b"tail");
+    }
+}

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_queue::SegQueue;
-use daffi_driver::{AnyDriver, Backend, Body, Completion, Driver, Op, Outcome, RecvBuf, Wake, sys};
+use daffi_driver::{
+    AnyDriver, Backend, Body, Completion, Driver, Op, Outcome, PoolBuf, RecvBuf, Wake, sys,
+};
 use daffi_proto::frame::error_code;
 use daffi_proto::{
     Action, Connection, Event, Flags, Forward, Kind, Local, Payload as WirePayload, Role,
@@ -175,6 +177,7 @@ impl Engine {
 const ACCEPT: u64 = 0;
 const RECV: u64 = 1;
 const SEND: u64 = 2;
+const POOLED: u64 = 3;
 
 fn token(id: u64, op: u64) -> u64 {
     (id << 2) | op
@@ -192,6 +195,9 @@ const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// How long a closing connection may take to flush what is queued.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_millis(500);
+/// A large payload with at least this much still to come is received straight into its own
+/// buffer (a pooled receive in progress is stopped for it); less is copied out of the pool.
+const TARGETED_RECV: u64 = 256 * 1024;
 
 #[derive(Debug)]
 enum Owner {
@@ -221,7 +227,12 @@ struct Conn {
     fd: OwnedFd,
     proto: Connection,
     owner: Owner,
+    /// A receive is in flight (targeted, or pooled while `pooled`).
     recv_busy: bool,
+    /// The receive in flight is a pooled one, which goes on until it ends or is cancelled.
+    pooled: bool,
+    /// Its cancel was asked for (a large payload is to be received into its own buffer).
+    cancelling: bool,
     /// The send in flight: total bytes of its buffers.
     send_busy: bool,
     opened: Instant,
@@ -423,6 +434,8 @@ impl Loop {
             proto,
             owner,
             recv_busy: false,
+            pooled: false,
+            cancelling: false,
             send_busy: false,
             opened: Instant::now(),
             closing: None,
@@ -442,7 +455,24 @@ impl Loop {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
+        let large = c.proto.body_wanted().is_some_and(|w| w >= TARGETED_RECV);
+        if c.pooled {
+            // Small frames keep arriving through the pool; a large payload is worth a targeted
+            // receive once the pooled one has ended.
+            if large && !c.cancelling && !c.shut {
+                c.cancelling = true;
+                self.driver.cancel_recv(token(id, POOLED));
+            }
+            return;
+        }
         if c.recv_busy || c.shut {
+            return;
+        }
+        if !large && self.driver.pooled_recv() {
+            c.recv_busy = true;
+            c.pooled = true;
+            let fd = c.fd.as_raw_fd();
+            self.driver.submit(token(id, POOLED), Op::RecvPooled { fd });
             return;
         }
         let (buf, max) = match (c.proto.body_wanted(), c.body.take()) {
@@ -521,6 +551,7 @@ impl Loop {
         match c.outcome {
             Outcome::Accepted { res, more } => self.accepted(id, res, more),
             Outcome::Recv { buf, res } => self.received(id, buf, res),
+            Outcome::Pooled { buf, res, more } => self.received_pooled(id, buf, res, more),
             Outcome::Sent { bufs, skip, res } => self.sent(id, bufs, skip, res),
         }
     }
@@ -592,6 +623,98 @@ impl Loop {
             return;
         };
         c.recv_busy = false;
+        self.parse_received(id, buf, res);
+    }
+
+    /// A pooled receive completed: its bytes go where a targeted receive would have put them.
+    fn received_pooled(
+        &mut self,
+        id: u64,
+        buf: Option<PoolBuf>,
+        res: io::Result<usize>,
+        more: bool,
+    ) {
+        if let Some(b) = &buf {
+            self.feed(id, b.as_slice());
+        }
+        if let Some(b) = buf {
+            self.driver.recycle(b);
+        }
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if more {
+            return;
+        }
+        c.recv_busy = false;
+        c.pooled = false;
+        c.cancelling = false;
+        match res {
+            Ok(0) => self.peer_closed(id),
+            // Data with the last completion, the cancel we asked for, or a pool that ran dry
+            // (buffers are back by now): receive on.
+            Ok(_) => self.start_recv(id),
+            Err(e) if daffi_driver::pooled_restart(&e) => {
+                self.start_recv(id);
+            }
+            Err(e) => self.close(id, e.to_string(), false),
+        }
+        self.maybe_finish(id);
+    }
+
+    /// Parses bytes that arrived in a pool buffer, a piece at a time: each piece goes where a
+    /// targeted receive would have written it (the staging buffer, or a large payload's own).
+    fn feed(&mut self, id: u64, mut data: &[u8]) {
+        while !data.is_empty() {
+            let Some(c) = self.conns.get_mut(&id) else {
+                return;
+            };
+            if c.shut {
+                return;
+            }
+            let (buf, n) = match (c.proto.body_wanted(), c.body.take()) {
+                (Some(want), Some(mut body)) => {
+                    let room = (body.capacity() - body.len()) as u64;
+                    let n = want.min(room).min(data.len() as u64) as usize;
+                    body.extend_from_slice(&data[..n]);
+                    (RecvBuf::Body(body), n)
+                }
+                (_, body) => {
+                    c.body = body;
+                    let t = c.proto.recv_target();
+                    let n = t.max.min(data.len());
+                    let mut v = t.buf;
+                    v.extend_from_slice(&data[..n]);
+                    (RecvBuf::Vec(v), n)
+                }
+            };
+            if n == 0 {
+                // Hand the buffer back untouched, then stop: a parser that takes nothing would
+                // never progress (a runtime bug, reported as a broken connection, not a spin).
+                match buf {
+                    RecvBuf::Vec(v) => {
+                        let _ = c.proto.recv_done(v);
+                    }
+                    RecvBuf::Body(b) => c.body = Some(b),
+                }
+                self.protocol_error(id, "a receive buffer without room".into());
+                return;
+            }
+            data = &data[n..];
+            // After a protocol error nothing more is parsed.
+            if !self.parse_received(id, buf, Ok(n)) {
+                return;
+            }
+        }
+    }
+
+    /// Gives a receive's buffer back to the parser and acts on what it found (`Ok(0)`: the
+    /// peer closed). Returns whether the connection is still read from.
+    fn parse_received(&mut self, id: u64, buf: RecvBuf, res: io::Result<usize>) -> bool {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        let mut go_on = false;
         // Every buffer goes back where it came from, whatever the outcome.
         let n = *res.as_ref().unwrap_or(&0) as u64;
         let parsed = match buf {
@@ -602,14 +725,7 @@ impl Loop {
             }
         };
         match (res, parsed) {
-            (Ok(0), _) => {
-                let why = if c.proto.recv_idle() {
-                    "peer closed the connection"
-                } else {
-                    "peer closed mid-frame"
-                };
-                self.close(id, why.into(), false);
-            }
+            (Ok(0), _) => self.peer_closed(id),
             (Ok(_), Err(e)) => self.protocol_error(id, e.to_string()),
             (Ok(_), Ok(())) => {
                 self.relay_piece(id);
@@ -620,11 +736,26 @@ impl Loop {
                     // The handshake answer, `no function` errors, ... were queued by proto.
                     self.dirty.push(id);
                     self.start_recv(id);
+                    go_on = true;
                 }
             }
             (Err(e), _) => self.close(id, e.to_string(), false),
         }
         self.maybe_finish(id);
+        go_on
+    }
+
+    /// The peer ended the stream.
+    fn peer_closed(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let why = if c.proto.recv_idle() {
+            "peer closed the connection"
+        } else {
+            "peer closed mid-frame"
+        };
+        self.close(id, why.into(), false);
     }
 
     fn protocol_error(&mut self, id: u64, e: String) {
