@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -68,51 +68,128 @@ struct Shared {
     waker: Arc<dyn Wake>,
     sleeping: AtomicBool,
     backend: &'static str,
-    ids: AtomicU64,
 }
 
-/// A handle to an engine thread. Cheap to clone; every node of a backend shares one.
+/// A handle to one engine thread. Cheap to clone; a node keeps the one it was started on.
 #[derive(Debug, Clone)]
 pub struct Engine {
     shared: Arc<Shared>,
 }
 
-static ENGINES: OnceLock<Mutex<HashMap<Backend, Engine>>> = OnceLock::new();
+/// The engine threads of one backend, handed out in turn to the nodes that start.
+#[derive(Debug)]
+struct Group {
+    threads: Vec<Engine>,
+    next: AtomicUsize,
+}
+
+impl Group {
+    fn pick(&self) -> Engine {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.threads.len();
+        self.threads[i].clone()
+    }
+}
+
+static ENGINES: OnceLock<Mutex<HashMap<Backend, Arc<Group>>>> = OnceLock::new();
+/// Node and connection ids, unique in the process (across engine threads).
+static IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Most engine threads per backend `DAFFI_ENGINE_THREADS` may ask for.
+pub const MAX_ENGINE_THREADS: usize = 64;
+
+/// The thread count chosen with [`set_engine_threads`], if any.
+static THREADS: OnceLock<usize> = OnceLock::new();
+
+/// Sets how many engine threads each backend runs, before the first node starts (this wins over
+/// `DAFFI_ENGINE_THREADS`). Fails for a count outside 1..=[`MAX_ENGINE_THREADS`], or once a
+/// different count was set.
+pub fn set_engine_threads(n: usize) -> io::Result<()> {
+    if !(1..=MAX_ENGINE_THREADS).contains(&n) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{n} engine threads: expected 1 to {MAX_ENGINE_THREADS}"),
+        ));
+    }
+    match *THREADS.get_or_init(|| n) {
+        set if set == n => Ok(()),
+        set => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("engine threads already set to {set}"),
+        )),
+    }
+}
+
+/// How many engine threads each backend runs: as set by [`set_engine_threads`], else
+/// `DAFFI_ENGINE_THREADS`, else 1.
+pub fn engine_threads() -> io::Result<usize> {
+    if let Some(n) = THREADS.get() {
+        return Ok(*n);
+    }
+    let Some(v) = std::env::var_os("DAFFI_ENGINE_THREADS") else {
+        return Ok(1);
+    };
+    let v = v.to_string_lossy();
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_ENGINE_THREADS).contains(&n) => Ok(n),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "DAFFI_ENGINE_THREADS={v:?}: expected a whole number from 1 to {MAX_ENGINE_THREADS}"
+            ),
+        )),
+    }
+}
 
 impl Engine {
-    /// The process-wide engine for `backend`, started on first use.
+    /// An engine thread for `backend`, started with the others of its backend on first use
+    /// (`DAFFI_ENGINE_THREADS` of them, see [`engine_threads`]). With several, successive calls
+    /// hand them out in turn: each node runs on the thread it got, and so does every connection
+    /// it has.
     pub fn get(backend: Backend) -> io::Result<Engine> {
         let mut engines = ENGINES
             .get_or_init(Default::default)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = engines.get(&backend) {
-            return Ok(e.clone());
+        if let Some(g) = engines.get(&backend) {
+            return Ok(g.pick());
         }
         if backend == Backend::Auto {
-            if let Some(e) = engines.get(&Backend::Uring) {
-                return Ok(e.clone());
+            if let Some(g) = engines.get(&Backend::Uring) {
+                return Ok(g.pick());
             }
         }
-        let engine = Engine::spawn(backend)?;
-        let resolved = if engine.backend() == "uring" {
+        let threads = engine_threads()?;
+        let first = Engine::spawn(backend)?;
+        let resolved = if first.backend() == "uring" {
             Backend::Uring
         } else {
             Backend::Poll
         };
-        // `auto` shares the engine of the backend it resolved to; a duplicate thread ends.
-        let engine = match engines.get(&resolved) {
-            Some(existing) => {
-                engine.send(Command::Exit);
-                existing.clone()
+        // `auto` shares the threads of the backend it resolved to; a duplicate thread ends.
+        if let Some(g) = engines.get(&resolved).cloned() {
+            first.send(Command::Exit);
+            engines.insert(backend, g.clone());
+            return Ok(g.pick());
+        }
+        let mut all = vec![first];
+        while all.len() < threads {
+            match Engine::spawn(resolved) {
+                Ok(e) => all.push(e),
+                Err(e) => {
+                    for started in &all {
+                        started.send(Command::Exit);
+                    }
+                    return Err(e);
+                }
             }
-            None => {
-                engines.insert(resolved, engine.clone());
-                engine
-            }
-        };
-        engines.insert(backend, engine.clone());
-        Ok(engine)
+        }
+        let g = Arc::new(Group {
+            threads: all,
+            next: AtomicUsize::new(0),
+        });
+        engines.insert(resolved, g.clone());
+        engines.insert(backend, g.clone());
+        Ok(g.pick())
     }
 
     /// The engine picked by `DAFFI_BACKEND` (`auto` when unset).
@@ -145,7 +222,6 @@ impl Engine {
                     waker: driver.waker(),
                     sleeping: AtomicBool::new(false),
                     backend: driver.name(),
-                    ids: AtomicU64::new(1),
                 });
                 let _ = tx.send(Ok(shared.clone()));
                 Loop::new(driver, shared).run();
@@ -162,8 +238,13 @@ impl Engine {
         self.shared.backend
     }
 
+    /// Whether `other` is a handle to the same engine thread.
+    pub fn same_thread(&self, other: &Engine) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     pub(crate) fn next_id(&self) -> u64 {
-        self.shared.ids.fetch_add(1, Ordering::Relaxed)
+        IDS.fetch_add(1, Ordering::Relaxed)
     }
 
     pub(crate) fn send(&self, cmd: Command) {
@@ -609,7 +690,7 @@ impl Loop {
             tracing::warn!("dropping an accepted connection: {e}");
             return;
         }
-        let conn_id = self.shared.ids.fetch_add(1, Ordering::Relaxed);
+        let conn_id = IDS.fetch_add(1, Ordering::Relaxed);
         let proto = Connection::new(Role::Server, server.local());
         let wire = Arc::new(Wire::new(conn_id, fd.as_raw_fd()));
         server.update(|st| {

@@ -29,7 +29,7 @@ pub use call::{CallError, Reply};
 pub use daffi_driver::sys::{advise_huge, tune_allocator};
 pub use daffi_driver::{Backend, Body, RawBuf};
 pub use daffi_proto::{DEFAULT_MAX_MESSAGE_SIZE, Flags, Peer};
-pub use engine::Engine;
+pub use engine::{Engine, MAX_ENGINE_THREADS, engine_threads, set_engine_threads};
 pub use inbox::Next;
 pub use node::{
     Address, Client, ClientConfig, IncomingCall, Listening, MemberEvent, Node, NodeCore,
