@@ -672,9 +672,13 @@ impl Client {
     ) -> PyResult<String> {
         let p = self::payload(py, payload)?;
         let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
-        self.inner
-            .send_with(receiver, name, serde, flags, p, defer)
-            .map_err(|e| call_error(py, e))
+        let sent = if defer {
+            self.inner.send_with(receiver, name, serde, flags, p, true)
+        } else {
+            // It may wait for room to send (back-pressure): without the GIL.
+            py.detach(|| self.inner.send_with(receiver, name, serde, flags, p, false))
+        };
+        sent.map_err(|e| call_error(py, e))
     }
 
     /// Sends a call whose answer comes through `take_done` (the client must be watched); the

@@ -58,6 +58,10 @@ pub(crate) enum Command {
         conn: u64,
         reason: String,
     },
+    /// Server `server`'s workers caught up: read its connections again.
+    Unthrottle {
+        server: u64,
+    },
     /// Ends an engine that has no nodes (a duplicate started by `auto`).
     Exit,
 }
@@ -312,8 +316,11 @@ struct Conn {
     recv_busy: bool,
     /// The receive in flight is a pooled one, which goes on until it ends or is cancelled.
     pooled: bool,
-    /// Its cancel was asked for (a large payload is to be received into its own buffer).
+    /// Its cancel was asked for (a large payload is to be received into its own buffer, or the
+    /// connection is throttled).
     cancelling: bool,
+    /// Not read from until its server's workers catch up (see `CALLS_HIGH`).
+    throttled: bool,
     /// The send in flight: total bytes of its buffers.
     send_busy: bool,
     opened: Instant,
@@ -327,6 +334,8 @@ struct Conn {
     wire: Arc<Wire>,
     /// Frames from binding threads, sent before the engine's own (`proto`'s) frames.
     raw: VecDeque<(Vec<Bytes>, usize)>,
+    /// Bytes of such frames in the send in flight (reported to the wire once written).
+    raw_sending: usize,
     /// On a Router's connection: where the large payload being received goes.
     relay: Option<Relay>,
     /// When the relayed payload last made progress (see `RELAY_STALL`).
@@ -453,6 +462,8 @@ impl Loop {
                 };
                 c.wire.taken();
                 if c.shut {
+                    // Never sent: no longer pending either.
+                    c.wire.written(sys::total_len(&bufs) - skip);
                     return;
                 }
                 c.raw.push_back((bufs, skip));
@@ -476,6 +487,17 @@ impl Loop {
             }
             Command::Exit => unreachable!("handled by the loop"),
             Command::Abort { conn, reason } => self.close(conn, reason, false),
+            Command::Unthrottle { server } => {
+                let ids: Vec<u64> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.throttled && c.owner.id() == server)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in ids {
+                    self.start_recv(id);
+                }
+            }
             Command::StopServer { id } => {
                 if let Some(l) = self.listeners.get_mut(&id) {
                     if !l.stopping {
@@ -517,6 +539,7 @@ impl Loop {
             recv_busy: false,
             pooled: false,
             cancelling: false,
+            throttled: false,
             send_busy: false,
             opened: Instant::now(),
             closing: None,
@@ -524,6 +547,7 @@ impl Loop {
             body: None,
             wire,
             raw: VecDeque::new(),
+            raw_sending: 0,
             relay: None,
             relay_progress: Instant::now(),
         };
@@ -536,17 +560,22 @@ impl Loop {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
+        // Back-pressure: a Service whose workers are behind stops reading.
+        c.throttled = match &c.owner {
+            Owner::Server(s) if !s.router => s.callee.calls.throttle(),
+            _ => false,
+        };
         let large = c.proto.body_wanted().is_some_and(|w| w >= TARGETED_RECV);
         if c.pooled {
             // Small frames keep arriving through the pool; a large payload is worth a targeted
-            // receive once the pooled one has ended.
-            if large && !c.cancelling && !c.shut {
+            // receive once the pooled one has ended, and a throttled connection none.
+            if (large || c.throttled) && !c.cancelling && !c.shut {
                 c.cancelling = true;
                 self.driver.cancel_recv(token(id, POOLED));
             }
             return;
         }
-        if c.recv_busy || c.shut {
+        if c.recv_busy || c.shut || c.throttled {
             return;
         }
         if !large && self.driver.pooled_recv() {
@@ -618,6 +647,7 @@ impl Loop {
             if i == 0 {
                 skip = s;
             }
+            c.raw_sending += sys::total_len(&frame) - s;
             bufs.extend(frame);
         }
         c.proto.poll_transmit(&mut bufs, 64);
@@ -1128,6 +1158,7 @@ impl Loop {
                     return;
                 }
                 c.send_busy = false;
+                c.wire.written(std::mem::take(&mut c.raw_sending));
                 if c.raw.is_empty() && !c.proto.has_transmit() {
                     c.wire.engine_idle();
                 }
@@ -1218,7 +1249,10 @@ impl Loop {
                         payload,
                     };
                     match &c.owner {
-                        Owner::Server(s) => s.callee.calls.push(call),
+                        Owner::Server(s) => {
+                            let weight = call.payload.len() + crate::node::CALL_WEIGHT;
+                            s.callee.calls.push_weighed(call, weight);
+                        }
                         Owner::Client(cl) => cl.callee.calls.push(call),
                     }
                 }

@@ -1,7 +1,7 @@
 //! A blocking multi-producer, multi-consumer queue that can be closed.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::notify::Notifier;
@@ -17,43 +17,121 @@ pub enum Next<T> {
 
 #[derive(Debug)]
 struct State<T> {
-    items: VecDeque<T>,
+    /// Each item with its weight (see [`Inbox::push_weighed`]).
+    items: VecDeque<(T, usize)>,
     closed: bool,
+    /// The items' total weight.
+    load: usize,
+    /// Set by [`Inbox::throttle`] when the load was too high; cleared, and the hook called,
+    /// once it is down to half the limit.
+    throttled: bool,
 }
+
+/// Called when a throttled inbox has room again.
+pub(crate) type DrainHook = Box<dyn Fn() + Send + Sync>;
 
 /// Items handed from the engine thread to the binding's threads (or to an event loop watching
 /// a [`Notifier`]).
-#[derive(Debug)]
 pub struct Inbox<T> {
     state: Mutex<State<T>>,
     ready: Condvar,
     notifier: Mutex<Option<Arc<Notifier>>>,
+    /// The load above which [`Inbox::throttle`] says stop (0: never).
+    limit: usize,
+    on_drain: OnceLock<DrainHook>,
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Inbox<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("state", &self.state)
+            .field("limit", &self.limit)
+            .finish()
+    }
 }
 
 impl<T> Default for Inbox<T> {
     fn default() -> Self {
-        Inbox {
-            state: Mutex::new(State {
-                items: VecDeque::new(),
-                closed: false,
-            }),
-            ready: Condvar::new(),
-            notifier: Mutex::new(None),
-        }
+        Inbox::with_limit(0)
     }
 }
 
 impl<T> Inbox<T> {
+    /// An inbox whose [`Inbox::throttle`] says stop above `limit` of load (0: never).
+    pub fn with_limit(limit: usize) -> Self {
+        Inbox {
+            state: Mutex::new(State {
+                items: VecDeque::new(),
+                closed: false,
+                load: 0,
+                throttled: false,
+            }),
+            ready: Condvar::new(),
+            notifier: Mutex::new(None),
+            limit,
+            on_drain: OnceLock::new(),
+        }
+    }
+
     /// Adds an item and wakes one waiter. Items pushed after [`Inbox::close`] are dropped.
     pub fn push(&self, item: T) {
+        self.push_weighed(item, 0);
+    }
+
+    /// Adds an item that counts `weight` towards the load [`Inbox::throttle`] watches.
+    pub fn push_weighed(&self, item: T, weight: usize) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if s.closed {
             return;
         }
-        s.items.push_back(item);
+        s.items.push_back((item, weight));
+        s.load += weight;
         drop(s);
         self.ready.notify_one();
         self.notify();
+    }
+
+    /// How many items wait, and their total weight.
+    pub fn backlog(&self) -> (usize, usize) {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (s.items.len(), s.load)
+    }
+
+    /// What to call once a throttled inbox has room again (set once).
+    pub(crate) fn on_drain(&self, hook: DrainHook) {
+        let _ = self.on_drain.set(hook);
+    }
+
+    /// For the producer: true when the load is over the limit, in which case the drain hook
+    /// runs once it is down to half the limit (or the inbox closes).
+    pub(crate) fn throttle(&self) -> bool {
+        if self.limit == 0 {
+            return false;
+        }
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.load > self.limit && !s.closed {
+            s.throttled = true;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Takes the front item, and says whether the inbox just came back under its low mark.
+    fn take_front(&self, s: &mut State<T>) -> Option<(T, bool)> {
+        let (item, weight) = s.items.pop_front()?;
+        s.load -= weight;
+        let drained = s.throttled && s.load <= self.limit / 2;
+        if drained {
+            s.throttled = false;
+        }
+        Some((item, drained))
+    }
+
+    fn drained(&self) {
+        if let Some(hook) = self.on_drain.get() {
+            hook();
+        }
     }
 
     fn notify(&self) {
@@ -74,7 +152,20 @@ impl<T> Inbox<T> {
             return None;
         }
         let n = s.items.len().min(max);
-        Some(s.items.drain(..n).collect())
+        let mut out = Vec::with_capacity(n);
+        let mut drained = false;
+        for _ in 0..n {
+            let Some((item, d)) = self.take_front(&mut s) else {
+                break;
+            };
+            drained |= d;
+            out.push(item);
+        }
+        drop(s);
+        if drained {
+            self.drained();
+        }
+        Some(out)
     }
 
     /// Waits for the next item, at most `timeout` (`None`: no limit).
@@ -82,7 +173,11 @@ impl<T> Inbox<T> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(item) = s.items.pop_front() {
+            if let Some((item, drained)) = self.take_front(&mut s) {
+                drop(s);
+                if drained {
+                    self.drained();
+                }
                 return Next::Item(item);
             }
             if s.closed {
@@ -106,9 +201,15 @@ impl<T> Inbox<T> {
 
     /// Wakes every waiter; they drain what is left, then see [`Next::Closed`].
     pub fn close(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.closed = true;
+        let drained = std::mem::take(&mut s.throttled);
+        drop(s);
         self.ready.notify_all();
         self.notify();
+        if drained {
+            self.drained();
+        }
     }
 
     /// Opens a closed inbox again (a client reconnecting), dropping stale items.
@@ -116,6 +217,8 @@ impl<T> Inbox<T> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.closed = false;
         s.items.clear();
+        s.load = 0;
+        s.throttled = false;
     }
 }
 
@@ -123,6 +226,45 @@ impl<T> Inbox<T> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn throttle_above_the_limit_until_down_to_half() {
+        let inbox = Inbox::with_limit(100);
+        let drained = Arc::new(AtomicUsize::new(0));
+        let d = drained.clone();
+        inbox.on_drain(Box::new(move || {
+            d.fetch_add(1, Ordering::SeqCst);
+        }));
+        for i in 0..4 {
+            inbox.push_weighed(i, 30);
+        }
+        assert_eq!(inbox.backlog(), (4, 120));
+        assert!(inbox.throttle());
+        assert_eq!(inbox.pop(None), Next::Item(0));
+        assert_eq!(inbox.take(1), Some(vec![1]));
+        // 60 left: still above half the limit, no call yet.
+        assert_eq!(drained.load(Ordering::SeqCst), 0);
+        assert!(!inbox.throttle(), "under the limit again");
+        assert_eq!(inbox.pop(None), Next::Item(2));
+        assert_eq!(drained.load(Ordering::SeqCst), 1);
+        assert_eq!(inbox.pop(None), Next::Item(3));
+        assert_eq!(
+            drained.load(Ordering::SeqCst),
+            1,
+            "called once per throttle"
+        );
+        assert_eq!(inbox.backlog(), (0, 0));
+        // Closing a throttled inbox calls it too (its producer must not wait for ever).
+        inbox.push_weighed(4, 200);
+        assert!(inbox.throttle());
+        inbox.close();
+        assert_eq!(drained.load(Ordering::SeqCst), 2);
+        // Unlimited inboxes never throttle.
+        let free: Inbox<u8> = Inbox::default();
+        free.push_weighed(1, usize::MAX / 2);
+        assert!(!free.throttle());
+    }
 
     #[test]
     fn fifo_timeout_close() {

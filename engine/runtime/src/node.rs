@@ -85,11 +85,27 @@ pub(crate) struct Callee {
     pub(crate) functions: Mutex<Vec<String>>,
 }
 
+/// Back-pressure on a Service: once the calls received and not yet taken by its workers
+/// weigh more than this (payload bytes plus `CALL_WEIGHT` each), its connections are not read
+/// until they weigh half as much; the kernel's buffers fill and the senders' sends wait.
+pub(crate) const CALLS_HIGH: usize = 64 << 20;
+/// What each waiting call counts on top of its payload, so that floods of tiny calls are
+/// bounded too.
+pub(crate) const CALL_WEIGHT: usize = 256;
+
 impl Callee {
     fn new(functions: Vec<String>) -> Callee {
         Callee {
             functions: Mutex::new(functions),
             ..Default::default()
+        }
+    }
+
+    /// A Service's: its calls inbox is bounded (see `CALLS_HIGH`).
+    fn bounded(functions: Vec<String>) -> Callee {
+        Callee {
+            calls: Inbox::with_limit(CALLS_HIGH),
+            ..Callee::new(functions)
         }
     }
 
@@ -213,7 +229,12 @@ impl Server {
                 None => u64::MAX,
                 Some(f) => f.iter().filter(|n| **n < 64).fold(0, |m, n| m | 1 << n),
             },
-            callee: Callee::new(cfg.functions),
+            // A Router's connections are never throttled: its callee is only for events.
+            callee: if router {
+                Callee::new(cfg.functions)
+            } else {
+                Callee::bounded(cfg.functions)
+            },
             router,
             unix_path,
             state: Mutex::new(ServerState {
@@ -222,6 +243,10 @@ impl Server {
             }),
             changed: Condvar::new(),
         });
+        let (hook_engine, id) = (engine.clone(), shared.id);
+        shared.callee.calls.on_drain(Box::new(move || {
+            hook_engine.send(Command::Unthrottle { server: id });
+        }));
         engine.send(Command::Listen {
             fd,
             server: shared.clone(),
@@ -251,6 +276,13 @@ impl Server {
 
     /// Closes the listener and every connection. Returns once the address can be bound again
     /// (bounded wait: connections whose peers do not read are cut after a grace period).
+    /// Calls received and not yet taken by a worker: how many, and their weight (payload bytes
+    /// plus a fixed 256 each). Above 64 MiB of weight the Service stops reading its connections
+    /// until its workers are down to half that (back-pressure).
+    pub fn backlog(&self) -> (usize, usize) {
+        self.shared.callee.calls.backlog()
+    }
+
     pub fn stop(&self) {
         // Answers held for an event loop go out before the goodbyes.
         Node::flush(self);
@@ -865,6 +897,7 @@ impl Client {
             self.shared.wire.cork(&self.engine, f);
         } else {
             self.shared.wire.send(&self.engine, f);
+            self.shared.wire.wait_room();
         }
         Ok((call_id, slot, route.target))
     }
@@ -893,7 +926,9 @@ impl Client {
         if defer {
             self.shared.wire.cork(&self.engine, f);
         } else {
+            // Back-pressure: a caller sending faster than its peer reads waits here.
             self.shared.wire.send(&self.engine, f);
+            self.shared.wire.wait_room();
         }
         Ok(route.target)
     }
@@ -1183,8 +1218,10 @@ fn frame(kind: Kind, call_id: u64, serde: u8, flags: u8, meta: &str, payload: By
 }
 
 /// Sends an answer (see [`answer`]).
+/// Sends an answer, then waits while the connection has too much unsent (back-pressure).
 fn respond(engine: &Engine, wire: &Wire, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
     wire.send(engine, answer(wire, call_id, serde, flags, payload));
+    wire.wait_room();
 }
 
 /// The frame that answers a call: the result, or a `too-large` error when the caller would

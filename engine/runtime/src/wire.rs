@@ -8,7 +8,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use daffi_driver::sys;
@@ -20,6 +20,10 @@ use crate::engine::{Command, Engine};
 const DIRECT_MAX: usize = 256 * 1024;
 /// The most bytes [`Wire::cork`] holds before sending them anyway.
 const CORK_MAX: usize = 256 * 1024;
+/// Back-pressure: a sending thread that finds more than this many bytes handed to the engine
+/// and not yet written waits ([`Wire::wait_room`]) until they are down to `SEND_LOW`.
+pub(crate) const SEND_HIGH: usize = 16 << 20;
+const SEND_LOW: usize = SEND_HIGH / 2;
 
 #[derive(Debug)]
 struct State {
@@ -28,6 +32,10 @@ struct State {
     engine_sending: bool,
     /// Frames handed to the engine that it has not taken yet.
     queued: usize,
+    /// Bytes handed to the engine that it has not written yet.
+    pending: usize,
+    /// Threads waiting in `wait_room`.
+    waiting: usize,
     /// The descriptor is closed (or about to be): nobody may use it.
     closed: bool,
     /// The largest message the peer accepts (known once the handshake completed).
@@ -42,6 +50,7 @@ struct State {
 pub(crate) struct Wire {
     conn: u64,
     state: Mutex<State>,
+    room: Condvar,
 }
 
 impl Wire {
@@ -52,11 +61,14 @@ impl Wire {
                 fd,
                 engine_sending: false,
                 queued: 0,
+                pending: 0,
+                waiting: 0,
                 closed: false,
                 peer_max: u64::MAX,
                 corked: Vec::new(),
                 corked_len: 0,
             }),
+            room: Condvar::new(),
         }
     }
 
@@ -119,6 +131,7 @@ impl Wire {
         }
         s.engine_sending = true;
         s.queued += 1;
+        s.pending += total - skip;
         engine.send(Command::SendRaw {
             conn: self.conn,
             bufs,
@@ -153,7 +166,31 @@ impl Wire {
         self.send(engine, Vec::new());
     }
 
+    /// Back-pressure for threads that may block: while more than `SEND_HIGH` bytes wait for
+    /// the engine to write them (a peer reading slower than this side sends), waits until they
+    /// are down to half that, or the connection closed. Returns at once otherwise.
+    pub(crate) fn wait_room(&self) {
+        let mut s = self.lock();
+        if s.pending <= SEND_HIGH {
+            return;
+        }
+        s.waiting += 1;
+        while s.pending > SEND_LOW && !s.closed {
+            s = self.room.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.waiting -= 1;
+    }
+
     // ── engine side ──
+
+    /// The engine wrote `n` bytes of frames handed over by [`Wire::send`].
+    pub(crate) fn written(&self, n: usize) {
+        let mut s = self.lock();
+        s.pending = s.pending.saturating_sub(n);
+        if s.waiting > 0 && s.pending <= SEND_LOW {
+            self.room.notify_all();
+        }
+    }
 
     /// A frame handed over by [`Wire::send`] was taken.
     pub(crate) fn taken(&self) {
@@ -187,5 +224,6 @@ impl Wire {
     /// The descriptor is about to be closed.
     pub(crate) fn close(&self) {
         self.lock().closed = true;
+        self.room.notify_all();
     }
 }

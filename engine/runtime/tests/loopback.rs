@@ -274,3 +274,86 @@ fn timeouts_leave_the_connection_usable() {
         server.stop();
     }
 }
+
+/// Back-pressure end to end: a client sending no-reply calls faster than the Service's worker
+/// runs them is held back (its sends wait, the Service stops reading), so what is sent but not
+/// yet run stays bounded, whatever the total; and nothing is lost.
+#[test]
+fn a_slow_service_holds_back_a_fast_sender() {
+    const CALLS: usize = 200;
+    const SIZE: usize = 1 << 20;
+    for engine in backends() {
+        let server = Arc::new(
+            Server::start(
+                &engine,
+                ServerConfig {
+                    name: "slow".into(),
+                    address: Address::Tcp {
+                        host: "127.0.0.1".into(),
+                        port: 0,
+                    },
+                    max_message_size: 64 << 20,
+                    functions: vec!["sink".into()],
+                    token: Vec::new(),
+                    serde_formats: None,
+                },
+            )
+            .unwrap(),
+        );
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s, d) = (server.clone(), done.clone());
+        let worker = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while let Next::Item(call) = s.next_call(None) {
+                assert_eq!(call.payload.len(), SIZE);
+                seen.push(call.payload.as_slice()[0]);
+                std::thread::sleep(Duration::from_millis(2));
+                d.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            seen
+        });
+        // The Service's waiting calls, sampled while the flood goes on.
+        let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (s, f) = (server.clone(), flooding.clone());
+        let sampler = std::thread::spawn(move || {
+            let mut most = 0;
+            while f.load(std::sync::atomic::Ordering::SeqCst) {
+                most = most.max(s.backlog().1);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            most
+        });
+        let c = client(&engine, server.address().clone(), "flood");
+        for i in 0..CALLS {
+            let mut payload = vec![0u8; SIZE];
+            payload[0] = i as u8;
+            c.send(None, "sink", 0, 0, Bytes::from(payload)).unwrap();
+        }
+        // Sent but not run yet, at most: the client's 16 MiB (+ one call), what the sockets
+        // hold, and the Service's 64 MiB of waiting calls (+ one receive). Without
+        // back-pressure the whole 200 MiB would be sent before a tenth of it ran.
+        let ran = done.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            ran >= CALLS - 120,
+            "{}: only {ran} of {CALLS} calls ran when the last one was sent",
+            engine.backend()
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while done.load(std::sync::atomic::Ordering::SeqCst) < CALLS {
+            assert!(Instant::now() < deadline, "calls lost");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        flooding.store(false, std::sync::atomic::Ordering::SeqCst);
+        // The Service stops reading past 64 MiB waiting; one receive more may land.
+        let most = sampler.join().unwrap();
+        assert!(
+            most <= (64 << 20) + 2 * SIZE + 4096,
+            "{}: {most} bytes of calls waited in the Service",
+            engine.backend()
+        );
+        server.stop();
+        let seen = worker.join().unwrap();
+        let expected: Vec<u8> = (0..CALLS).map(|i| i as u8).collect();
+        assert_eq!(seen, expected, "{}: calls out of order", engine.backend());
+    }
+}

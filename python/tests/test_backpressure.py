@@ -1,0 +1,105 @@
+"""Back-pressure: a Client that sends faster than a Service runs its callbacks is held back,
+so neither process holds more than a bounded amount of what is in transit; nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from daffi import Client, SerdeFormat
+
+CHUNKS = 400
+CHUNK = 1 << 20
+
+SLOW_SERVICE = textwrap.dedent(
+    """
+    import sys
+    import time
+    from daffi import Service, callback
+
+    got = []
+
+    @callback
+    def sink(chunk):
+        got.append(chunk[:8])
+        time.sleep(0.001)
+
+    @callback
+    def summary():
+        return len(got), got[0], got[-1], open("/proc/self/status").read()
+
+    service = Service(host="127.0.0.1", port=0)
+    service.start()
+    print(service.port, flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def peak_rss_mib(status: str) -> float:
+    line = next(x for x in status.splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_stream_nowait_of_a_large_source_keeps_both_sides_bounded():
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVICE], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        client = Client(host="127.0.0.1", port=port)
+        conn = client.connect()
+        with open("/proc/self/status") as f:
+            before = peak_rss_mib(f.read())
+
+        def chunks():
+            for i in range(CHUNKS):
+                # A fresh object each time: queued chunks would all stay alive.
+                yield i.to_bytes(8, "little") * (CHUNK // 8)
+
+        conn.stream_nowait(serde=SerdeFormat.OPAQUE).sink(chunks())
+        with open("/proc/self/status") as f:
+            grown = peak_rss_mib(f.read()) - before
+        count, first, last, status = conn.rpc(timeout=60).summary()
+        client.stop()
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+    assert (count, first, last) == (CHUNKS, (0).to_bytes(8, "little"), (CHUNKS - 1).to_bytes(8, "little"))
+    # Without back-pressure each side would hold most of the 400 MiB at some point.
+    assert grown < 120, f"the sender grew by {grown:.0f} MiB"
+    assert peak_rss_mib(status) < 250, f"the Service peaked at {peak_rss_mib(status):.0f} MiB"
+
+
+def test_back_pressure_waits_without_the_gil():
+    # A sender held back must not stop the other threads of its process: here the Service's
+    # own workers run in the same process as the flooding client.
+    script = textwrap.dedent(
+        """
+        import time
+        from daffi import Client, SerdeFormat, Service, callback
+
+        seen = []
+
+        @callback
+        def sink(chunk):
+            seen.append(len(chunk))
+            time.sleep(0.001)
+
+        service = Service(host="127.0.0.1", port=0)
+        service.start()
+        client = Client(host="127.0.0.1", port=service.port)
+        conn = client.connect()
+        data = (i.to_bytes(8, "little") * (1 << 17) for i in range(300))
+        conn.stream_nowait(serde=SerdeFormat.OPAQUE).sink(data)
+        conn.rpc(timeout=60).sink(b"12345678")
+        print("ran", len(seen), flush=True)
+        client.stop()
+        service.stop()
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr
+    assert "ran 301" in done.stdout
