@@ -128,6 +128,10 @@ pub trait Driver {
     fn cancel_recv(&mut self, _token: Token) {}
     /// Gives a pool buffer back, for the kernel to fill again.
     fn recycle(&mut self, _buf: PoolBuf) {}
+    /// Another thread receives on `fd` for a while (`lent`), or no longer: meanwhile the driver
+    /// does not watch it for reading (it would wake for data it must not touch). Only while no
+    /// receive is in flight on `fd`.
+    fn lend(&mut self, _fd: RawFd, _lent: bool) {}
     /// A handle other threads use to interrupt [`Driver::wait`].
     fn waker(&self) -> std::sync::Arc<dyn Wake>;
     /// `"uring"` or `"poll"`.
@@ -221,6 +225,9 @@ impl Driver for AnyDriver {
     }
     fn recycle(&mut self, buf: PoolBuf) {
         dispatch!(self, d => d.recycle(buf))
+    }
+    fn lend(&mut self, fd: RawFd, lent: bool) {
+        dispatch!(self, d => d.lend(fd, lent))
     }
     fn waker(&self) -> std::sync::Arc<dyn Wake> {
         dispatch!(self, d => d.waker())

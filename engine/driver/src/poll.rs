@@ -231,6 +231,32 @@ impl crate::Driver for Driver {
         }
     }
 
+    fn lend(&mut self, fd: RawFd, lent: bool) {
+        let Some(p) = self.fds.get(&fd) else {
+            return;
+        };
+        if !p.registered {
+            return;
+        }
+        debug_assert!(
+            p.recv.is_none(),
+            "lending a descriptor with a receive parked"
+        );
+        let interest = if lent {
+            Interest::WRITABLE
+        } else {
+            Interest::READABLE | Interest::WRITABLE
+        };
+        // Re-registering reports readiness afresh, so nothing that arrived meanwhile is missed.
+        if let Err(e) =
+            self.poll
+                .registry()
+                .reregister(&mut SourceFd(&fd), mio::Token(fd as usize), interest)
+        {
+            tracing::warn!("re-registering descriptor {fd} failed: {e}");
+        }
+    }
+
     fn close(&mut self, fd: OwnedFd) {
         let raw = fd.as_raw_fd();
         if let Some(p) = self.fds.remove(&raw) {

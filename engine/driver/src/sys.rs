@@ -213,6 +213,31 @@ pub fn recv(fd: RawFd, buf: &mut RecvBuf, max: usize) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// Waits until `fd` has something to read (data, end of stream or an error), at most
+/// `timeout`; returns false when the time ran out. A signal ends the wait early (true, so that
+/// the caller tries its read and sees nothing yet).
+pub fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // Round up, so that a sub-millisecond wait does not become a busy loop.
+    let ms = if ms == 0 && !timeout.is_zero() { 1 } else { ms };
+    // SAFETY: one valid pollfd on the stack, which the kernel only writes `revents` of.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(true)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(n > 0)
+}
+
 /// Asks for transparent huge pages on a large buffer before it is first written, so that
 /// filling it takes one page fault per 2 MiB instead of one per 4 KiB. Advisory: errors (no
 /// THP support, unaligned edges) are ignored.

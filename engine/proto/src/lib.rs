@@ -13,6 +13,7 @@
 //! in `testdata/`.
 #![forbid(unsafe_code)]
 
+pub mod answer;
 pub mod connection;
 pub mod frame;
 pub mod handshake;

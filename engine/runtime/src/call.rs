@@ -39,6 +39,18 @@ pub enum CallError {
     Transmission(String),
 }
 
+impl CallError {
+    /// The error an `Error` frame with this code and payload means for its call.
+    pub(crate) fn from_wire(code: &str, payload: Vec<u8>) -> CallError {
+        let msg = || String::from_utf8_lossy(&payload).into_owned();
+        match code {
+            daffi_proto::frame::error_code::REMOTE => CallError::Remote(payload),
+            daffi_proto::frame::error_code::DISCONNECTED => CallError::Disconnected(msg()),
+            _ => CallError::Transmission(msg()),
+        }
+    }
+}
+
 /// Where one caller waits for one answer.
 #[derive(Debug, Default)]
 pub struct Slot {
@@ -88,6 +100,14 @@ impl Slot {
                 }
             };
         }
+    }
+
+    /// Whether the answer is there (nobody took it yet).
+    pub fn is_filled(&self) -> bool {
+        self.value
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Takes the value if it is there, without waiting.

@@ -19,6 +19,7 @@ use daffi_proto::{
 };
 
 use crate::call::{CallError, Reply};
+use crate::direct::PARK_IDLE;
 use crate::node::{ClientShared, IncomingCall, MemberEvent, Phase, ServerShared};
 use crate::payload::{Payload, alloc_body, alloc_heap};
 use crate::wire::Wire;
@@ -57,6 +58,11 @@ pub(crate) enum Command {
     Abort {
         conn: u64,
         reason: String,
+    },
+    /// A binding thread that was receiving on client connection `conn` handed it back (see
+    /// [`crate::direct`]).
+    Resume {
+        conn: u64,
     },
     /// Server `server`'s workers caught up: read its connections again.
     Unthrottle {
@@ -321,6 +327,8 @@ struct Conn {
     cancelling: bool,
     /// Not read from until its server's workers catch up (see `CALLS_HIGH`).
     throttled: bool,
+    /// Lent to the client's callers (see [`crate::direct`]): the engine does not receive.
+    parked: bool,
     /// The send in flight: total bytes of its buffers.
     send_busy: bool,
     opened: Instant,
@@ -381,6 +389,8 @@ struct Loop {
     actions: Vec<Action<u64>>,
     dirty: Vec<u64>,
     completions: Vec<Completion>,
+    /// Client connections lent to their callers.
+    parked: Vec<u64>,
 }
 
 impl Loop {
@@ -394,6 +404,7 @@ impl Loop {
             actions: Vec::new(),
             dirty: Vec::new(),
             completions: Vec::new(),
+            parked: Vec::new(),
         }
     }
 
@@ -413,7 +424,13 @@ impl Loop {
                 continue;
             }
             let mut completions = std::mem::take(&mut self.completions);
-            if let Err(e) = self.driver.wait(&mut completions, Some(TICK)) {
+            // Parked connections are checked often, to take back those nobody uses.
+            let timeout = if self.parked.is_empty() {
+                TICK
+            } else {
+                PARK_IDLE
+            };
+            if let Err(e) = self.driver.wait(&mut completions, Some(timeout)) {
                 tracing::error!("daffi engine wait failed: {e}");
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -422,6 +439,9 @@ impl Loop {
                 self.complete(c);
             }
             self.completions = completions;
+            if !self.parked.is_empty() {
+                self.reclaim_parked();
+            }
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
                 self.tick(last_tick);
@@ -487,6 +507,7 @@ impl Loop {
             }
             Command::Exit => unreachable!("handled by the loop"),
             Command::Abort { conn, reason } => self.close(conn, reason, false),
+            Command::Resume { conn } => self.unpark(conn, None),
             Command::Unthrottle { server } => {
                 let ids: Vec<u64> = self
                     .conns
@@ -540,6 +561,7 @@ impl Loop {
             pooled: false,
             cancelling: false,
             throttled: false,
+            parked: false,
             send_busy: false,
             opened: Instant::now(),
             closing: None,
@@ -560,6 +582,36 @@ impl Loop {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
+        if c.parked {
+            return;
+        }
+        // A sequential caller may receive on its own thread: park the connection for it.
+        if let Owner::Client(cl) = &c.owner {
+            let parkable = !c.shut
+                && c.closing.is_none()
+                && c.body.is_none()
+                && c.relay.is_none()
+                && c.proto.recv_idle()
+                && cl.direct.wanted()
+                && cl.calls.is_empty()
+                && cl.callee.has_no_functions();
+            if parkable {
+                if c.pooled {
+                    // Parked once the pooled receive has ended.
+                    if !c.cancelling {
+                        c.cancelling = true;
+                        self.driver.cancel_recv(token(id, POOLED));
+                    }
+                    return;
+                }
+                if !c.recv_busy && cl.direct.try_park(&cl.calls) {
+                    c.parked = true;
+                    self.parked.push(id);
+                    self.driver.lend(c.fd.as_raw_fd(), true);
+                    return;
+                }
+            }
+        }
         // Back-pressure: a Service whose workers are behind stops reading.
         c.throttled = match &c.owner {
             Owner::Server(s) if !s.router => s.callee.calls.throttle(),
@@ -854,6 +906,41 @@ impl Loop {
         }
         self.maybe_finish(id);
         go_on
+    }
+
+    /// Client connection `id` comes back from its callers: parse what they read past their
+    /// answers (`rest`, else what the handback left), then receive again.
+    fn unpark(&mut self, id: u64, rest: Option<Vec<u8>>) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let Owner::Client(cl) = &c.owner else {
+            return;
+        };
+        if !c.parked {
+            return;
+        }
+        let rest = rest.unwrap_or_else(|| cl.direct.resume());
+        c.parked = false;
+        self.driver.lend(c.fd.as_raw_fd(), false);
+        self.parked.retain(|p| *p != id);
+        self.feed(id, &rest);
+        self.start_recv(id);
+        self.maybe_finish(id);
+    }
+
+    /// Takes back the parked connections nobody used lately.
+    fn reclaim_parked(&mut self) {
+        let ids = self.parked.clone();
+        for id in ids {
+            let rest = match self.conns.get(&id).map(|c| &c.owner) {
+                Some(Owner::Client(cl)) => cl.direct.reclaim_idle(PARK_IDLE),
+                _ => None,
+            };
+            if rest.is_some() {
+                self.unpark(id, rest);
+            }
+        }
     }
 
     /// The peer ended the stream.
@@ -1289,13 +1376,8 @@ impl Loop {
                             Payload::Inline(v) => v,
                             Payload::Body(b) => b.as_slice().to_vec(),
                         };
-                        let msg = || String::from_utf8_lossy(&bytes).into_owned();
-                        let e = match code.as_str() {
-                            error_code::REMOTE => CallError::Remote(bytes),
-                            error_code::DISCONNECTED => CallError::Disconnected(msg()),
-                            _ => CallError::Transmission(msg()),
-                        };
-                        cl.calls.complete(call_id, Err(e));
+                        cl.calls
+                            .complete(call_id, Err(CallError::from_wire(&code, bytes)));
                     }
                 }
                 Event::Announce(_) => {
@@ -1562,11 +1644,22 @@ impl Loop {
         self.maybe_finish(id);
     }
 
-    /// Removes a shut connection once the kernel has given back all its buffers.
+    /// Removes a shut connection once the kernel has given back all its buffers (and no caller
+    /// thread reads it).
     fn maybe_finish(&mut self, id: u64) {
         let Some(c) = self.conns.get(&id) else { return };
         if !c.shut || c.recv_busy || c.send_busy {
             return;
+        }
+        if let Owner::Client(cl) = &c.owner {
+            if cl.direct.is_lent() {
+                // Its reader sees the end of the stream and hands it back (Resume).
+                return;
+            }
+            cl.direct.close();
+        }
+        if c.parked {
+            self.parked.retain(|p| *p != id);
         }
         let mut c = self.conns.remove(&id).expect("checked above");
         if let Some(relay) = c.relay.take() {

@@ -18,6 +18,7 @@
 //! (`ffi/`).
 
 pub mod call;
+mod direct;
 pub mod engine;
 pub mod inbox;
 pub mod node;

@@ -16,6 +16,7 @@ use daffi_proto::frame::{Kind, encode_head, error_code};
 use daffi_proto::{Flags, Local, Peer};
 
 use crate::call::{CallError, CallTable, Reply};
+use crate::direct::Direct;
 use crate::engine::{Command, Engine};
 use crate::inbox::{Inbox, Next};
 use crate::notify::{Completions, Notifier};
@@ -112,6 +113,11 @@ impl Callee {
     fn watch(&self, n: &Arc<Notifier>) {
         self.calls.watch(n.clone());
         self.events.watch(n.clone());
+    }
+
+    /// Whether no function is exported (then no request can arrive).
+    pub(crate) fn has_no_functions(&self) -> bool {
+        lock(&self.functions).is_empty()
     }
 
     /// Adds new names; returns those that were not exported yet.
@@ -485,6 +491,8 @@ pub(crate) struct ClientShared {
     pub(crate) callee: Callee,
     pub(crate) calls: CallTable,
     pub(crate) wire: Arc<Wire>,
+    /// Who receives on the connection (see [`crate::direct`]).
+    pub(crate) direct: Direct,
     pub(crate) state: Mutex<ClientState>,
     pub(crate) changed: Condvar,
 }
@@ -539,6 +547,7 @@ impl Client {
         let conn = engine.next_id();
         let shared = Arc::new(ClientShared {
             wire: Arc::new(Wire::new(conn, fd.as_raw_fd())),
+            direct: Direct::new(fd.as_raw_fd(), cfg.max_message_size),
             conn,
             name: cfg.name.clone(),
             callee: Callee::new(cfg.functions.clone()),
@@ -623,6 +632,12 @@ impl Client {
     }
 
     /// True when connected to a Router (calls go to the peers behind it).
+    /// How many answers this client's callers received on their own threads rather than
+    /// through the engine thread (a diagnostic; see the `direct` module).
+    pub fn answers_read_by_callers(&self) -> u64 {
+        self.shared.direct.answered()
+    }
+
     pub fn is_routed(&self) -> bool {
         lock(&self.shared.state).routed()
     }
@@ -847,6 +862,12 @@ impl Client {
         })?;
         let (call_id, _, receiver) =
             self.begin(receiver, name, serde, flags, payload, Some(done))?;
+        // Nobody waits on a thread for this answer: the engine must be the one receiving.
+        if self.shared.direct.reclaim() {
+            self.engine.send(Command::Resume {
+                conn: self.shared.conn,
+            });
+        }
         Ok((call_id, receiver))
     }
 
@@ -1182,7 +1203,19 @@ impl PendingCall<'_> {
     }
 
     /// Waits for the answer until `until` (`None`: no limit); `None` if it has not come yet.
+    /// While the client's calls come one at a time, this thread receives the answer itself
+    /// (see [`crate::direct`]).
     pub fn wait_until(&self, until: Option<Instant>) -> Option<Result<Reply, CallError>> {
+        if !self.slot.is_hooked() {
+            let shared = &self.client.shared;
+            shared.direct.read_until(
+                shared.conn,
+                &self.client.engine,
+                &shared.calls,
+                &self.slot,
+                until,
+            );
+        }
         self.slot.wait(until)
     }
 }

@@ -357,3 +357,148 @@ fn a_slow_service_holds_back_a_fast_sender() {
         assert_eq!(seen, expected, "{}: calls out of order", engine.backend());
     }
 }
+
+/// A client whose calls come one at a time receives their answers on the calling thread
+/// (the engine parks the connection). Everything else still works around it: a large answer
+/// and a remote error in between, several threads calling at once, a timed-out call whose late
+/// answer must not be taken for the next one's, and a server that goes away while nobody calls.
+#[test]
+fn sequential_callers_receive_their_own_answers() {
+    for engine in backends() {
+        let server = serve(
+            &engine,
+            Address::Tcp {
+                host: "127.0.0.1".into(),
+                port: 0,
+            },
+        );
+        let c = Arc::new(client(&engine, server.address().clone(), "seq"));
+        let echo = |c: &Client, msg: Vec<u8>| {
+            let r = c
+                .call(None, "echo", 0, 0, Bytes::from(msg.clone()), None)
+                .unwrap();
+            assert!(
+                r.payload.as_slice() == msg,
+                "{}: wrong answer",
+                engine.backend()
+            );
+        };
+        for i in 0..300u32 {
+            echo(&c, i.to_le_bytes().to_vec());
+        }
+        let direct = c.answers_read_by_callers();
+        assert!(
+            direct >= 250,
+            "{}: only {direct} of 300 answers read by the caller",
+            engine.backend()
+        );
+        // A large answer is left to the engine; the small ones after it go direct again.
+        echo(&c, vec![7u8; 3 << 20]);
+        assert_eq!(
+            c.call(None, "fail", 2, 0, Bytes::new(), None),
+            Err(CallError::Remote(b"boom".to_vec()))
+        );
+        for i in 0..50u32 {
+            echo(&c, i.to_le_bytes().to_vec());
+        }
+        assert!(c.answers_read_by_callers() >= direct + 40);
+        // Four threads at once, each with its own payloads.
+        let threads: Vec<_> = (0..4u8)
+            .map(|t| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200u32 {
+                        let mut msg = vec![t];
+                        msg.extend_from_slice(&i.to_le_bytes());
+                        let r = c
+                            .call(None, "echo", 0, 0, Bytes::from(msg.clone()), None)
+                            .unwrap();
+                        assert!(r.payload.as_slice() == msg);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        echo(&c, b"alone again".to_vec());
+        server.stop();
+        // Nobody calls: the engine takes the parked connection back and sees the end.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while c.is_open() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: the closed server went unnoticed",
+                engine.backend()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(matches!(
+            c.call(None, "echo", 0, 0, Bytes::from_static(b"x"), None),
+            Err(CallError::Disconnected(_))
+        ));
+    }
+}
+
+/// A call that timed out while its caller was reading: the late answer is dropped, never
+/// given to the next call.
+#[test]
+fn late_answers_read_by_a_caller_are_dropped() {
+    for engine in backends() {
+        let server = Arc::new(
+            Server::start(
+                &engine,
+                ServerConfig {
+                    name: "lazy".into(),
+                    address: Address::Tcp {
+                        host: "127.0.0.1".into(),
+                        port: 0,
+                    },
+                    max_message_size: 1 << 20,
+                    functions: vec!["f".into()],
+                    token: Vec::new(),
+                    serde_formats: None,
+                },
+            )
+            .unwrap(),
+        );
+        let s = server.clone();
+        let answering = std::thread::spawn(move || {
+            while let Next::Item(call) = s.next_call(None) {
+                if call.payload.as_slice() == b"slow" {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                s.respond(call.conn, call.call_id, 0, 0, call.payload.into_bytes());
+            }
+        });
+        let c = client(&engine, server.address().clone(), "impatient");
+        for _ in 0..20 {
+            let r = c
+                .call(None, "f", 0, 0, Bytes::from_static(b"quick"), None)
+                .unwrap();
+            assert_eq!(r.payload.as_slice(), b"quick");
+        }
+        let e = c.call(
+            None,
+            "f",
+            0,
+            0,
+            Bytes::from_static(b"slow"),
+            Some(Duration::from_millis(50)),
+        );
+        assert_eq!(e, Err(CallError::Timeout));
+        for _ in 0..20 {
+            let r = c
+                .call(None, "f", 0, 0, Bytes::from_static(b"next"), None)
+                .unwrap();
+            assert_eq!(
+                r.payload.as_slice(),
+                b"next",
+                "{}: a late answer leaked",
+                engine.backend()
+            );
+        }
+        server.stop();
+        answering.join().unwrap();
+    }
+}

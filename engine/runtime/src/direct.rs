@@ -1,0 +1,311 @@
+//! Lending a client connection's receive side to the thread that waits for an answer.
+//!
+//! A sequential caller normally waits for the engine thread to receive its answer and wake it:
+//! two thread hand-offs per call (engine woken by the kernel, caller woken by the engine). While
+//! a client's calls come one at a time, the engine instead *parks* the connection (it stops
+//! receiving on it) and the next caller reads the socket itself, as a plain blocking socket
+//! would, handling the small answers it finds there (see [`daffi_proto::answer`]):
+//!
+//! ```text
+//!   Engine ──(a caller asked, no call pending)──► Parked ──(a caller waits)──► Thread
+//!     ▲                                              ▲                            │
+//!     │                                              └────(answered, none left)───┤
+//!     └──(anything else read, end of stream, other calls pending: Resume)─────────┘
+//!     └──(parked and unused for PARK_IDLE: the engine takes it back)
+//! ```
+//!
+//! Anything the thread cannot handle alone (a frame of another kind, a large payload, a broken
+//! stream) is handed back to the engine with every byte read after the last answer it handled,
+//! and the engine parses on from there. Only the engine closes the descriptor, never while a
+//! thread reads it.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use daffi_driver::{RecvBuf, sys};
+use daffi_proto::answer::{self, Answer, Scan};
+
+use crate::call::{CallError, CallTable, Reply, Slot};
+use crate::engine::{Command, Engine};
+use crate::payload::Payload;
+
+/// A parked connection unused for this long goes back to the engine (so that whatever the peer
+/// sends unasked, such as a goodbye, is seen promptly).
+pub(crate) const PARK_IDLE: Duration = Duration::from_millis(2);
+/// Room kept free in the read buffer: more than the largest frame a thread handles.
+const READ_ROOM: usize = 64 * 1024;
+/// The longest single wait for bytes without a deadline.
+const MAX_WAIT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// The engine receives (the usual state).
+    Engine,
+    /// Nobody receives: the next caller may.
+    Parked,
+    /// A caller's thread receives.
+    Thread,
+    /// The connection is gone.
+    Closed,
+}
+
+#[derive(Debug)]
+struct State {
+    side: Side,
+    /// A caller would like to receive itself: park when possible.
+    want: bool,
+    /// Bytes read by a thread after the last answer it handled.
+    rest: Vec<u8>,
+    /// When the connection was last parked or used by a thread.
+    since: Instant,
+}
+
+/// The receive side of one client connection. See the module documentation.
+#[derive(Debug)]
+pub(crate) struct Direct {
+    fd: RawFd,
+    /// Answers with larger payloads are left to the engine.
+    max_payload: u64,
+    /// Off with `DAFFI_NO_DIRECT_RECV=1` (for comparison): the engine always receives.
+    enabled: bool,
+    /// Answers read by callers so far (a diagnostic).
+    answered: std::sync::atomic::AtomicU64,
+    state: Mutex<State>,
+}
+
+/// How a thread's turn at reading ended.
+enum Turn {
+    /// Its answer arrived.
+    Answered,
+    /// Its time ran out.
+    Waited,
+    /// It read something only the engine may handle.
+    HandBack,
+}
+
+impl Direct {
+    pub(crate) fn new(fd: RawFd, max_payload: u64) -> Direct {
+        Direct {
+            fd,
+            max_payload,
+            enabled: enabled(),
+            answered: Default::default(),
+            state: Mutex::new(State {
+                side: Side::Engine,
+                want: false,
+                rest: Vec::new(),
+                since: Instant::now(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many answers callers read themselves so far.
+    pub(crate) fn answered(&self) -> u64 {
+        self.answered.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    // ── engine side ──
+
+    /// Whether a caller asked to receive itself.
+    pub(crate) fn wanted(&self) -> bool {
+        self.lock().want
+    }
+
+    /// Parks the connection if a caller asked and no call is waiting (checked under this lock,
+    /// which every caller takes after registering its call: no answer can be left unread).
+    /// Otherwise forgets the request.
+    pub(crate) fn try_park(&self, calls: &CallTable) -> bool {
+        let mut s = self.lock();
+        let park = s.want && s.side == Side::Engine && calls.is_empty();
+        s.want = false;
+        if park {
+            s.side = Side::Parked;
+            s.since = Instant::now();
+        }
+        park
+    }
+
+    /// A parked connection unused for `idle` goes back to the engine: the bytes to parse first.
+    pub(crate) fn reclaim_idle(&self, idle: Duration) -> Option<Vec<u8>> {
+        let mut s = self.lock();
+        if s.side != Side::Parked || s.since.elapsed() < idle {
+            return None;
+        }
+        s.side = Side::Engine;
+        s.want = false;
+        Some(std::mem::take(&mut s.rest))
+    }
+
+    /// Takes a parked connection back for the engine (an answer nobody waits for on a thread
+    /// is coming); true when the engine must be told (`Command::Resume`).
+    pub(crate) fn reclaim(&self) -> bool {
+        let mut s = self.lock();
+        s.want = false;
+        if s.side == Side::Parked {
+            s.side = Side::Engine;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A thread handed the connection back (`Command::Resume`): the bytes to parse first.
+    pub(crate) fn resume(&self) -> Vec<u8> {
+        std::mem::take(&mut self.lock().rest)
+    }
+
+    /// Whether a thread is reading the descriptor (it must not be closed meanwhile).
+    pub(crate) fn is_lent(&self) -> bool {
+        self.lock().side == Side::Thread
+    }
+
+    /// The connection is gone: nobody may read any more.
+    pub(crate) fn close(&self) {
+        let mut s = self.lock();
+        s.side = Side::Closed;
+        s.rest = Vec::new();
+    }
+
+    // ── caller side ──
+
+    /// Receives on the caller's thread until `slot` is answered or `until`, if the connection
+    /// is parked; else asks the engine to park it for the next call. Returns whether `slot`
+    /// was answered here. Call only after the call was registered in `calls`.
+    pub(crate) fn read_until(
+        &self,
+        conn: u64,
+        engine: &Engine,
+        calls: &CallTable,
+        slot: &Slot,
+        until: Option<Instant>,
+    ) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        let mut rest = {
+            let mut s = self.lock();
+            match s.side {
+                Side::Parked => {
+                    s.side = Side::Thread;
+                    s.want = false;
+                    std::mem::take(&mut s.rest)
+                }
+                Side::Engine => {
+                    s.want = true;
+                    return false;
+                }
+                Side::Thread | Side::Closed => return false,
+            }
+        };
+        let turn = self.read(&mut rest, calls, slot, until);
+        let mut s = self.lock();
+        s.rest = rest;
+        s.since = Instant::now();
+        // Calls of other threads may be waiting for answers only the engine would read.
+        if matches!(turn, Turn::HandBack) || !calls.is_empty() {
+            s.side = Side::Engine;
+            drop(s);
+            engine.send(Command::Resume { conn });
+        } else {
+            s.side = Side::Parked;
+        }
+        matches!(turn, Turn::Answered)
+    }
+
+    fn read(
+        &self,
+        rest: &mut Vec<u8>,
+        calls: &CallTable,
+        slot: &Slot,
+        until: Option<Instant>,
+    ) -> Turn {
+        loop {
+            let mut used = 0;
+            let mut other = false;
+            loop {
+                match answer::scan(&rest[used..], self.max_payload) {
+                    Scan::Answer {
+                        call_id,
+                        len,
+                        answer,
+                    } => {
+                        calls.complete(call_id, result(answer));
+                        self.answered
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        used += len;
+                    }
+                    Scan::Partial => break,
+                    Scan::Other => {
+                        other = true;
+                        break;
+                    }
+                }
+            }
+            rest.drain(..used);
+            if other {
+                return Turn::HandBack;
+            }
+            if slot.is_filled() {
+                return Turn::Answered;
+            }
+            if rest.capacity() - rest.len() < READ_ROOM {
+                rest.reserve(READ_ROOM);
+            }
+            let mut buf = RecvBuf::Vec(std::mem::take(rest));
+            let r = sys::recv(self.fd, &mut buf, usize::MAX);
+            let RecvBuf::Vec(v) = buf else {
+                unreachable!("a Vec receive buffer stays a Vec")
+            };
+            *rest = v;
+            match r {
+                Ok(0) => return Turn::HandBack,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let wait = match until {
+                        None => MAX_WAIT,
+                        Some(t) => {
+                            let now = Instant::now();
+                            if now >= t {
+                                return Turn::Waited;
+                            }
+                            (t - now).min(MAX_WAIT)
+                        }
+                    };
+                    if sys::wait_readable(self.fd, wait).is_err() {
+                        return Turn::HandBack;
+                    }
+                }
+                // The engine sees the same error when it reads, and closes the connection.
+                Err(_) => return Turn::HandBack,
+            }
+        }
+    }
+}
+
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("DAFFI_NO_DIRECT_RECV").is_none_or(|v| v == "0"))
+}
+
+/// The outcome an answer frame gives its call.
+fn result(a: Answer<'_>) -> Result<Reply, CallError> {
+    match a {
+        Answer::Result {
+            serde,
+            flags,
+            payload,
+        } => Ok(Reply {
+            serde,
+            flags,
+            payload: Payload::Inline(payload.to_vec()),
+        }),
+        Answer::Error { code, payload } => Err(CallError::from_wire(code, payload.to_vec())),
+    }
+}
