@@ -96,6 +96,11 @@ pub fn pooled_restart(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ECANCELED | libc::ENOBUFS))
 }
 
+/// Whether an operation ended with `e` because it was cancelled.
+pub fn cancelled(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ECANCELED)
+}
+
 /// A finished operation.
 #[derive(Debug)]
 pub struct Completion {
@@ -124,8 +129,10 @@ pub trait Driver {
     fn pooled_recv(&self) -> bool {
         false
     }
-    /// Stops an [`Op::RecvPooled`] started with `token`; its last completion has `more == false`.
-    fn cancel_recv(&mut self, _token: Token) {}
+    /// Stops the receive started with `token` on `fd` ([`Op::Recv`] or [`Op::RecvPooled`]): it
+    /// completes with `ECANCELED` unless it completed already (a pooled one: its last
+    /// completion has `more == false`).
+    fn cancel_recv(&mut self, _token: Token, _fd: RawFd) {}
     /// Gives a pool buffer back, for the kernel to fill again.
     fn recycle(&mut self, _buf: PoolBuf) {}
     /// Another thread receives on `fd` for a while (`lent`), or no longer: meanwhile the driver
@@ -220,8 +227,8 @@ impl Driver for AnyDriver {
     fn pooled_recv(&self) -> bool {
         dispatch!(self, d => d.pooled_recv())
     }
-    fn cancel_recv(&mut self, token: Token) {
-        dispatch!(self, d => d.cancel_recv(token))
+    fn cancel_recv(&mut self, token: Token, fd: RawFd) {
+        dispatch!(self, d => d.cancel_recv(token, fd))
     }
     fn recycle(&mut self, buf: PoolBuf) {
         dispatch!(self, d => d.recycle(buf))

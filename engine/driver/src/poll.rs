@@ -231,6 +231,22 @@ impl crate::Driver for Driver {
         }
     }
 
+    fn cancel_recv(&mut self, token: Token, fd: RawFd) {
+        let Some(p) = self.fds.get_mut(&fd) else {
+            return;
+        };
+        if p.recv.as_ref().is_some_and(|(t, _, _)| *t == token) {
+            let (token, buf, _) = p.recv.take().expect("checked above");
+            self.ready.push_back(Completion {
+                token,
+                outcome: Outcome::Recv {
+                    buf,
+                    res: Err(io::Error::from_raw_os_error(libc::ECANCELED)),
+                },
+            });
+        }
+    }
+
     fn lend(&mut self, fd: RawFd, lent: bool) {
         let Some(p) = self.fds.get(&fd) else {
             return;

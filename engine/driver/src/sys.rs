@@ -1,6 +1,6 @@
 //! Plain socket system calls used by both backends and by the runtime's setup code.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -217,25 +217,67 @@ pub fn recv(fd: RawFd, buf: &mut RecvBuf, max: usize) -> io::Result<usize> {
 /// `timeout`; returns false when the time ran out. A signal ends the wait early (true, so that
 /// the caller tries its read and sees nothing yet).
 pub fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
-    let mut p = libc::pollfd {
+    Ok(wait_either(fd, None, timeout)?.0)
+}
+
+/// Like [`wait_readable`], also watching `alarm` (see [`Alarm`]): which of the two are ready.
+pub fn wait_either(
+    fd: RawFd,
+    alarm: Option<&Alarm>,
+    timeout: Duration,
+) -> io::Result<(bool, bool)> {
+    let watch = |fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     };
+    let mut fds = [watch(fd), watch(alarm.map_or(-1, |a| a.rx.as_raw_fd()))];
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     // Round up, so that a sub-millisecond wait does not become a busy loop.
     let ms = if ms == 0 && !timeout.is_zero() { 1 } else { ms };
-    // SAFETY: one valid pollfd on the stack, which the kernel only writes `revents` of.
-    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    // SAFETY: two valid pollfds on the stack (a negative fd is ignored by poll), of which the
+    // kernel only writes `revents`.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
     if n < 0 {
         let e = io::Error::last_os_error();
         return if e.kind() == io::ErrorKind::Interrupted {
-            Ok(true)
+            Ok((true, false))
         } else {
             Err(e)
         };
     }
-    Ok(n > 0)
+    Ok((fds[0].revents != 0, fds[1].revents != 0))
+}
+
+/// A wake-up another thread can raise to end a [`wait_either`]: raised until cleared.
+#[derive(Debug)]
+pub struct Alarm {
+    tx: UnixStream,
+    rx: UnixStream,
+}
+
+impl Alarm {
+    pub fn new() -> io::Result<Alarm> {
+        let (tx, rx) = UnixStream::pair()?;
+        tx.set_nonblocking(true)?;
+        rx.set_nonblocking(true)?;
+        Ok(Alarm { tx, rx })
+    }
+
+    /// Raises it (at once; a full pipe means it is raised already).
+    pub fn raise(&self) {
+        let _ = (&self.tx).write(&[1]);
+    }
+
+    /// Lowers it; true if it was raised.
+    pub fn clear(&self) -> bool {
+        let mut raised = false;
+        let mut buf = [0u8; 64];
+        while matches!((&self.rx).read(&mut buf), Ok(n) if n > 0) {
+            raised = true;
+        }
+        raised
+    }
 }
 
 /// Asks for transparent huge pages on a large buffer before it is first written, so that

@@ -67,7 +67,8 @@ pub struct Driver {
     backlog: Vec<Completion>,
     /// Provided buffers for pooled receives, when the kernel has them (6.0+).
     ring_bufs: Option<BufRing>,
-    pooled: HashMap<Token, usize>,
+    /// The receive in flight (targeted or pooled) of each token, for `cancel_recv`.
+    recvs: HashMap<Token, usize>,
 }
 
 /// A ring of provided buffers registered with the kernel: the kernel takes buffers from its
@@ -240,7 +241,7 @@ impl Driver {
             wake_armed: false,
             backlog: Vec::new(),
             ring_bufs,
-            pooled: HashMap::new(),
+            recvs: HashMap::new(),
         };
         d.arm_wake();
         Ok(d)
@@ -315,6 +316,7 @@ impl Driver {
                 let InFlight::Recv { token, mut buf } = self.ops.remove(key) else {
                     unreachable!()
                 };
+                self.recvs.remove(&token);
                 let res = if res >= 0 {
                     // SAFETY: the kernel wrote `res` bytes at the target we lent it, and never
                     // more than the room we gave.
@@ -333,7 +335,7 @@ impl Driver {
                 let more = cqueue::more(flags);
                 if !more {
                     self.ops.remove(key);
-                    self.pooled.remove(&token);
+                    self.recvs.remove(&token);
                 }
                 let mut buf = None;
                 let res = if res >= 0 {
@@ -403,6 +405,7 @@ impl crate::Driver for Driver {
                 let (ptr, room) = buf.target(max);
                 let max = room.min(u32::MAX as usize);
                 let key = self.ops.insert(InFlight::Recv { token, buf });
+                self.recvs.insert(token, key);
                 let sqe = opcode::Recv::new(types::Fd(fd), ptr, max as u32)
                     .build()
                     .user_data(key as u64);
@@ -424,7 +427,7 @@ impl crate::Driver for Driver {
                     return;
                 }
                 let key = self.ops.insert(InFlight::RecvPooled { token });
-                self.pooled.insert(token, key);
+                self.recvs.insert(token, key);
                 let sqe = opcode::RecvMulti::new(types::Fd(fd), POOL_GROUP)
                     .build()
                     .user_data(key as u64);
@@ -471,8 +474,8 @@ impl crate::Driver for Driver {
         self.ring_bufs.is_some()
     }
 
-    fn cancel_recv(&mut self, token: Token) {
-        if let Some(&key) = self.pooled.get(&token) {
+    fn cancel_recv(&mut self, token: Token, _fd: RawFd) {
+        if let Some(&key) = self.recvs.get(&token) {
             let cancel = self.ops.insert(InFlight::Cancel);
             let sqe = opcode::AsyncCancel::new(key as u64)
                 .build()

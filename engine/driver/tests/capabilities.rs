@@ -401,7 +401,7 @@ fn pooled_receives_deliver_everything_in_order() {
             d.submit(2, Op::RecvPooled { fd });
         }
         // A cancel ends the operation with its last completion.
-        d.cancel_recv(2);
+        d.cancel_recv(2, fd);
         let c = wait_for(&mut d, &mut pending, 2);
         let Outcome::Pooled {
             res: Err(e),

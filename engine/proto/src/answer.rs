@@ -78,6 +78,61 @@ pub fn scan(buf: &[u8], max_payload: u64) -> Scan<'_> {
     }
 }
 
+/// A request found at the front of a buffer; it borrows the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub call_id: u64,
+    /// The frame's length in bytes.
+    pub len: usize,
+    pub name: &'a str,
+    pub serde: u8,
+    pub flags: crate::Flags,
+    pub payload: &'a [u8],
+}
+
+/// What the front of a buffer holds, for a server's reader.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ScanRequest<'a> {
+    Request(Request<'a>),
+    /// The start of a frame that may be a small request: more bytes are needed to tell.
+    Partial,
+    /// Something only the connection may handle (any other kind, a large or cut-off payload, a
+    /// routed request, bytes that are not a frame).
+    Other,
+}
+
+/// Looks at the frame at the front of `buf` for a direct (not routed) request with a payload
+/// of at most `max_payload` bytes (itself capped at the reader's small-payload size).
+pub fn scan_request(buf: &[u8], max_payload: u64) -> ScanRequest<'_> {
+    let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
+        return ScanRequest::Partial;
+    };
+    let Ok(h) = Header::decode(head) else {
+        return ScanRequest::Other;
+    };
+    let max_payload = max_payload.min(SMALL_PAYLOAD as u64);
+    let small = h.meta_len <= MAX_META && h.payload_len <= max_payload;
+    if h.kind != Kind::Request || h.flags.trailer() || !small {
+        return ScanRequest::Other;
+    }
+    let meta_end = HEADER_LEN + h.meta_len as usize;
+    let len = meta_end + h.payload_len as usize;
+    if buf.len() < len {
+        return ScanRequest::Partial;
+    }
+    match std::str::from_utf8(&buf[HEADER_LEN..meta_end]) {
+        Ok(name) if !name.contains('\0') => ScanRequest::Request(Request {
+            call_id: h.call_id,
+            len,
+            name,
+            serde: h.serde,
+            flags: h.flags.without_wire(),
+            payload: &buf[meta_end..len],
+        }),
+        _ => ScanRequest::Other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +182,36 @@ mod tests {
         for cut in 0..first {
             assert_eq!(scan(&stream[..cut], 1 << 30), Scan::Partial, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn finds_small_direct_requests() {
+        let mut stream = frame(Kind::Request, 3, Flags::NO_REPLY, "echo", b"abc");
+        let first = stream.len();
+        stream.extend(frame(Kind::Response, 4, 0, "", b"x"));
+        assert_eq!(
+            scan_request(&stream, 1 << 30),
+            ScanRequest::Request(Request {
+                call_id: 3,
+                len: first,
+                name: "echo",
+                serde: 2,
+                flags: Flags(Flags::NO_REPLY),
+                payload: b"abc"
+            })
+        );
+        for cut in 0..first {
+            assert_eq!(scan_request(&stream[..cut], 1 << 30), ScanRequest::Partial);
+        }
+        assert_eq!(scan_request(&stream[first..], 1 << 30), ScanRequest::Other);
+        let routed = frame(Kind::Request, 5, 0, "peer\0echo", b"");
+        assert_eq!(scan_request(&routed, 1 << 30), ScanRequest::Other);
+        let big = frame(Kind::Request, 6, 0, "f", &vec![1u8; SMALL_PAYLOAD + 1]);
+        assert_eq!(scan_request(&big, 1 << 30), ScanRequest::Other);
+        assert_eq!(
+            scan_request(&frame(Kind::Request, 7, 0, "f", b"12"), 1),
+            ScanRequest::Other
+        );
     }
 
     #[test]

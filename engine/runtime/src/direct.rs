@@ -25,10 +25,11 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use daffi_driver::{RecvBuf, sys};
-use daffi_proto::answer::{self, Answer, Scan};
+use daffi_proto::answer::{self, Answer, Scan, ScanRequest};
 
 use crate::call::{CallError, CallTable, Reply, Slot};
 use crate::engine::{Command, Engine};
+use crate::node::{IncomingCall, ServerShared};
 use crate::payload::Payload;
 
 /// A parked connection unused for this long goes back to the engine (so that whatever the peer
@@ -105,7 +106,7 @@ impl Direct {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// How many answers callers read themselves so far.
+    /// How many answers (requests, on a Service's connection) were read by binding threads.
     pub(crate) fn answered(&self) -> u64 {
         self.answered.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -117,18 +118,27 @@ impl Direct {
         self.lock().want
     }
 
-    /// Parks the connection if a caller asked and no call is waiting (checked under this lock,
-    /// which every caller takes after registering its call: no answer can be left unread).
-    /// Otherwise forgets the request.
-    pub(crate) fn try_park(&self, calls: &CallTable) -> bool {
+    /// Parks the connection if a caller asked and nothing is waiting (`idle`, checked under
+    /// this lock, which every caller takes after registering its call: no answer can be left
+    /// unread). Otherwise forgets the request.
+    pub(crate) fn try_park(&self, idle: impl FnOnce() -> bool) -> bool {
         let mut s = self.lock();
-        let park = s.want && s.side == Side::Engine && calls.is_empty();
+        let park = s.want && s.side == Side::Engine && idle();
         s.want = false;
         if park {
             s.side = Side::Parked;
             s.since = Instant::now();
         }
         park
+    }
+
+    /// A worker asks for the connection (see [`Direct::read_request`]): true the first time,
+    /// when the engine must be told (`Command::Park`).
+    pub(crate) fn ask(&self) -> bool {
+        let mut s = self.lock();
+        let first = !s.want && s.side == Side::Engine;
+        s.want = true;
+        first
     }
 
     /// A parked connection unused for `idle` goes back to the engine: the bytes to parse first.
@@ -254,37 +264,144 @@ impl Direct {
             if slot.is_filled() {
                 return Turn::Answered;
             }
-            if rest.capacity() - rest.len() < READ_ROOM {
-                rest.reserve(READ_ROOM);
+            match self.receive(rest, until, None) {
+                Ok(true) => {}
+                Ok(false) => return Turn::Waited,
+                Err(()) => return Turn::HandBack,
             }
-            let mut buf = RecvBuf::Vec(std::mem::take(rest));
-            let r = sys::recv(self.fd, &mut buf, usize::MAX);
-            let RecvBuf::Vec(v) = buf else {
-                unreachable!("a Vec receive buffer stays a Vec")
-            };
-            *rest = v;
-            match r {
-                Ok(0) => return Turn::HandBack,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let wait = match until {
-                        None => MAX_WAIT,
-                        Some(t) => {
-                            let now = Instant::now();
-                            if now >= t {
-                                return Turn::Waited;
-                            }
-                            (t - now).min(MAX_WAIT)
-                        }
-                    };
-                    if sys::wait_readable(self.fd, wait).is_err() {
-                        return Turn::HandBack;
+        }
+    }
+
+    /// A Service worker's turn: if the connection is parked, receives on this thread until at
+    /// least one small request for an exported function arrives (the first is returned, those
+    /// read with it are queued after it), `until` passes, or the server's alarm is raised.
+    pub(crate) fn read_request(
+        &self,
+        conn: u64,
+        engine: &Engine,
+        server: &ServerShared,
+        until: Option<Instant>,
+    ) -> Option<IncomingCall> {
+        if !self.enabled {
+            return None;
+        }
+        let mut rest = {
+            let mut s = self.lock();
+            if s.side != Side::Parked {
+                return None;
+            }
+            s.side = Side::Thread;
+            s.want = false;
+            std::mem::take(&mut s.rest)
+        };
+        let mut calls = Vec::new();
+        let turn = loop {
+            let mut used = 0;
+            let mut other = false;
+            loop {
+                match answer::scan_request(&rest[used..], self.max_payload) {
+                    ScanRequest::Request(r) if server.runs(r.name, r.serde) => {
+                        calls.push(IncomingCall {
+                            conn,
+                            call_id: r.call_id,
+                            name: r.name.to_owned(),
+                            serde: r.serde,
+                            flags: r.flags,
+                            payload: Payload::Inline(r.payload.to_vec()),
+                        });
+                        used += r.len;
+                    }
+                    ScanRequest::Partial => break,
+                    // Refusals (unknown function, format) are the engine's to answer.
+                    ScanRequest::Request(_) | ScanRequest::Other => {
+                        other = true;
+                        break;
                     }
                 }
-                // The engine sees the same error when it reads, and closes the connection.
-                Err(_) => return Turn::HandBack,
             }
+            rest.drain(..used);
+            if other {
+                break Turn::HandBack;
+            }
+            if !calls.is_empty() {
+                break Turn::Answered;
+            }
+            match self.receive(&mut rest, until, server.alarm.as_ref()) {
+                Ok(true) => {}
+                Ok(false) => break Turn::Waited,
+                Err(()) => break Turn::HandBack,
+            }
+        };
+        self.answered
+            .fetch_add(calls.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let mut s = self.lock();
+        s.rest = rest;
+        s.since = Instant::now();
+        let mut calls = calls.into_iter();
+        let first = calls.next();
+        // Those read with the first run after it, in order, before anything read later.
+        for call in calls {
+            let weight = call.payload.len() + crate::node::CALL_WEIGHT;
+            server.callee.calls.push_weighed(call, weight);
+        }
+        if matches!(turn, Turn::HandBack) {
+            s.side = Side::Engine;
+            drop(s);
+            engine.send(Command::Resume { conn });
+        } else {
+            s.side = Side::Parked;
+            drop(s);
+            // Another idle worker may take the next turn at reading.
+            server.callee.calls.wake_one();
+        }
+        first
+    }
+
+    /// Receives more bytes into `rest`: `Ok(true)` when some came (or may have), `Ok(false)`
+    /// when `until` passed, `Err` at end of stream, on an error or when `alarm` was raised.
+    fn receive(
+        &self,
+        rest: &mut Vec<u8>,
+        until: Option<Instant>,
+        alarm: Option<&sys::Alarm>,
+    ) -> Result<bool, ()> {
+        if rest.capacity() - rest.len() < READ_ROOM {
+            rest.reserve(READ_ROOM);
+        }
+        let mut buf = RecvBuf::Vec(std::mem::take(rest));
+        let r = sys::recv(self.fd, &mut buf, usize::MAX);
+        let RecvBuf::Vec(v) = buf else {
+            unreachable!("a Vec receive buffer stays a Vec")
+        };
+        *rest = v;
+        match r {
+            Ok(0) => Err(()),
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let wait = match until {
+                    None => MAX_WAIT,
+                    Some(t) => {
+                        let now = Instant::now();
+                        if now >= t {
+                            return Ok(false);
+                        }
+                        (t - now).min(MAX_WAIT)
+                    }
+                };
+                match sys::wait_either(self.fd, alarm, wait) {
+                    Ok((_, true)) => {
+                        if let Some(a) = alarm {
+                            a.clear();
+                        }
+                        Err(())
+                    }
+                    Ok(_) => Ok(true),
+                    Err(_) => Err(()),
+                }
+            }
+            // The engine sees the same error when it reads, and closes the connection.
+            Err(_) => Err(()),
         }
     }
 }

@@ -59,9 +59,13 @@ pub(crate) enum Command {
         conn: u64,
         reason: String,
     },
-    /// A binding thread that was receiving on client connection `conn` handed it back (see
+    /// A binding thread that was receiving on connection `conn` handed it back (see
     /// [`crate::direct`]).
     Resume {
+        conn: u64,
+    },
+    /// A Service worker would like to receive on connection `conn` itself.
+    Park {
         conn: u64,
     },
     /// Server `server`'s workers caught up: read its connections again.
@@ -327,8 +331,11 @@ struct Conn {
     cancelling: bool,
     /// Not read from until its server's workers catch up (see `CALLS_HIGH`).
     throttled: bool,
-    /// Lent to the client's callers (see [`crate::direct`]): the engine does not receive.
+    /// Lent to the client's callers or the server's workers (see [`crate::direct`]): the
+    /// engine does not receive.
     parked: bool,
+    /// A Service connection's receiving side as its workers see it.
+    direct: Option<Arc<crate::direct::Direct>>,
     /// The send in flight: total bytes of its buffers.
     send_busy: bool,
     opened: Instant,
@@ -508,6 +515,7 @@ impl Loop {
             Command::Exit => unreachable!("handled by the loop"),
             Command::Abort { conn, reason } => self.close(conn, reason, false),
             Command::Resume { conn } => self.unpark(conn, None),
+            Command::Park { conn } => self.start_recv(conn),
             Command::Unthrottle { server } => {
                 let ids: Vec<u64> = self
                     .conns
@@ -562,6 +570,7 @@ impl Loop {
             cancelling: false,
             throttled: false,
             parked: false,
+            direct: None,
             send_busy: false,
             opened: Instant::now(),
             closing: None,
@@ -585,31 +594,51 @@ impl Loop {
         if c.parked {
             return;
         }
-        // A sequential caller may receive on its own thread: park the connection for it.
-        if let Owner::Client(cl) = &c.owner {
-            let parkable = !c.shut
-                && c.closing.is_none()
-                && c.body.is_none()
-                && c.relay.is_none()
-                && c.proto.recv_idle()
-                && cl.direct.wanted()
-                && cl.calls.is_empty()
-                && cl.callee.has_no_functions();
-            if parkable {
-                if c.pooled {
-                    // Parked once the pooled receive has ended.
-                    if !c.cancelling {
-                        c.cancelling = true;
-                        self.driver.cancel_recv(token(id, POOLED));
-                    }
-                    return;
+        // A sequential caller, or a Service's idle worker, may receive on its own thread:
+        // park the connection for it when nothing else needs the engine to read.
+        let wanted = match &c.owner {
+            Owner::Client(cl) => {
+                cl.direct.wanted() && cl.calls.is_empty() && cl.callee.has_no_functions()
+            }
+            Owner::Server(s) => {
+                c.direct.as_ref().is_some_and(|d| d.wanted())
+                    && s.callee.calls.backlog().0 == 0
+                    && s.connection_count() == 1
+            }
+        };
+        if wanted
+            && !c.shut
+            && c.closing.is_none()
+            && c.body.is_none()
+            && c.relay.is_none()
+            && c.proto.recv_idle()
+        {
+            if c.recv_busy {
+                // Parked once the receive in flight has ended.
+                if !c.cancelling {
+                    c.cancelling = true;
+                    let op = if c.pooled { POOLED } else { RECV };
+                    self.driver.cancel_recv(token(id, op), c.fd.as_raw_fd());
                 }
-                if !c.recv_busy && cl.direct.try_park(&cl.calls) {
-                    c.parked = true;
-                    self.parked.push(id);
-                    self.driver.lend(c.fd.as_raw_fd(), true);
-                    return;
+                return;
+            }
+            let parked = match &c.owner {
+                Owner::Client(cl) => cl.direct.try_park(|| cl.calls.is_empty()),
+                Owner::Server(s) => c
+                    .direct
+                    .as_ref()
+                    .is_some_and(|d| d.try_park(|| s.callee.calls.backlog().0 == 0)),
+            };
+            if parked {
+                c.parked = true;
+                self.parked.push(id);
+                self.driver.lend(c.fd.as_raw_fd(), true);
+                if let (Owner::Server(s), Some(d)) = (&c.owner, &c.direct) {
+                    *s.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, d.clone()));
+                    // The worker waiting for it.
+                    s.callee.calls.wake_one();
                 }
+                return;
             }
         }
         // Back-pressure: a Service whose workers are behind stops reading.
@@ -623,7 +652,7 @@ impl Loop {
             // receive once the pooled one has ended, and a throttled connection none.
             if (large || c.throttled) && !c.cancelling && !c.shut {
                 c.cancelling = true;
-                self.driver.cancel_recv(token(id, POOLED));
+                self.driver.cancel_recv(token(id, POOLED), c.fd.as_raw_fd());
             }
             return;
         }
@@ -775,10 +804,43 @@ impl Loop {
         let conn_id = IDS.fetch_add(1, Ordering::Relaxed);
         let proto = Connection::new(Role::Server, server.local());
         let wire = Arc::new(Wire::new(conn_id, fd.as_raw_fd()));
+        // Workers may receive on a Service's connection themselves (not on a Router's).
+        let direct = (!server.router && server.alarm.is_some()).then(|| {
+            Arc::new(crate::direct::Direct::new(
+                fd.as_raw_fd(),
+                server.max_message_size,
+            ))
+        });
         server.update(|st| {
             st.wires.insert(conn_id, wire.clone());
+            if let Some(d) = &direct {
+                st.directs.insert(conn_id, d.clone());
+            }
         });
+        // A second connection: the one lent to a worker comes back to the engine.
+        self.take_back_reader(&server);
         self.add_conn(conn_id, fd, proto, Owner::Server(server), wire);
+        if let Some(c) = self.conns.get_mut(&conn_id) {
+            c.direct = direct;
+        }
+    }
+
+    /// Takes back the connection lent to `server`'s workers, if any: at once when it is parked,
+    /// else by raising the alarm of the worker reading it (which then hands it back).
+    fn take_back_reader(&mut self, server: &ServerShared) {
+        let lent = server
+            .reader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some((conn, d)) = lent else {
+            return;
+        };
+        if d.reclaim() {
+            self.unpark(conn, None);
+        } else if let Some(alarm) = &server.alarm {
+            alarm.raise();
+        }
     }
 
     fn received(&mut self, id: u64, buf: RecvBuf, res: io::Result<usize>) {
@@ -786,6 +848,22 @@ impl Loop {
             return;
         };
         c.recv_busy = false;
+        if res.as_ref().is_err_and(daffi_driver::cancelled) {
+            // Stopped on purpose (the connection is being parked): nothing was received.
+            c.cancelling = false;
+            match buf {
+                RecvBuf::Vec(v) => {
+                    if let Err(e) = c.proto.recv_done(v) {
+                        self.protocol_error(id, e.to_string());
+                        return;
+                    }
+                }
+                RecvBuf::Body(b) => c.body = Some(b),
+            }
+            self.start_recv(id);
+            self.maybe_finish(id);
+            return;
+        }
         self.parse_received(id, buf, res);
     }
 
@@ -914,13 +992,20 @@ impl Loop {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        let Owner::Client(cl) = &c.owner else {
-            return;
-        };
         if !c.parked {
             return;
         }
-        let rest = rest.unwrap_or_else(|| cl.direct.resume());
+        let rest = match (&c.owner, &c.direct) {
+            (Owner::Client(cl), _) => rest.unwrap_or_else(|| cl.direct.resume()),
+            (Owner::Server(s), Some(d)) => {
+                let mut reader = s.reader.lock().unwrap_or_else(|e| e.into_inner());
+                if reader.as_ref().is_some_and(|(conn, _)| *conn == id) {
+                    *reader = None;
+                }
+                rest.unwrap_or_else(|| d.resume())
+            }
+            (Owner::Server(_), None) => rest.unwrap_or_default(),
+        };
         c.parked = false;
         self.driver.lend(c.fd.as_raw_fd(), false);
         self.parked.retain(|p| *p != id);
@@ -933,9 +1018,13 @@ impl Loop {
     fn reclaim_parked(&mut self) {
         let ids = self.parked.clone();
         for id in ids {
-            let rest = match self.conns.get(&id).map(|c| &c.owner) {
-                Some(Owner::Client(cl)) => cl.direct.reclaim_idle(PARK_IDLE),
-                _ => None,
+            let rest = match self.conns.get(&id) {
+                Some(c) => match (&c.owner, &c.direct) {
+                    (Owner::Client(cl), _) => cl.direct.reclaim_idle(PARK_IDLE),
+                    (Owner::Server(_), Some(d)) => d.reclaim_idle(PARK_IDLE),
+                    _ => None,
+                },
+                None => None,
             };
             if rest.is_some() {
                 self.unpark(id, rest);
@@ -1651,12 +1740,23 @@ impl Loop {
         if !c.shut || c.recv_busy || c.send_busy {
             return;
         }
-        if let Owner::Client(cl) = &c.owner {
-            if cl.direct.is_lent() {
+        let direct = match (&c.owner, &c.direct) {
+            (Owner::Client(cl), _) => Some(&cl.direct),
+            (_, Some(d)) => Some(&**d),
+            _ => None,
+        };
+        if let Some(d) = direct {
+            if d.is_lent() {
                 // Its reader sees the end of the stream and hands it back (Resume).
                 return;
             }
-            cl.direct.close();
+            d.close();
+        }
+        if let (Owner::Server(s), true) = (&c.owner, c.parked) {
+            let mut reader = s.reader.lock().unwrap_or_else(|e| e.into_inner());
+            if reader.as_ref().is_some_and(|(conn, _)| *conn == id) {
+                *reader = None;
+            }
         }
         if c.parked {
             self.parked.retain(|p| *p != id);
@@ -1675,6 +1775,7 @@ impl Loop {
                 let mut left = None;
                 s.update(|st| {
                     st.wires.remove(&id);
+                    st.directs.remove(&id);
                     st.connections -= 1;
                     left = st.members.remove(&id);
                 });

@@ -25,6 +25,8 @@ struct State<T> {
     /// Set by [`Inbox::throttle`] when the load was too high; cleared, and the hook called,
     /// once it is down to half the limit.
     throttled: bool,
+    /// Wake-ups from [`Inbox::wake_one`] not yet consumed by a waiter.
+    wakes: usize,
 }
 
 /// Called when a throttled inbox has room again.
@@ -65,6 +67,7 @@ impl<T> Inbox<T> {
                 closed: false,
                 load: 0,
                 throttled: false,
+                wakes: 0,
             }),
             ready: Condvar::new(),
             notifier: Mutex::new(None),
@@ -189,6 +192,51 @@ impl<T> Inbox<T> {
                     let now = Instant::now();
                     if now >= d {
                         return Next::Timeout;
+                    }
+                    self.ready
+                        .wait_timeout(s, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Wakes one waiter of [`Inbox::pop_or_wake`] (something else than an item may be there
+    /// for it).
+    pub(crate) fn wake_one(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // One pending wake-up is enough: only one waiter can take the turn it announces.
+        s.wakes = 1;
+        drop(s);
+        self.ready.notify_one();
+    }
+
+    /// Like [`Inbox::pop`], but also returns `None` when woken by [`Inbox::wake_one`].
+    pub(crate) fn pop_or_wake(&self, timeout: Option<Duration>) -> Option<Next<T>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some((item, drained)) = self.take_front(&mut s) {
+                drop(s);
+                if drained {
+                    self.drained();
+                }
+                return Some(Next::Item(item));
+            }
+            if s.closed {
+                return Some(Next::Closed);
+            }
+            if s.wakes > 0 {
+                s.wakes -= 1;
+                return None;
+            }
+            s = match deadline {
+                None => self.ready.wait(s).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Some(Next::Timeout);
                     }
                     self.ready
                         .wait_timeout(s, d - now)

@@ -152,6 +152,8 @@ pub(crate) struct ServerState {
     pub(crate) connections: usize,
     /// The sending side of every connection, for answers.
     pub(crate) wires: HashMap<u64, Arc<Wire>>,
+    /// The receiving side of every connection, for workers that receive themselves.
+    pub(crate) directs: HashMap<u64, Arc<Direct>>,
     /// Connections holding deferred answers (see [`Node::respond_deferred`]).
     pub(crate) corked: Vec<Arc<Wire>>,
 }
@@ -170,9 +172,25 @@ pub(crate) struct ServerShared {
     pub(crate) unix_path: Option<PathBuf>,
     pub(crate) state: Mutex<ServerState>,
     pub(crate) changed: Condvar,
+    /// The connection lent to the workers, if any (see [`crate::direct`]).
+    pub(crate) reader: Mutex<Option<(u64, Arc<Direct>)>>,
+    /// Raised by the engine to take the lent connection back from a worker reading it.
+    pub(crate) alarm: Option<sys::Alarm>,
 }
 
 impl ServerShared {
+    /// How many connections the server has.
+    pub(crate) fn connection_count(&self) -> usize {
+        lock(&self.state).connections
+    }
+
+    /// Whether a request for `name` in format `serde` is run here (not refused).
+    pub(crate) fn runs(&self, name: &str, serde: u8) -> bool {
+        serde < 64
+            && self.serde_mask & (1 << serde) != 0
+            && lock(&self.callee.functions).iter().any(|f| f == name)
+    }
+
     pub(crate) fn local(&self) -> Local {
         Local {
             name: self.name.clone(),
@@ -248,6 +266,8 @@ impl Server {
                 ..Default::default()
             }),
             changed: Condvar::new(),
+            reader: Mutex::new(None),
+            alarm: if router { None } else { sys::Alarm::new().ok() },
         });
         let (hook_engine, id) = (engine.clone(), shared.id);
         shared.callee.calls.on_drain(Box::new(move || {
@@ -282,6 +302,33 @@ impl Server {
 
     /// Closes the listener and every connection. Returns once the address can be bound again
     /// (bounded wait: connections whose peers do not read are cut after a grace period).
+    /// How many requests this Service's workers received on their own threads rather than
+    /// through the engine thread, on the connections still open (a diagnostic; see the
+    /// `direct` module).
+    pub fn requests_read_by_workers(&self) -> u64 {
+        lock(&self.shared.state)
+            .directs
+            .values()
+            .map(|d| d.answered())
+            .sum()
+    }
+
+    /// An idle worker asks the engine to lend it the Service's only connection.
+    fn ask_to_read(&self) {
+        if self.shared.alarm.is_none() {
+            return;
+        }
+        let st = lock(&self.shared.state);
+        if st.directs.len() != 1 {
+            return;
+        }
+        if let Some((conn, d)) = st.directs.iter().next() {
+            if d.ask() {
+                self.engine.send(Command::Park { conn: *conn });
+            }
+        }
+    }
+
     /// Calls received and not yet taken by a worker: how many, and their weight (payload bytes
     /// plus a fixed 256 each). Above 64 MiB of weight the Service stops reading its connections
     /// until its workers are down to half that (back-pressure).
@@ -1096,6 +1143,49 @@ impl Node for Server {
             name: &self.shared.name,
             engine: &self.engine,
             callee: &self.shared.callee,
+        }
+    }
+
+    /// While the Service has one connection and its workers keep up, the waiting worker
+    /// receives the next request itself (see [`crate::direct`]).
+    fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
+        let calls = &self.shared.callee.calls;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            match calls.pop(Some(Duration::ZERO)) {
+                Next::Timeout => {}
+                other => return other,
+            }
+            let reader = lock(&self.shared.reader).clone();
+            match reader {
+                Some((conn, direct)) => {
+                    if let Some(call) =
+                        direct.read_request(conn, &self.engine, &self.shared, deadline)
+                    {
+                        return Next::Item(call);
+                    }
+                }
+                None => self.ask_to_read(),
+            }
+            let wait = match deadline {
+                None => None,
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Next::Timeout;
+                    }
+                    Some(d - now)
+                }
+            };
+            // Woken by a call, by the engine lending a connection, or by a reader leaving.
+            match calls.pop_or_wake(wait) {
+                Some(Next::Timeout) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                    return Next::Timeout;
+                }
+                Some(Next::Timeout) => {}
+                Some(other) => return other,
+                None => {}
+            }
         }
     }
 
