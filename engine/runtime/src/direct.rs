@@ -39,6 +39,10 @@ pub(crate) const PARK_IDLE: Duration = Duration::from_millis(2);
 const READ_ROOM: usize = 64 * 1024;
 /// The longest single wait for bytes without a deadline.
 const MAX_WAIT: Duration = Duration::from_secs(1);
+/// A worker that read several requests at once (calls overlap: the engine, which reads while
+/// the workers run, serves that better) hands the connection back; workers do not ask for it
+/// again for this long.
+const OVERLAP_COOLDOWN: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -61,6 +65,8 @@ struct State {
     rest: Vec<u8>,
     /// When the connection was last parked or used by a thread.
     since: Instant,
+    /// Workers do not ask for the connection before this (see `OVERLAP_COOLDOWN`).
+    cooldown: Option<Instant>,
 }
 
 /// The receive side of one client connection. See the module documentation.
@@ -74,6 +80,25 @@ pub(crate) struct Direct {
     /// Answers read by callers so far (a diagnostic).
     answered: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
+}
+
+/// Threads of this process waiting for an answer right now (see [`Direct::read_until`]).
+static CALLERS_WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a thread as waiting for an answer while it lives.
+pub(crate) struct Waiting(());
+
+impl Waiting {
+    pub(crate) fn new() -> Waiting {
+        CALLERS_WAITING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Waiting(())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        CALLERS_WAITING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// How a thread's turn at reading ended.
@@ -98,6 +123,7 @@ impl Direct {
                 want: false,
                 rest: Vec::new(),
                 since: Instant::now(),
+                cooldown: None,
             }),
         }
     }
@@ -136,6 +162,9 @@ impl Direct {
     /// when the engine must be told (`Command::Park`).
     pub(crate) fn ask(&self) -> bool {
         let mut s = self.lock();
+        if s.cooldown.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
         let first = !s.want && s.side == Side::Engine;
         s.want = true;
         first
@@ -196,6 +225,15 @@ impl Direct {
         until: Option<Instant>,
     ) -> bool {
         if !self.enabled {
+            return false;
+        }
+        // Several threads of this process waiting at once (many clients, or threads sharing
+        // one): the engine, which receives for all of them in one wake-up, does better than
+        // each reading its own socket. Take a parked connection back for it.
+        if CALLERS_WAITING.load(std::sync::atomic::Ordering::Relaxed) > 1 {
+            if self.reclaim() {
+                engine.send(Command::Resume { conn });
+            }
             return false;
         }
         let mut rest = {
@@ -337,6 +375,10 @@ impl Direct {
         let mut s = self.lock();
         s.rest = rest;
         s.since = Instant::now();
+        let overlap = calls.len() > 1;
+        if overlap {
+            s.cooldown = Some(Instant::now() + OVERLAP_COOLDOWN);
+        }
         let mut calls = calls.into_iter();
         let first = calls.next();
         // Those read with the first run after it, in order, before anything read later.
@@ -344,7 +386,7 @@ impl Direct {
             let weight = call.payload.len() + crate::node::CALL_WEIGHT;
             server.callee.calls.push_weighed(call, weight);
         }
-        if matches!(turn, Turn::HandBack) {
+        if matches!(turn, Turn::HandBack) || overlap {
             s.side = Side::Engine;
             drop(s);
             engine.send(Command::Resume { conn });

@@ -1296,6 +1296,7 @@ impl PendingCall<'_> {
     /// While the client's calls come one at a time, this thread receives the answer itself
     /// (see [`crate::direct`]).
     pub fn wait_until(&self, until: Option<Instant>) -> Option<Result<Reply, CallError>> {
+        let _waiting = crate::direct::Waiting::new();
         if !self.slot.is_hooked() {
             let shared = &self.client.shared;
             shared.direct.read_until(

@@ -1,0 +1,315 @@
+//! Callers and Service workers receiving on their own threads (see the runtime's `direct`
+//! module). One test in its own binary, its scenarios one after the other: whether a caller
+//! reads its own socket depends on how many threads of the process wait at once, so tests
+//! running alongside would change what these observe.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use daffi_runtime::{Address, CallError, Client, Engine, Next, Node, Server, ServerConfig};
+
+mod support;
+
+use support::{backends, client, serve};
+
+#[test]
+fn callers_and_workers_receive_on_their_own_threads() {
+    for engine in backends() {
+        sequential_callers_receive_their_own_answers(&engine);
+        late_answers_read_by_a_caller_are_dropped(&engine);
+        service_workers_receive_their_own_requests(&engine);
+    }
+}
+
+/// A client whose calls come one at a time receives their answers on the calling thread
+/// (the engine parks the connection). Everything else still works around it: a large answer
+/// and a remote error in between, several threads calling at once, a timed-out call whose late
+/// answer must not be taken for the next one's, and a server that goes away while nobody calls.
+fn sequential_callers_receive_their_own_answers(engine: &Engine) {
+    {
+        let server = serve(
+            engine,
+            Address::Tcp {
+                host: "127.0.0.1".into(),
+                port: 0,
+            },
+        );
+        let c = Arc::new(client(engine, server.address().clone(), "seq"));
+        let echo = |c: &Client, msg: Vec<u8>| {
+            let r = c
+                .call(None, "echo", 0, 0, Bytes::from(msg.clone()), None)
+                .unwrap();
+            assert!(
+                r.payload.as_slice() == msg,
+                "{}: wrong answer",
+                engine.backend()
+            );
+        };
+        // Most answers are read by the caller; under load (a connection parked and unused for
+        // 2 ms goes back to the engine) fewer, so call until 200 were, within a bound.
+        let mut made = 0u32;
+        while c.answers_read_by_callers() < 200 && made < 5000 {
+            echo(&c, made.to_le_bytes().to_vec());
+            made += 1;
+        }
+        let direct = c.answers_read_by_callers();
+        assert!(
+            direct >= 200,
+            "{}: only {direct} of {made} answers read by the caller",
+            engine.backend()
+        );
+        // A large answer is left to the engine; the small ones after it go direct again.
+        echo(&c, vec![7u8; 3 << 20]);
+        assert_eq!(
+            c.call(None, "fail", 2, 0, Bytes::new(), None),
+            Err(CallError::Remote(b"boom".to_vec()))
+        );
+        for i in 0..50u32 {
+            echo(&c, i.to_le_bytes().to_vec());
+        }
+        assert!(c.answers_read_by_callers() > direct);
+        // Four threads at once, each with its own payloads.
+        let threads: Vec<_> = (0..4u8)
+            .map(|t| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200u32 {
+                        let mut msg = vec![t];
+                        msg.extend_from_slice(&i.to_le_bytes());
+                        let r = c
+                            .call(None, "echo", 0, 0, Bytes::from(msg.clone()), None)
+                            .unwrap();
+                        assert!(r.payload.as_slice() == msg);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        echo(&c, b"alone again".to_vec());
+        server.stop();
+        // Nobody calls: the engine takes the parked connection back and sees the end.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while c.is_open() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: the closed server went unnoticed",
+                engine.backend()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(matches!(
+            c.call(None, "echo", 0, 0, Bytes::from_static(b"x"), None),
+            Err(CallError::Disconnected(_))
+        ));
+    }
+}
+
+/// A call that timed out while its caller was reading: the late answer is dropped, never
+/// given to the next call.
+fn late_answers_read_by_a_caller_are_dropped(engine: &Engine) {
+    {
+        let server = Arc::new(
+            Server::start(
+                engine,
+                ServerConfig {
+                    name: "lazy".into(),
+                    address: Address::Tcp {
+                        host: "127.0.0.1".into(),
+                        port: 0,
+                    },
+                    max_message_size: 1 << 20,
+                    functions: vec!["f".into()],
+                    token: Vec::new(),
+                    serde_formats: None,
+                },
+            )
+            .unwrap(),
+        );
+        let s = server.clone();
+        let answering = std::thread::spawn(move || {
+            while let Next::Item(call) = s.next_call(None) {
+                if call.payload.as_slice() == b"slow" {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                s.respond(call.conn, call.call_id, 0, 0, call.payload.into_bytes());
+            }
+        });
+        let c = client(engine, server.address().clone(), "impatient");
+        for _ in 0..20 {
+            let r = c
+                .call(None, "f", 0, 0, Bytes::from_static(b"quick"), None)
+                .unwrap();
+            assert_eq!(r.payload.as_slice(), b"quick");
+        }
+        let e = c.call(
+            None,
+            "f",
+            0,
+            0,
+            Bytes::from_static(b"slow"),
+            Some(Duration::from_millis(50)),
+        );
+        assert_eq!(e, Err(CallError::Timeout));
+        for _ in 0..20 {
+            let r = c
+                .call(None, "f", 0, 0, Bytes::from_static(b"next"), None)
+                .unwrap();
+            assert_eq!(
+                r.payload.as_slice(),
+                b"next",
+                "{}: a late answer leaked",
+                engine.backend()
+            );
+        }
+        server.stop();
+        answering.join().unwrap();
+    }
+}
+
+/// A Service with one connection lends it to its idle worker, which receives the next request
+/// itself. Around it: a large request and an unknown function (left to the engine), pipelined
+/// no-reply calls run in order, several worker threads and caller threads at once, a second
+/// client connecting meanwhile, and a client that leaves while a worker waits on its socket.
+fn service_workers_receive_their_own_requests(engine: &Engine) {
+    {
+        let server = Arc::new(
+            Server::start(
+                engine,
+                ServerConfig {
+                    name: "svc".into(),
+                    address: Address::Tcp {
+                        host: "127.0.0.1".into(),
+                        port: 0,
+                    },
+                    max_message_size: 64 << 20,
+                    functions: vec!["echo".into(), "note".into()],
+                    token: Vec::new(),
+                    serde_formats: None,
+                },
+            )
+            .unwrap(),
+        );
+        let notes = Arc::new(Mutex::new(Vec::new()));
+        let workers: Vec<_> = (0..3)
+            .map(|_| {
+                let (s, notes) = (server.clone(), notes.clone());
+                std::thread::spawn(move || {
+                    while let Next::Item(call) = s.next_call(None) {
+                        if call.name == "note" {
+                            notes.lock().unwrap().push(call.payload.as_slice().to_vec());
+                        }
+                        if !call.flags.no_reply() {
+                            s.respond(
+                                call.conn,
+                                call.call_id,
+                                call.serde,
+                                call.flags.0,
+                                call.payload.into_bytes(),
+                            );
+                        }
+                    }
+                })
+            })
+            .collect();
+        let c = Arc::new(client(engine, server.address().clone(), "one"));
+        let echo = |c: &Client, msg: Vec<u8>| {
+            let r = c
+                .call(None, "echo", 0, 0, Bytes::from(msg.clone()), None)
+                .unwrap();
+            assert!(
+                r.payload.as_slice() == msg,
+                "{}: wrong answer",
+                engine.backend()
+            );
+        };
+        // As for callers: most requests are read by the workers; call until 200 were.
+        let mut made = 0u32;
+        while server.requests_read_by_workers() < 200 && made < 5000 {
+            echo(&c, made.to_le_bytes().to_vec());
+            made += 1;
+        }
+        let read = server.requests_read_by_workers();
+        assert!(
+            read >= 200,
+            "{}: workers read only {read} of {made} requests",
+            engine.backend()
+        );
+        echo(&c, vec![9u8; 3 << 20]);
+        assert!(matches!(
+            c.call(None, "nope", 0, 0, Bytes::new(), None),
+            Err(CallError::Transmission(_))
+        ));
+        // Pipelined no-reply calls, then a call: with one worker at a time on this connection's
+        // frames they are all there, in the order sent.
+        for i in 0..100u32 {
+            c.send(None, "note", 0, 0, Bytes::from(i.to_le_bytes().to_vec()))
+                .unwrap();
+        }
+        echo(&c, b"after the notes".to_vec());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while notes.lock().unwrap().len() < 100 {
+            assert!(Instant::now() < deadline, "notes lost");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mut got: Vec<u32> = notes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|n| u32::from_le_bytes(n[..4].try_into().unwrap()))
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
+        // Four caller threads at once, three workers.
+        let callers: Vec<_> = (0..4u8)
+            .map(|t| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200u32 {
+                        let mut msg = vec![t];
+                        msg.extend_from_slice(&i.to_le_bytes());
+                        let r = c
+                            .call(None, "echo", 0, 0, Bytes::from(msg.clone()), None)
+                            .unwrap();
+                        assert!(r.payload.as_slice() == msg);
+                    }
+                })
+            })
+            .collect();
+        for t in callers {
+            t.join().unwrap();
+        }
+        // A second client while the connection is lent: both are served.
+        let c2 = client(engine, server.address().clone(), "two");
+        for i in 0..50u32 {
+            echo(&c2, i.to_le_bytes().to_vec());
+            echo(&c, i.to_le_bytes().to_vec());
+        }
+        c2.close();
+        for i in 0..50u32 {
+            echo(&c, i.to_le_bytes().to_vec());
+        }
+        // The last client leaves while a worker waits on its socket: the Service sees it go.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.members().len() != 1 {
+            assert!(Instant::now() < deadline, "the second client never left");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        c.close();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !server.members().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: a leaving client went unnoticed",
+                engine.backend()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        server.stop();
+        for w in workers {
+            w.join().unwrap();
+        }
+    }
+}
