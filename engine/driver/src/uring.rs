@@ -346,8 +346,18 @@ impl Driver {
                             buf = Some(unsafe { PoolBuf::new(r.pool.clone(), id, res as usize) });
                         }
                         _ if res == 0 => {}
+                        // Bytes the driver cannot show: the stream is broken from here on.
                         _ => {
-                            tracing::error!("a pooled receive completed without a valid buffer");
+                            return out.push(Completion {
+                                token,
+                                outcome: Outcome::Pooled {
+                                    buf: None,
+                                    res: Err(io::Error::other(
+                                        "a pooled receive completed without a valid buffer",
+                                    )),
+                                    more,
+                                },
+                            });
                         }
                     }
                     Ok(res as usize)

@@ -67,6 +67,8 @@ struct State {
     since: Instant,
     /// Workers do not ask for the connection before this (see `OVERLAP_COOLDOWN`).
     cooldown: Option<Instant>,
+    /// The engine wants the connection back from the thread reading it.
+    recall: bool,
 }
 
 /// The receive side of one client connection. See the module documentation.
@@ -124,6 +126,7 @@ impl Direct {
                 rest: Vec::new(),
                 since: Instant::now(),
                 cooldown: None,
+                recall: false,
             }),
         }
     }
@@ -161,6 +164,9 @@ impl Direct {
     /// A worker asks for the connection (see [`Direct::read_request`]): true the first time,
     /// when the engine must be told (`Command::Park`).
     pub(crate) fn ask(&self) -> bool {
+        if !self.enabled {
+            return false;
+        }
         let mut s = self.lock();
         if s.cooldown.is_some_and(|t| Instant::now() < t) {
             return false;
@@ -199,16 +205,34 @@ impl Direct {
         std::mem::take(&mut self.lock().rest)
     }
 
-    /// Whether a thread is reading the descriptor (it must not be closed meanwhile).
-    pub(crate) fn is_lent(&self) -> bool {
-        self.lock().side == Side::Thread
+    /// Drops a pending request to park; returns false (for use in a condition).
+    pub(crate) fn forget_want(&self) -> bool {
+        self.lock().want = false;
+        false
     }
 
-    /// The connection is gone: nobody may read any more.
-    pub(crate) fn close(&self) {
+    /// Asks the thread reading the connection to hand it back at the end of its turn; false
+    /// when no thread reads it.
+    pub(crate) fn recall(&self) -> bool {
         let mut s = self.lock();
+        if s.side == Side::Thread {
+            s.recall = true;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The connection is going away: nobody may read it any more. Refused (false) while a
+    /// thread reads the descriptor, which must then not be closed.
+    pub(crate) fn close_unless_lent(&self) -> bool {
+        let mut s = self.lock();
+        if s.side == Side::Thread {
+            return false;
+        }
         s.side = Side::Closed;
         s.rest = Vec::new();
+        true
     }
 
     // ── caller side ──
@@ -256,7 +280,7 @@ impl Direct {
         s.rest = rest;
         s.since = Instant::now();
         // Calls of other threads may be waiting for answers only the engine would read.
-        if matches!(turn, Turn::HandBack) || !calls.is_empty() {
+        if matches!(turn, Turn::HandBack) || !calls.is_empty() || std::mem::take(&mut s.recall) {
             s.side = Side::Engine;
             drop(s);
             engine.send(Command::Resume { conn });
@@ -386,7 +410,7 @@ impl Direct {
             let weight = call.payload.len() + crate::node::CALL_WEIGHT;
             server.callee.calls.push_weighed(call, weight);
         }
-        if matches!(turn, Turn::HandBack) || overlap {
+        if matches!(turn, Turn::HandBack) || overlap || std::mem::take(&mut s.recall) {
             s.side = Side::Engine;
             drop(s);
             engine.send(Command::Resume { conn });

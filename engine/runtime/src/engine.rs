@@ -334,6 +334,9 @@ struct Conn {
     /// Lent to the client's callers or the server's workers (see [`crate::direct`]): the
     /// engine does not receive.
     parked: bool,
+    /// Bytes received elsewhere are being parsed (`feed`): receiving starts again once they
+    /// all are, never in between.
+    feeding: bool,
     /// A Service connection's receiving side as its workers see it.
     direct: Option<Arc<crate::direct::Direct>>,
     /// The send in flight: total bytes of its buffers.
@@ -570,6 +573,7 @@ impl Loop {
             cancelling: false,
             throttled: false,
             parked: false,
+            feeding: false,
             direct: None,
             send_busy: false,
             opened: Instant::now(),
@@ -591,7 +595,7 @@ impl Loop {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        if c.parked {
+        if c.parked || c.feeding {
             return;
         }
         // A sequential caller, or a Service's idle worker, may receive on its own thread:
@@ -600,11 +604,11 @@ impl Loop {
             Owner::Client(cl) => {
                 cl.direct.wanted() && cl.calls.is_empty() && cl.callee.has_no_functions()
             }
-            Owner::Server(s) => {
-                c.direct.as_ref().is_some_and(|d| d.wanted())
-                    && s.callee.calls.backlog().0 == 0
-                    && s.connection_count() == 1
-            }
+            Owner::Server(s) => c.direct.as_ref().is_some_and(|d| {
+                let ok = s.callee.calls.backlog().0 == 0 && s.connection_count() == 1;
+                // A request the workers have not taken yet: they ask again when they have.
+                d.wanted() && (ok || d.forget_want())
+            }),
         };
         if wanted
             && !c.shut
@@ -838,8 +842,12 @@ impl Loop {
         };
         if d.reclaim() {
             self.unpark(conn, None);
-        } else if let Some(alarm) = &server.alarm {
-            alarm.raise();
+        } else if d.recall() {
+            // A worker is reading it: it hands it back at the end of its turn, or at once
+            // when woken by the alarm.
+            if let Some(alarm) = &server.alarm {
+                alarm.raise();
+            }
         }
     }
 
@@ -848,9 +856,10 @@ impl Loop {
             return;
         };
         c.recv_busy = false;
+        // A cancel asked for is over either way (it may have lost the race with data).
+        c.cancelling = false;
         if res.as_ref().is_err_and(daffi_driver::cancelled) {
             // Stopped on purpose (the connection is being parked): nothing was received.
-            c.cancelling = false;
             match buf {
                 RecvBuf::Vec(v) => {
                     if let Err(e) = c.proto.recv_done(v) {
@@ -881,10 +890,18 @@ impl Loop {
         if let Some(b) = buf {
             self.driver.recycle(b);
         }
+        if let (Err(e), true) = (&res, more) {
+            // The stream is broken (its receive goes on until the shutdown ends it).
+            self.close(id, e.to_string(), false);
+            return;
+        }
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
         if more {
+            // What the bytes just parsed call for (a cancel for a large payload, a throttle,
+            // a park), decided once they all are.
+            self.start_recv(id);
             return;
         }
         c.recv_busy = false;
@@ -905,7 +922,17 @@ impl Loop {
 
     /// Parses bytes that arrived in a pool buffer, a piece at a time: each piece goes where a
     /// targeted receive would have written it (the staging buffer, or a large payload's own).
-    fn feed(&mut self, id: u64, mut data: &[u8]) {
+    fn feed(&mut self, id: u64, data: &[u8]) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.feeding = true;
+        }
+        self.feed_pieces(id, data);
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.feeding = false;
+        }
+    }
+
+    fn feed_pieces(&mut self, id: u64, mut data: &[u8]) {
         while !data.is_empty() {
             let Some(c) = self.conns.get_mut(&id) else {
                 return;
@@ -1746,11 +1773,10 @@ impl Loop {
             _ => None,
         };
         if let Some(d) = direct {
-            if d.is_lent() {
+            if !d.close_unless_lent() {
                 // Its reader sees the end of the stream and hands it back (Resume).
                 return;
             }
-            d.close();
         }
         if let (Owner::Server(s), true) = (&c.owner, c.parked) {
             let mut reader = s.reader.lock().unwrap_or_else(|e| e.into_inner());

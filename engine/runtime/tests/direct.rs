@@ -60,6 +60,14 @@ fn sequential_callers_receive_their_own_answers(engine: &Engine) {
             engine.backend()
         );
         // A large answer is left to the engine; the small ones after it go direct again.
+        // Answers just over the small size, and much larger, each after small ones: the bytes
+        // a caller read past the last answer it handled go back to the engine whole.
+        for size in [16 << 10 | 1, 70 << 10, 200 << 10, 1 << 20] {
+            for i in 0..5u32 {
+                echo(&c, i.to_le_bytes().to_vec());
+            }
+            echo(&c, (0..size).map(|i| (i % 251) as u8).collect());
+        }
         echo(&c, vec![7u8; 3 << 20]);
         assert_eq!(
             c.call(None, "fail", 2, 0, Bytes::new(), None),
@@ -238,6 +246,12 @@ fn service_workers_receive_their_own_requests(engine: &Engine) {
             engine.backend()
         );
         echo(&c, vec![9u8; 3 << 20]);
+        for size in [16 << 10 | 1, 70 << 10, 200 << 10, 1 << 20] {
+            for i in 0..5u32 {
+                echo(&c, i.to_le_bytes().to_vec());
+            }
+            echo(&c, (0..size).map(|i| (i % 249) as u8).collect());
+        }
         assert!(matches!(
             c.call(None, "nope", 0, 0, Bytes::new(), None),
             Err(CallError::Transmission(_))
