@@ -51,10 +51,14 @@ pub enum Op {
     /// [`Outcome::Pooled`] per arrival. Only where [`Driver::pooled_recv`] says so.
     RecvPooled { fd: RawFd },
     /// Send the concatenation of `bufs`, less its first `skip` bytes. May send only part.
+    /// With `zero_copy`, where [`Driver::zero_copy_send`] says so, the kernel sends from the
+    /// buffers' own pages (io_uring `SENDMSG_ZC`) instead of copying them first; the driver
+    /// keeps them alive until the kernel is done with them, after the completion.
     Send {
         fd: RawFd,
         bufs: Vec<Bytes>,
         skip: usize,
+        zero_copy: bool,
     },
 }
 
@@ -135,6 +139,10 @@ pub trait Driver {
     fn cancel_recv(&mut self, _token: Token, _fd: RawFd) {}
     /// Gives a pool buffer back, for the kernel to fill again.
     fn recycle(&mut self, _buf: PoolBuf) {}
+    /// Whether [`Op::Send`]'s `zero_copy` does anything here.
+    fn zero_copy_send(&self) -> bool {
+        false
+    }
     /// Another thread receives on `fd` for a while (`lent`), or no longer: meanwhile the driver
     /// does not watch it for reading (it would wake for data it must not touch). Only while no
     /// receive is in flight on `fd`.
@@ -232,6 +240,9 @@ impl Driver for AnyDriver {
     }
     fn recycle(&mut self, buf: PoolBuf) {
         dispatch!(self, d => d.recycle(buf))
+    }
+    fn zero_copy_send(&self) -> bool {
+        dispatch!(self, d => d.zero_copy_send())
     }
     fn lend(&mut self, fd: RawFd, lent: bool) {
         dispatch!(self, d => d.lend(fd, lent))

@@ -213,6 +213,36 @@ pub fn recv(fd: RawFd, buf: &mut RecvBuf, max: usize) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// Whether the peer of connected socket `fd` is on this host: a Unix socket, or TCP to a
+/// loopback address. Unknown (an error) counts as local.
+pub fn peer_is_local(fd: RawFd) -> bool {
+    // SAFETY: an all-zero sockaddr_storage is valid; getpeername writes at most `len` bytes
+    // into it and the new length into `len`, both live on this stack frame.
+    let (storage, r) = unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let r = libc::getpeername(fd, &mut storage as *mut _ as *mut libc::sockaddr, &mut len);
+        (storage, r)
+    };
+    if r != 0 {
+        return true;
+    }
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a = unsafe { &*(&storage as *const _ as *const libc::sockaddr_in) };
+            std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).is_loopback()
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a = unsafe { &*(&storage as *const _ as *const libc::sockaddr_in6) };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        _ => true,
+    }
+}
+
 /// Waits until `fd` has something to read (data, end of stream or an error), at most
 /// `timeout`; returns false when the time ran out. A signal ends the wait early (true, so that
 /// the caller tries its read and sees nothing yet).

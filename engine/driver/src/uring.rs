@@ -47,6 +47,8 @@ enum InFlight {
         token: Token,
         bufs: Vec<Bytes>,
         skip: usize,
+        /// A zero-copy send: after its result, a notification says the kernel let go of `bufs`.
+        zero_copy: bool,
         _iov: Vec<libc::iovec>,
         _msg: Box<libc::msghdr>,
     },
@@ -69,6 +71,8 @@ pub struct Driver {
     ring_bufs: Option<BufRing>,
     /// The receive in flight (targeted or pooled) of each token, for `cancel_recv`.
     recvs: HashMap<Token, usize>,
+    /// The kernel has `SENDMSG_ZC` (Linux 6.1+).
+    zero_copy: bool,
 }
 
 /// A ring of provided buffers registered with the kernel: the kernel takes buffers from its
@@ -220,6 +224,7 @@ impl Driver {
         }
         // SAFETY: `efd` is a fresh descriptor owned by nobody else.
         let wake_fd = Arc::new(EventFd(unsafe { OwnedFd::from_raw_fd(efd) }));
+        let zero_copy = probe.is_supported(opcode::SendMsgZc::CODE);
         // Pooled (multishot) receives arrived in Linux 6.0; without them receives are targeted.
         let multishot_recv = crate::sys::kernel_version().is_some_and(|v| v >= (6, 0));
         let ring_bufs = if multishot_recv && std::env::var_os("DAFFI_NO_POOLED_RECV").is_none() {
@@ -242,6 +247,7 @@ impl Driver {
             backlog: Vec::new(),
             ring_bufs,
             recvs: HashMap::new(),
+            zero_copy,
         };
         d.arm_wake();
         Ok(d)
@@ -369,6 +375,30 @@ impl Driver {
                     outcome: Outcome::Pooled { buf, res, more },
                 });
             }
+            InFlight::Send { .. } if cqueue::notif(flags) => {
+                // The kernel let go of a zero-copy send's buffers.
+                self.ops.remove(key);
+            }
+            InFlight::Send {
+                token,
+                bufs,
+                skip,
+                zero_copy: true,
+                ..
+            } if cqueue::more(flags) => {
+                // The result of a zero-copy send whose notification is still to come: the
+                // buffers stay here until then; the runtime gets handles to the same memory.
+                let (token, bufs, skip) = (*token, bufs.clone(), *skip);
+                let res = if res >= 0 {
+                    Ok(res as usize)
+                } else {
+                    Err(err())
+                };
+                out.push(Completion {
+                    token,
+                    outcome: Outcome::Sent { bufs, skip, res },
+                });
+            }
             InFlight::Send { .. } => {
                 let InFlight::Send {
                     token, bufs, skip, ..
@@ -443,7 +473,13 @@ impl crate::Driver for Driver {
                     .user_data(key as u64);
                 self.push(sqe);
             }
-            Op::Send { fd, bufs, skip } => {
+            Op::Send {
+                fd,
+                bufs,
+                skip,
+                zero_copy,
+            } => {
+                let zero_copy = zero_copy && self.zero_copy;
                 let iov = crate::iovecs(&bufs, skip, crate::MAX_IOV);
                 // SAFETY: an all-zero msghdr is valid (no name, no control data).
                 let mut msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
@@ -454,14 +490,20 @@ impl crate::Driver for Driver {
                     token,
                     bufs,
                     skip,
+                    zero_copy,
                     _iov: iov,
                     _msg: msg,
                 });
-                let sqe = opcode::SendMsg::new(types::Fd(fd), msg_ptr)
-                    .flags(libc::MSG_NOSIGNAL as u32)
-                    .build()
-                    .user_data(key as u64);
-                self.push(sqe);
+                let sqe = if zero_copy {
+                    opcode::SendMsgZc::new(types::Fd(fd), msg_ptr)
+                        .flags(libc::MSG_NOSIGNAL as u32)
+                        .build()
+                } else {
+                    opcode::SendMsg::new(types::Fd(fd), msg_ptr)
+                        .flags(libc::MSG_NOSIGNAL as u32)
+                        .build()
+                };
+                self.push(sqe.user_data(key as u64));
             }
         }
     }
@@ -482,6 +524,10 @@ impl crate::Driver for Driver {
 
     fn pooled_recv(&self) -> bool {
         self.ring_bufs.is_some()
+    }
+
+    fn zero_copy_send(&self) -> bool {
+        self.zero_copy
     }
 
     fn cancel_recv(&mut self, token: Token, _fd: RawFd) {

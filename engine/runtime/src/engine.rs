@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -290,6 +290,38 @@ const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// How long a closing connection may take to flush what is queued.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_millis(500);
+/// Sends of at least this many bytes go zero-copy where the connection does (see
+/// `zero_copy_for`).
+const ZERO_COPY_MIN: usize = 16 * 1024;
+
+/// Whether sends on connection `fd` go zero-copy (`SENDMSG_ZC`): `DAFFI_SEND_ZC=auto` (the
+/// default) for peers on other hosts only — on loopback the kernel copies anyway and the
+/// notification costs extra —, `always`, or `never`.
+fn zero_copy_for(driver: &AnyDriver, fd: RawFd) -> bool {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mode {
+        Auto,
+        Always,
+        Never,
+    }
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    let mode = *MODE.get_or_init(|| match std::env::var("DAFFI_SEND_ZC").as_deref() {
+        Ok("always" | "1") => Mode::Always,
+        Ok("never" | "0") => Mode::Never,
+        Ok("auto" | "") | Err(_) => Mode::Auto,
+        Ok(other) => {
+            tracing::warn!("DAFFI_SEND_ZC={other:?} is not auto, always or never: using auto");
+            Mode::Auto
+        }
+    });
+    driver.zero_copy_send()
+        && match mode {
+            Mode::Always => true,
+            Mode::Never => false,
+            Mode::Auto => !sys::peer_is_local(fd),
+        }
+}
+
 /// A large payload with at least this much still to come is received straight into its own
 /// buffer (a pooled receive in progress is stopped for it); less is copied out of the pool.
 const TARGETED_RECV: u64 = 256 * 1024;
@@ -339,6 +371,8 @@ struct Conn {
     feeding: bool,
     /// A Service connection's receiving side as its workers see it.
     direct: Option<Arc<crate::direct::Direct>>,
+    /// Large sends go zero-copy (see `zero_copy_for`).
+    zero_copy: bool,
     /// The send in flight: total bytes of its buffers.
     send_busy: bool,
     opened: Instant,
@@ -575,6 +609,7 @@ impl Loop {
             parked: false,
             feeding: false,
             direct: None,
+            zero_copy: false,
             send_busy: false,
             opened: Instant::now(),
             closing: None,
@@ -587,6 +622,9 @@ impl Loop {
             relay_progress: Instant::now(),
         };
         self.conns.insert(id, c);
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.zero_copy = zero_copy_for(&self.driver, c.fd.as_raw_fd());
+        }
         self.start_recv(id);
         self.dirty.push(id);
     }
@@ -738,8 +776,16 @@ impl Loop {
         c.proto.poll_transmit(&mut bufs, 64);
         c.send_busy = true;
         let fd = c.fd.as_raw_fd();
-        self.driver
-            .submit(token(id, SEND), Op::Send { fd, bufs, skip });
+        let zero_copy = c.zero_copy && sys::total_len(&bufs) - skip >= ZERO_COPY_MIN;
+        self.driver.submit(
+            token(id, SEND),
+            Op::Send {
+                fd,
+                bufs,
+                skip,
+                zero_copy,
+            },
+        );
     }
 
     fn complete(&mut self, c: Completion) {
@@ -1356,8 +1402,16 @@ impl Loop {
                 if skip < sys::total_len(&bufs) && !c.shut {
                     // The rest of the same buffers, from where the kernel stopped.
                     let fd = c.fd.as_raw_fd();
-                    self.driver
-                        .submit(token(id, SEND), Op::Send { fd, bufs, skip });
+                    let zero_copy = c.zero_copy && sys::total_len(&bufs) - skip >= ZERO_COPY_MIN;
+                    self.driver.submit(
+                        token(id, SEND),
+                        Op::Send {
+                            fd,
+                            bufs,
+                            skip,
+                            zero_copy,
+                        },
+                    );
                     return;
                 }
                 c.send_busy = false;
