@@ -672,13 +672,16 @@ impl Client {
     ) -> PyResult<String> {
         let p = self::payload(py, payload)?;
         let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
-        let sent = if defer {
-            self.inner.send_with(receiver, name, serde, flags, p, true)
-        } else {
-            // It may wait for room to send (back-pressure): without the GIL.
-            py.detach(|| self.inner.send_with(receiver, name, serde, flags, p, false))
-        };
-        sent.map_err(|e| call_error(py, e))
+        let to = self
+            .inner
+            .send_with(receiver, name, serde, flags, p, defer)
+            .map_err(|e| call_error(py, e))?;
+        // Back-pressure: wait, without the GIL and in slices (for Ctrl+C), while too much is
+        // unsent. An event loop's sends never wait.
+        while !defer && !py.detach(|| self.inner.wait_room(Some(Instant::now() + SIGNAL_CHECK))) {
+            py.check_signals()?;
+        }
+        Ok(to)
     }
 
     /// Sends a call whose answer comes through `take_done` (the client must be watched); the

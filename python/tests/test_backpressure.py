@@ -4,9 +4,11 @@ so neither process holds more than a bounded amount of what is in transit; nothi
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 from daffi import Client, SerdeFormat
 
@@ -103,3 +105,48 @@ def test_back_pressure_waits_without_the_gil():
                           timeout=120, env=os.environ.copy())
     assert done.returncode == 0, done.stderr
     assert "ran 301" in done.stdout
+
+
+def test_a_sender_held_back_by_a_frozen_peer_can_be_interrupted():
+    service = subprocess.Popen([sys.executable, "-c", SLOW_SERVICE], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    sender = None
+    try:
+        port = int(service.stdout.readline())
+        sender = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(f"""
+                import sys
+                from daffi import Client, SerdeFormat
+                conn = Client(host="127.0.0.1", port={port}).connect()
+                print("connected", flush=True)
+                sys.stdin.readline()
+                chunk = b"x" * (1 << 20)
+                send = conn.rpc_nowait(serde=SerdeFormat.OPAQUE).sink
+                print("sending", flush=True)
+                try:
+                    for i in range(10_000):
+                        send(chunk)
+                except KeyboardInterrupt:
+                    print("interrupted", flush=True)
+                    sys.exit(0)
+                print("never held back", flush=True)
+            """)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert sender.stdout.readline().strip() == "connected"
+        service.send_signal(signal.SIGSTOP)  # alive, connected, reading nothing
+        sender.stdin.write("go\n")
+        sender.stdin.flush()
+        assert sender.stdout.readline().strip() == "sending"
+        # Past the kernel's socket buffers and the 16 MiB the client may queue, it waits (else
+        # it would be done at once and say so).
+        time.sleep(1.5)
+        sender.send_signal(signal.SIGINT)
+        out, _ = sender.communicate(timeout=10)
+        assert out.strip() == "interrupted"
+    finally:
+        if sender is not None and sender.poll() is None:
+            sender.kill()
+        service.send_signal(signal.SIGCONT)
+        service.stdin.close()
+        service.kill()
+        service.wait(10)

@@ -961,18 +961,20 @@ impl Client {
             payload,
         );
         // An event loop's calls are held until it flushes, and leave together.
+        // (No back-pressure wait here: the caller waits for the answer, within its timeout,
+        // which cannot come before the request is written.)
         if slot.is_hooked() {
             self.shared.wire.cork(&self.engine, f);
         } else {
             self.shared.wire.send(&self.engine, f);
-            self.shared.wire.wait_room();
         }
         Ok((call_id, slot, route.target))
     }
 
     /// Sends a call that wants no answer; returns the receiver's name once the call is queued
     /// for sending. With `defer`, the call is held until [`Node::flush`], like the calls of
-    /// [`Client::start_async`] (and in order with them).
+    /// [`Client::start_async`] (and in order with them). It never waits: a sender that may be
+    /// held back calls [`Client::wait_room`] next.
     pub fn send_with(
         &self,
         receiver: Option<&str>,
@@ -994,11 +996,16 @@ impl Client {
         if defer {
             self.shared.wire.cork(&self.engine, f);
         } else {
-            // Back-pressure: a caller sending faster than its peer reads waits here.
             self.shared.wire.send(&self.engine, f);
-            self.shared.wire.wait_room();
         }
         Ok(route.target)
+    }
+
+    /// Back-pressure for senders of no-reply calls: while more than 16 MiB handed over wait to
+    /// be written (the peer reads slower than this side sends), waits until they are down to
+    /// 8 MiB, the connection closed, or `until` passed (then false).
+    pub fn wait_room(&self, until: Option<Instant>) -> bool {
+        self.shared.wire.wait_room(until)
     }
 
     /// Sends a call that wants no answer; returns the receiver's name once the call is queued
@@ -1011,7 +1018,9 @@ impl Client {
         flags: u8,
         payload: Bytes,
     ) -> Result<String, CallError> {
-        self.send_with(receiver, name, serde, flags, payload, false)
+        let to = self.send_with(receiver, name, serde, flags, payload, false)?;
+        self.wait_room(None);
+        Ok(to)
     }
 
     /// Waits until every named peer is connected; returns the missing ones on timeout.
@@ -1345,7 +1354,7 @@ fn frame(kind: Kind, call_id: u64, serde: u8, flags: u8, meta: &str, payload: By
 /// Sends an answer, then waits while the connection has too much unsent (back-pressure).
 fn respond(engine: &Engine, wire: &Wire, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
     wire.send(engine, answer(wire, call_id, serde, flags, payload));
-    wire.wait_room();
+    wire.wait_room(None);
 }
 
 /// The frame that answers a call: the result, or a `too-large` error when the caller would

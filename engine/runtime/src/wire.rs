@@ -9,6 +9,7 @@
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 
 use bytes::Bytes;
 use daffi_driver::sys;
@@ -169,16 +170,32 @@ impl Wire {
     /// Back-pressure for threads that may block: while more than `SEND_HIGH` bytes wait for
     /// the engine to write them (a peer reading slower than this side sends), waits until they
     /// are down to half that, or the connection closed. Returns at once otherwise.
-    pub(crate) fn wait_room(&self) {
+    /// Gives up at `until` (false).
+    pub(crate) fn wait_room(&self, until: Option<Instant>) -> bool {
         let mut s = self.lock();
         if s.pending <= SEND_HIGH {
-            return;
+            return true;
         }
         s.waiting += 1;
+        let mut room = true;
         while s.pending > SEND_LOW && !s.closed {
-            s = self.room.wait(s).unwrap_or_else(|e| e.into_inner());
+            s = match until {
+                None => self.room.wait(s).unwrap_or_else(|e| e.into_inner()),
+                Some(t) => {
+                    let now = Instant::now();
+                    if now >= t {
+                        room = false;
+                        break;
+                    }
+                    self.room
+                        .wait_timeout(s, t - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
         }
         s.waiting -= 1;
+        room
     }
 
     // ── engine side ──
