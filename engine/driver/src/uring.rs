@@ -286,6 +286,15 @@ impl Driver {
         self.backlog.append(&mut reaped);
     }
 
+    /// Asks the kernel to cancel the operation in slab entry `key`.
+    fn cancel(&mut self, key: usize) {
+        let cancel = self.ops.insert(InFlight::Cancel);
+        let sqe = opcode::AsyncCancel::new(key as u64)
+            .build()
+            .user_data(cancel as u64);
+        self.push(sqe);
+    }
+
     fn arm_wake(&mut self) {
         let mut buf = Box::new(0u64);
         let ptr = &mut *buf as *mut u64 as *mut u8;
@@ -510,11 +519,7 @@ impl crate::Driver for Driver {
 
     fn cancel_accept(&mut self, token: Token) {
         if let Some(&key) = self.accepts.get(&token) {
-            let cancel = self.ops.insert(InFlight::Cancel);
-            let sqe = opcode::AsyncCancel::new(key as u64)
-                .build()
-                .user_data(cancel as u64);
-            self.push(sqe);
+            self.cancel(key);
         }
     }
 
@@ -532,11 +537,7 @@ impl crate::Driver for Driver {
 
     fn cancel_recv(&mut self, token: Token, _fd: RawFd) {
         if let Some(&key) = self.recvs.get(&token) {
-            let cancel = self.ops.insert(InFlight::Cancel);
-            let sqe = opcode::AsyncCancel::new(key as u64)
-                .build()
-                .user_data(cancel as u64);
-            self.push(sqe);
+            self.cancel(key);
         }
     }
 

@@ -260,20 +260,9 @@ impl Direct {
             }
             return false;
         }
-        let mut rest = {
-            let mut s = self.lock();
-            match s.side {
-                Side::Parked => {
-                    s.side = Side::Thread;
-                    s.want = false;
-                    std::mem::take(&mut s.rest)
-                }
-                Side::Engine => {
-                    s.want = true;
-                    return false;
-                }
-                Side::Thread | Side::Closed => return false,
-            }
+        // A caller finding the engine receiving asks for a park, for its next call.
+        let Some(mut rest) = self.take_turn(true) else {
+            return false;
         };
         let turn = self.read(&mut rest, calls, slot, until);
         let mut s = self.lock();
@@ -347,15 +336,7 @@ impl Direct {
         if !self.enabled {
             return None;
         }
-        let mut rest = {
-            let mut s = self.lock();
-            if s.side != Side::Parked {
-                return None;
-            }
-            s.side = Side::Thread;
-            s.want = false;
-            std::mem::take(&mut s.rest)
-        };
+        let mut rest = self.take_turn(false)?;
         let mut calls = Vec::new();
         let turn = loop {
             let mut used = 0;
@@ -421,6 +402,24 @@ impl Direct {
             server.callee.calls.wake_one();
         }
         first
+    }
+
+    /// Takes a parked connection for this thread: the bytes read past the last frame handled.
+    /// `None` when it is not parked; then, with `ask`, the engine is asked to park it.
+    fn take_turn(&self, ask: bool) -> Option<Vec<u8>> {
+        let mut s = self.lock();
+        match s.side {
+            Side::Parked => {
+                s.side = Side::Thread;
+                s.want = false;
+                Some(std::mem::take(&mut s.rest))
+            }
+            Side::Engine => {
+                s.want |= ask;
+                None
+            }
+            Side::Thread | Side::Closed => None,
+        }
     }
 
     /// Receives more bytes into `rest`: `Ok(true)` when some came (or may have), `Ok(false)`

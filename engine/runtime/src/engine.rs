@@ -394,6 +394,20 @@ struct Conn {
     relay_progress: Instant,
 }
 
+impl Conn {
+    /// The send of `bufs` less its first `skip` bytes; zero-copy when large enough on a
+    /// connection that sends so.
+    fn send_op(&self, bufs: Vec<Bytes>, skip: usize) -> Op {
+        let zero_copy = self.zero_copy && sys::total_len(&bufs) - skip >= ZERO_COPY_MIN;
+        Op::Send {
+            fd: self.fd.as_raw_fd(),
+            bufs,
+            skip,
+            zero_copy,
+        }
+    }
+}
+
 /// What a Router does with a large payload while it arrives.
 #[derive(Debug)]
 enum Relay {
@@ -775,17 +789,7 @@ impl Loop {
         }
         c.proto.poll_transmit(&mut bufs, 64);
         c.send_busy = true;
-        let fd = c.fd.as_raw_fd();
-        let zero_copy = c.zero_copy && sys::total_len(&bufs) - skip >= ZERO_COPY_MIN;
-        self.driver.submit(
-            token(id, SEND),
-            Op::Send {
-                fd,
-                bufs,
-                skip,
-                zero_copy,
-            },
-        );
+        self.driver.submit(token(id, SEND), c.send_op(bufs, skip));
     }
 
     fn complete(&mut self, c: Completion) {
@@ -1401,17 +1405,7 @@ impl Loop {
                 let skip = skip + n;
                 if skip < sys::total_len(&bufs) && !c.shut {
                     // The rest of the same buffers, from where the kernel stopped.
-                    let fd = c.fd.as_raw_fd();
-                    let zero_copy = c.zero_copy && sys::total_len(&bufs) - skip >= ZERO_COPY_MIN;
-                    self.driver.submit(
-                        token(id, SEND),
-                        Op::Send {
-                            fd,
-                            bufs,
-                            skip,
-                            zero_copy,
-                        },
-                    );
+                    self.driver.submit(token(id, SEND), c.send_op(bufs, skip));
                     return;
                 }
                 c.send_busy = false;

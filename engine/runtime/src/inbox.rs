@@ -173,33 +173,8 @@ impl<T> Inbox<T> {
 
     /// Waits for the next item, at most `timeout` (`None`: no limit).
     pub fn pop(&self, timeout: Option<Duration>) -> Next<T> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some((item, drained)) = self.take_front(&mut s) {
-                drop(s);
-                if drained {
-                    self.drained();
-                }
-                return Next::Item(item);
-            }
-            if s.closed {
-                return Next::Closed;
-            }
-            s = match deadline {
-                None => self.ready.wait(s).unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Next::Timeout;
-                    }
-                    self.ready
-                        .wait_timeout(s, d - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
-            };
-        }
+        self.wait(timeout, false)
+            .expect("a wait that ignores wake-ups always ends with an outcome")
     }
 
     /// Wakes one waiter of [`Inbox::pop_or_wake`] (something else than an item may be there
@@ -214,6 +189,12 @@ impl<T> Inbox<T> {
 
     /// Like [`Inbox::pop`], but also returns `None` when woken by [`Inbox::wake_one`].
     pub(crate) fn pop_or_wake(&self, timeout: Option<Duration>) -> Option<Next<T>> {
+        self.wait(timeout, true)
+    }
+
+    /// Waits for the next item, at most `timeout`; with `wakes`, also ends (`None`) at a
+    /// wake-up from [`Inbox::wake_one`].
+    fn wait(&self, timeout: Option<Duration>, wakes: bool) -> Option<Next<T>> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -227,7 +208,7 @@ impl<T> Inbox<T> {
             if s.closed {
                 return Some(Next::Closed);
             }
-            if s.wakes > 0 {
+            if wakes && s.wakes > 0 {
                 s.wakes -= 1;
                 return None;
             }
