@@ -101,9 +101,11 @@ pub enum ScanRequest<'a> {
     Other,
 }
 
-/// Looks at the frame at the front of `buf` for a direct (not routed) request with a payload
-/// of at most `max_payload` bytes (itself capped at the reader's small-payload size).
-pub fn scan_request(buf: &[u8], max_payload: u64) -> ScanRequest<'_> {
+/// Looks at the frame at the front of `buf` for a request with a payload of at most
+/// `max_payload` bytes (itself capped at the reader's small-payload size). On a `routed`
+/// connection (a client's, through a Router) a request's meta is `caller\0function` and the
+/// name returned is the function's; on any other its meta is the function's name alone.
+pub fn scan_request(buf: &[u8], max_payload: u64, routed: bool) -> ScanRequest<'_> {
     let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
         return ScanRequest::Partial;
     };
@@ -120,8 +122,14 @@ pub fn scan_request(buf: &[u8], max_payload: u64) -> ScanRequest<'_> {
     if buf.len() < len {
         return ScanRequest::Partial;
     }
-    match std::str::from_utf8(&buf[HEADER_LEN..meta_end]) {
-        Ok(name) if !name.contains('\0') => ScanRequest::Request(Request {
+    let meta = std::str::from_utf8(&buf[HEADER_LEN..meta_end]);
+    let name = match meta {
+        Ok(meta) if routed => meta.split_once('\0').map(|(_, name)| name),
+        Ok(meta) if !meta.contains('\0') => Some(meta),
+        _ => None,
+    };
+    match name {
+        Some(name) => ScanRequest::Request(Request {
             call_id: h.call_id,
             len,
             name,
@@ -190,7 +198,7 @@ mod tests {
         let first = stream.len();
         stream.extend(frame(Kind::Response, 4, 0, "", b"x"));
         assert_eq!(
-            scan_request(&stream, 1 << 30),
+            scan_request(&stream, 1 << 30, false),
             ScanRequest::Request(Request {
                 call_id: 3,
                 len: first,
@@ -201,17 +209,49 @@ mod tests {
             })
         );
         for cut in 0..first {
-            assert_eq!(scan_request(&stream[..cut], 1 << 30), ScanRequest::Partial);
+            assert_eq!(
+                scan_request(&stream[..cut], 1 << 30, false),
+                ScanRequest::Partial
+            );
         }
-        assert_eq!(scan_request(&stream[first..], 1 << 30), ScanRequest::Other);
-        let routed = frame(Kind::Request, 5, 0, "peer\0echo", b"");
-        assert_eq!(scan_request(&routed, 1 << 30), ScanRequest::Other);
-        let big = frame(Kind::Request, 6, 0, "f", &vec![1u8; SMALL_PAYLOAD + 1]);
-        assert_eq!(scan_request(&big, 1 << 30), ScanRequest::Other);
         assert_eq!(
-            scan_request(&frame(Kind::Request, 7, 0, "f", b"12"), 1),
+            scan_request(&stream[first..], 1 << 30, false),
             ScanRequest::Other
         );
+        // A routed request on a direct connection is the connection's to refuse.
+        let routed = frame(Kind::Request, 5, 0, "peer\0echo", b"");
+        assert_eq!(scan_request(&routed, 1 << 30, false), ScanRequest::Other);
+        let big = frame(Kind::Request, 6, 0, "f", &vec![1u8; SMALL_PAYLOAD + 1]);
+        assert_eq!(scan_request(&big, 1 << 30, false), ScanRequest::Other);
+        assert_eq!(
+            scan_request(&frame(Kind::Request, 7, 0, "f", b"12"), 1, false),
+            ScanRequest::Other
+        );
+    }
+
+    #[test]
+    fn routed_requests_name_the_function_after_the_caller() {
+        let routed = frame(Kind::Request, 5, 0, "caller\0echo", b"hi");
+        assert_eq!(
+            scan_request(&routed, 1 << 30, true),
+            ScanRequest::Request(Request {
+                call_id: 5,
+                len: routed.len(),
+                name: "echo",
+                serde: 2,
+                flags: Flags(0),
+                payload: b"hi"
+            })
+        );
+        // Without a caller's name the connection reports the broken frame.
+        let bare = frame(Kind::Request, 6, 0, "echo", b"");
+        assert_eq!(scan_request(&bare, 1 << 30, true), ScanRequest::Other);
+        for cut in 0..routed.len() {
+            assert_eq!(
+                scan_request(&routed[..cut], 1 << 30, true),
+                ScanRequest::Partial
+            );
+        }
     }
 
     #[test]

@@ -29,7 +29,8 @@ use daffi_proto::answer::{self, Answer, Scan, ScanRequest};
 
 use crate::call::{CallError, CallTable, Reply, Slot};
 use crate::engine::{Command, Engine};
-use crate::node::{IncomingCall, ServerShared};
+use crate::inbox::Inbox;
+use crate::node::IncomingCall;
 use crate::payload::Payload;
 
 /// A parked connection unused for this long goes back to the engine (so that whatever the peer
@@ -81,6 +82,8 @@ pub(crate) struct Direct {
     enabled: bool,
     /// Answers read by callers so far (a diagnostic).
     answered: std::sync::atomic::AtomicU64,
+    /// Requests read by workers so far (a diagnostic).
+    requests: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
 }
 
@@ -103,6 +106,19 @@ impl Drop for Waiting {
     }
 }
 
+/// What a worker's turn at reading needs to know of the node it works for.
+pub(crate) struct Worker<'a> {
+    /// Where the requests read after the first go, in order.
+    pub(crate) inbox: &'a Inbox<IncomingCall>,
+    /// Whether a request for this function in this serde format runs here; the others are
+    /// the engine's to refuse.
+    pub(crate) runs: &'a dyn Fn(&str, u8) -> bool,
+    /// Raised by the engine to take the connection back from a worker waiting on it.
+    pub(crate) alarm: Option<&'a sys::Alarm>,
+    /// Requests name their caller first (a client's connection through a Router).
+    pub(crate) routed: bool,
+}
+
 /// How a thread's turn at reading ended.
 enum Turn {
     /// Its answer arrived.
@@ -120,6 +136,7 @@ impl Direct {
             max_payload,
             enabled: enabled(),
             answered: Default::default(),
+            requests: Default::default(),
             state: Mutex::new(State {
                 side: Side::Engine,
                 want: false,
@@ -135,9 +152,14 @@ impl Direct {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// How many answers (requests, on a Service's connection) were read by binding threads.
+    /// How many answers were read by their callers' threads.
     pub(crate) fn answered(&self) -> u64 {
         self.answered.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many requests were read by workers' threads.
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     // ── engine side ──
@@ -323,14 +345,15 @@ impl Direct {
         }
     }
 
-    /// A Service worker's turn: if the connection is parked, receives on this thread until at
-    /// least one small request for an exported function arrives (the first is returned, those
-    /// read with it are queued after it), `until` passes, or the server's alarm is raised.
+    /// A worker's turn (a Service's, or a Client's that exports functions): if the connection
+    /// is parked, receives on this thread until at least one small request for a function run
+    /// here arrives (the first is returned, those read with it are queued after it), `until`
+    /// passes, or the node's alarm is raised.
     pub(crate) fn read_request(
         &self,
         conn: u64,
         engine: &Engine,
-        server: &ServerShared,
+        node: &Worker<'_>,
         until: Option<Instant>,
     ) -> Option<IncomingCall> {
         if !self.enabled {
@@ -342,8 +365,8 @@ impl Direct {
             let mut used = 0;
             let mut other = false;
             loop {
-                match answer::scan_request(&rest[used..], self.max_payload) {
-                    ScanRequest::Request(r) if server.runs(r.name, r.serde) => {
+                match answer::scan_request(&rest[used..], self.max_payload, node.routed) {
+                    ScanRequest::Request(r) if (node.runs)(r.name, r.serde) => {
                         calls.push(IncomingCall {
                             conn,
                             call_id: r.call_id,
@@ -369,13 +392,13 @@ impl Direct {
             if !calls.is_empty() {
                 break Turn::Answered;
             }
-            match self.receive(&mut rest, until, server.alarm.as_ref()) {
+            match self.receive(&mut rest, until, node.alarm) {
                 Ok(true) => {}
                 Ok(false) => break Turn::Waited,
                 Err(()) => break Turn::HandBack,
             }
         };
-        self.answered
+        self.requests
             .fetch_add(calls.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let mut s = self.lock();
         s.rest = rest;
@@ -389,7 +412,7 @@ impl Direct {
         // Those read with the first run after it, in order, before anything read later.
         for call in calls {
             let weight = call.payload.len() + crate::node::CALL_WEIGHT;
-            server.callee.calls.push_weighed(call, weight);
+            node.inbox.push_weighed(call, weight);
         }
         if matches!(turn, Turn::HandBack) || overlap || std::mem::take(&mut s.recall) {
             s.side = Side::Engine;
@@ -399,7 +422,7 @@ impl Direct {
             s.side = Side::Parked;
             drop(s);
             // Another idle worker may take the next turn at reading.
-            server.callee.calls.wake_one();
+            node.inbox.wake_one();
         }
         first
     }

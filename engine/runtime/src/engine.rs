@@ -653,8 +653,12 @@ impl Loop {
         // A sequential caller, or a Service's idle worker, may receive on its own thread:
         // park the connection for it when nothing else needs the engine to read.
         let wanted = match &c.owner {
+            // A client's callers, or its idle workers (when none of its requests waits for
+            // them: they ask again once they have taken those).
             Owner::Client(cl) => {
-                cl.direct.wanted() && cl.calls.is_empty() && cl.callee.has_no_functions()
+                cl.direct.wanted()
+                    && cl.calls.is_empty()
+                    && (cl.callee.calls.backlog().0 == 0 || cl.direct.forget_want())
             }
             Owner::Server(s) => c.direct.as_ref().is_some_and(|d| {
                 let ok = s.callee.calls.backlog().0 == 0 && s.connection_count() == 1;
@@ -679,7 +683,9 @@ impl Loop {
                 return;
             }
             let parked = match &c.owner {
-                Owner::Client(cl) => cl.direct.try_park(|| cl.calls.is_empty()),
+                Owner::Client(cl) => cl
+                    .direct
+                    .try_park(|| cl.calls.is_empty() && cl.callee.calls.backlog().0 == 0),
                 Owner::Server(s) => c
                     .direct
                     .as_ref()
@@ -689,10 +695,15 @@ impl Loop {
                 c.parked = true;
                 self.parked.push(id);
                 self.driver.lend(c.fd.as_raw_fd(), true);
-                if let (Owner::Server(s), Some(d)) = (&c.owner, &c.direct) {
-                    *s.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, d.clone()));
-                    // The worker waiting for it.
-                    s.callee.calls.wake_one();
+                match (&c.owner, &c.direct) {
+                    (Owner::Server(s), Some(d)) => {
+                        *s.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, d.clone()));
+                        // The worker waiting for it.
+                        s.callee.calls.wake_one();
+                    }
+                    // A worker waiting for it, if any (a caller reads at its next call).
+                    (Owner::Client(cl), _) => cl.callee.calls.wake_one(),
+                    _ => {}
                 }
                 return;
             }

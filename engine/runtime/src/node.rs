@@ -16,7 +16,7 @@ use daffi_proto::frame::{Kind, encode_head, error_code};
 use daffi_proto::{Flags, Local, Peer};
 
 use crate::call::{CallError, CallTable, Reply};
-use crate::direct::Direct;
+use crate::direct::{Direct, Worker};
 use crate::engine::{Command, Engine};
 use crate::inbox::{Inbox, Next};
 use crate::notify::{Completions, Notifier};
@@ -113,11 +113,6 @@ impl Callee {
     fn watch(&self, n: &Arc<Notifier>) {
         self.calls.watch(n.clone());
         self.events.watch(n.clone());
-    }
-
-    /// Whether no function is exported (then no request can arrive).
-    pub(crate) fn has_no_functions(&self) -> bool {
-        lock(&self.functions).is_empty()
     }
 
     /// Adds new names; returns those that were not exported yet.
@@ -309,7 +304,7 @@ impl Server {
         lock(&self.shared.state)
             .directs
             .values()
-            .map(|d| d.answered())
+            .map(|d| d.requests())
             .sum()
     }
 
@@ -678,13 +673,19 @@ impl Client {
         lock(&self.shared.state).reason.clone()
     }
 
-    /// True when connected to a Router (calls go to the peers behind it).
     /// How many answers this client's callers received on their own threads rather than
     /// through the engine thread (a diagnostic; see the `direct` module).
     pub fn answers_read_by_callers(&self) -> u64 {
         self.shared.direct.answered()
     }
 
+    /// How many requests for this client's functions its workers received on their own
+    /// threads rather than through the engine thread (a diagnostic; see the `direct` module).
+    pub fn requests_read_by_workers(&self) -> u64 {
+        self.shared.direct.requests()
+    }
+
+    /// True when connected to a Router (calls go to the peers behind it).
     pub fn is_routed(&self) -> bool {
         lock(&self.shared.state).routed()
     }
@@ -1158,44 +1159,24 @@ impl Node for Server {
     /// While the Service has one connection and its workers keep up, the waiting worker
     /// receives the next request itself (see [`crate::direct`]).
     fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
-        let calls = &self.shared.callee.calls;
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            match calls.pop(Some(Duration::ZERO)) {
-                Next::Timeout => {}
-                other => return other,
-            }
-            let reader = lock(&self.shared.reader).clone();
+        let shared = &self.shared;
+        let runs = |name: &str, serde: u8| shared.runs(name, serde);
+        let worker = Worker {
+            inbox: &shared.callee.calls,
+            runs: &runs,
+            alarm: shared.alarm.as_ref(),
+            routed: false,
+        };
+        worker_loop(&shared.callee.calls, timeout, |deadline| {
+            let reader = lock(&shared.reader).clone();
             match reader {
-                Some((conn, direct)) => {
-                    if let Some(call) =
-                        direct.read_request(conn, &self.engine, &self.shared, deadline)
-                    {
-                        return Next::Item(call);
-                    }
+                Some((conn, direct)) => direct.read_request(conn, &self.engine, &worker, deadline),
+                None => {
+                    self.ask_to_read();
+                    None
                 }
-                None => self.ask_to_read(),
             }
-            let wait = match deadline {
-                None => None,
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Next::Timeout;
-                    }
-                    Some(d - now)
-                }
-            };
-            // Woken by a call, by the engine lending a connection, or by a reader leaving.
-            match calls.pop_or_wake(wait) {
-                Some(Next::Timeout) if deadline.is_some_and(|d| Instant::now() >= d) => {
-                    return Next::Timeout;
-                }
-                Some(Next::Timeout) => {}
-                Some(other) => return other,
-                None => {}
-            }
-        }
+        })
     }
 
     fn respond(&self, conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
@@ -1243,6 +1224,33 @@ impl Node for Client {
         }
     }
 
+    /// While the client's workers keep up and it waits for no answer, the waiting worker
+    /// receives the next request itself (see [`crate::direct`]).
+    fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
+        let shared = &self.shared;
+        let runs =
+            |name: &str, _serde: u8| lock(&shared.callee.functions).iter().any(|f| f == name);
+        worker_loop(&shared.callee.calls, timeout, |deadline| {
+            let worker = Worker {
+                inbox: &shared.callee.calls,
+                runs: &runs,
+                alarm: None,
+                routed: lock(&shared.state).routed(),
+            };
+            if let Some(call) =
+                shared
+                    .direct
+                    .read_request(shared.conn, &self.engine, &worker, deadline)
+            {
+                return Some(call);
+            }
+            if shared.direct.ask() {
+                self.engine.send(Command::Park { conn: shared.conn });
+            }
+            None
+        })
+    }
+
     /// A client has one connection; `conn` is ignored.
     fn respond(&self, _conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
         respond(
@@ -1276,6 +1284,45 @@ impl Node for Client {
 
     fn flush(&self) {
         self.flush_held();
+    }
+}
+
+/// The workers' side of [`Node::next_call`] on a node whose workers may receive themselves:
+/// the next call queued, else a `turn` at reading the connection lent to them (which asks the
+/// engine for it when it is not lent), else a wait for either.
+fn worker_loop(
+    calls: &Inbox<IncomingCall>,
+    timeout: Option<Duration>,
+    mut turn: impl FnMut(Option<Instant>) -> Option<IncomingCall>,
+) -> Next<IncomingCall> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        match calls.pop(Some(Duration::ZERO)) {
+            Next::Timeout => {}
+            other => return other,
+        }
+        if let Some(call) = turn(deadline) {
+            return Next::Item(call);
+        }
+        let wait = match deadline {
+            None => None,
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    return Next::Timeout;
+                }
+                Some(d - now)
+            }
+        };
+        // Woken by a call, by the engine lending a connection, or by a reader leaving.
+        match calls.pop_or_wake(wait) {
+            Some(Next::Timeout) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                return Next::Timeout;
+            }
+            Some(Next::Timeout) => {}
+            Some(other) => return other,
+            None => {}
+        }
     }
 }
 

@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use daffi_runtime::{Address, CallError, Client, Engine, Next, Node, Server, ServerConfig};
+use daffi_runtime::{
+    Address, CallError, Client, ClientConfig, DEFAULT_MAX_MESSAGE_SIZE, Engine, Listening, Next,
+    Node, Router, RouterConfig, Server, ServerConfig,
+};
 
 mod support;
 
@@ -19,6 +22,7 @@ fn callers_and_workers_receive_on_their_own_threads() {
         sequential_callers_receive_their_own_answers(&engine);
         late_answers_read_by_a_caller_are_dropped(&engine);
         service_workers_receive_their_own_requests(&engine);
+        routed_workers_receive_their_own_requests(&engine);
     }
 }
 
@@ -325,5 +329,218 @@ fn service_workers_receive_their_own_requests(engine: &Engine) {
         for w in workers {
             w.join().unwrap();
         }
+    }
+}
+
+/// Through a Router, a worker Client's idle workers read their requests themselves too, while
+/// everything else on that connection still reaches the engine: the worker's own calls and
+/// their answers, membership frames, large payloads, requests the Router refuses, no-reply
+/// calls in order, several callers at once, and the Router going away.
+fn routed_workers_receive_their_own_requests(engine: &Engine) {
+    let router = Router::start(
+        engine,
+        RouterConfig {
+            name: "router".into(),
+            address: Address::Tcp {
+                host: "127.0.0.1".into(),
+                port: 0,
+            },
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            token: Vec::new(),
+        },
+    )
+    .unwrap();
+    let join = |name: &str, functions: &[&str]| {
+        Arc::new(
+            Client::connect(
+                engine,
+                ClientConfig {
+                    name: name.into(),
+                    address: router.address().clone(),
+                    max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+                    functions: functions.iter().map(|f| f.to_string()).collect(),
+                    connect_timeout: Duration::from_secs(5),
+                    token: Vec::new(),
+                },
+            )
+            .unwrap(),
+        )
+    };
+    // `helper` answers `twice` with its payload doubled; `w`'s `relay` asks `helper` for that
+    // (an answer arriving on w's connection while its workers read it).
+    let helper = join("helper", &["twice"]);
+    let worker = join("w", &["echo", "note", "relay"]);
+    let notes = Arc::new(Mutex::new(Vec::new()));
+    let mut threads = Vec::new();
+    {
+        let h = helper.clone();
+        threads.push(std::thread::spawn(move || {
+            while let Next::Item(call) = h.next_call(None) {
+                let mut out = call.payload.as_slice().to_vec();
+                out.extend_from_within(..);
+                h.respond(call.conn, call.call_id, call.serde, 0, Bytes::from(out));
+            }
+        }));
+    }
+    for _ in 0..2 {
+        let (w, notes) = (worker.clone(), notes.clone());
+        threads.push(std::thread::spawn(move || {
+            while let Next::Item(call) = w.next_call(None) {
+                let out = match call.name.as_str() {
+                    "note" => {
+                        notes.lock().unwrap().push(call.payload.as_slice().to_vec());
+                        continue;
+                    }
+                    "relay" => match w.call(
+                        Some("helper"),
+                        "twice",
+                        0,
+                        0,
+                        call.payload.into_bytes(),
+                        Some(Duration::from_secs(5)),
+                    ) {
+                        Ok(r) => r.payload.into_bytes(),
+                        Err(e) => Bytes::from(format!("relay failed: {e}")),
+                    },
+                    _ => call.payload.into_bytes(),
+                };
+                w.respond(call.conn, call.call_id, call.serde, 0, out);
+            }
+        }));
+    }
+    let caller = join("caller", &[]);
+    caller
+        .wait_for_members(
+            &["w".to_owned(), "helper".to_owned()],
+            Some(Duration::from_secs(5)),
+        )
+        .unwrap();
+    let call = |c: &Client, name: &str, msg: Vec<u8>| {
+        c.call(
+            Some("w"),
+            name,
+            0,
+            0,
+            Bytes::from(msg),
+            Some(Duration::from_secs(10)),
+        )
+        .unwrap()
+        .payload
+        .as_slice()
+        .to_vec()
+    };
+    let mut made = 0u32;
+    while worker.requests_read_by_workers() < 200 && made < 5000 {
+        let msg = made.to_le_bytes().to_vec();
+        assert_eq!(
+            call(&caller, "echo", msg.clone()),
+            msg,
+            "{}",
+            engine.backend()
+        );
+        made += 1;
+    }
+    let read = worker.requests_read_by_workers();
+    assert!(
+        read >= 200,
+        "{}: the worker's threads read only {read} of {made} requests",
+        engine.backend()
+    );
+    // Its own calls, answered on the connection its workers read.
+    for i in 0..50u32 {
+        let msg = i.to_le_bytes().to_vec();
+        assert_eq!(
+            call(&caller, "relay", msg.clone()),
+            [&msg[..], &msg[..]].concat()
+        );
+        assert_eq!(call(&caller, "echo", msg.clone()), msg);
+    }
+    // Large payloads, which the engine receives, in between small ones.
+    for size in [16 << 10 | 1, 300 << 10, 3 << 20] {
+        let big: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        assert_eq!(call(&caller, "echo", big.clone()), big);
+        assert_eq!(call(&caller, "echo", b"small".to_vec()), b"small");
+    }
+    // A function the worker does not export: refused, and the worker goes on.
+    assert!(matches!(
+        caller.call(
+            Some("w"),
+            "nope",
+            0,
+            0,
+            Bytes::new(),
+            Some(Duration::from_secs(5))
+        ),
+        Err(CallError::Transmission(_))
+    ));
+    // No-reply calls, then a call: all there, none lost.
+    for i in 0..100u32 {
+        caller
+            .send(
+                Some("w"),
+                "note",
+                0,
+                0,
+                Bytes::from(i.to_le_bytes().to_vec()),
+            )
+            .unwrap();
+    }
+    assert_eq!(call(&caller, "echo", b"after".to_vec()), b"after");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while notes.lock().unwrap().len() < 100 {
+        assert!(
+            Instant::now() < deadline,
+            "{}: notes lost",
+            engine.backend()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut got: Vec<u32> = notes
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|n| u32::from_le_bytes(n[..4].try_into().unwrap()))
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..100).collect::<Vec<_>>());
+    // Several callers at once, and a peer joining (a membership frame) meanwhile.
+    let callers: Vec<_> = (0..3u8)
+        .map(|t| {
+            let c = join(&format!("c{t}"), &[]);
+            std::thread::spawn(move || {
+                c.wait_for_members(&["w".to_owned()], Some(Duration::from_secs(5)))
+                    .unwrap();
+                for i in 0..200u32 {
+                    let mut msg = vec![t];
+                    msg.extend_from_slice(&i.to_le_bytes());
+                    let r = c
+                        .call(Some("w"), "echo", 0, 0, Bytes::from(msg.clone()), None)
+                        .unwrap();
+                    assert!(r.payload.as_slice() == msg);
+                }
+                c.close();
+            })
+        })
+        .collect();
+    for t in callers {
+        t.join().unwrap();
+    }
+    assert_eq!(call(&caller, "echo", b"last".to_vec()), b"last");
+    // The Router goes away while the worker's threads wait on its socket: they see it end.
+    router.stop();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while worker.is_open() {
+        assert!(
+            Instant::now() < deadline,
+            "{}: the worker never saw the Router go",
+            engine.backend()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for c in [&worker, &helper, &caller] {
+        c.close();
+    }
+    for t in threads {
+        t.join().unwrap();
     }
 }
