@@ -1069,6 +1069,36 @@ def test_many_timeouts_do_not_poison_the_connection(aio):
 
 
 @loops
+def test_each_call_expires_at_its_own_deadline(aio, loop_kind):
+    async def main():
+        _, conn = await service_and_conn(aio, workers=4)
+        loop = asyncio.get_running_loop()
+        # Hundreds of calls answered well within a long deadline: none of them fires later.
+        for i in range(300):
+            assert await conn.rpc(timeout=60).ax_echo(i) == i
+        started = loop.time()
+
+        async def expiry(timeout: float) -> float | None:
+            try:
+                await conn.rpc(timeout=timeout).ax_sleep(1.2, tag="late")
+            except CallTimeout:
+                return loop.time() - started
+            return None
+
+        # A later deadline first, then an earlier one, then a call answered in time.
+        later = asyncio.ensure_future(expiry(0.7))
+        await asyncio.sleep(0.05)
+        earlier = asyncio.ensure_future(expiry(0.2))
+        assert await conn.rpc(timeout=0.5).ax_sleep(0.05, tag="in time") == "in time"
+        first, second = await earlier, await later
+        assert first is not None and 0.25 <= first < 0.6, first
+        assert second is not None and 0.7 <= second < 1.1, second
+        assert await conn.rpc(timeout=5).ax_echo("after") == "after"
+
+    aio.run(main(), loop_kind)
+
+
+@loops
 def test_cancelling_the_awaiting_task_abandons_the_call(aio, loop_kind):
     async def main():
         _, conn = await service_and_conn(aio, workers=1)
