@@ -282,6 +282,35 @@ impl NodeBase {
         Ok(n.fd())
     }
 
+    /// The socket the event loop should watch now (the connection lent to it), or -1. When it
+    /// changes, stop watching the old one, then call `give_back`.
+    fn lent_fd(&self) -> i32 {
+        self.node.lent_fd().unwrap_or(-1)
+    }
+
+    /// The event loop stopped watching the socket `lent_fd` gave it.
+    fn give_back(&self) {
+        self.node.give_back();
+    }
+
+    /// Reads what the lent socket holds, without waiting; what it completes or queues is taken
+    /// with `take_done`, `take_calls` and `take_events` next. False: stop watching the socket,
+    /// then call `give_back`.
+    fn read_lent(&self, py: Python<'_>) -> bool {
+        py.detach(|| self.node.read_lent())
+    }
+
+    /// `(answers, requests)` read by threads of this process or its event loop rather than by
+    /// the engine thread (a diagnostic).
+    fn direct_reads(&self) -> (u64, u64) {
+        self.node.direct_reads()
+    }
+
+    /// The event loop stops watching the node (call it once it stopped watching the socket).
+    fn end_loop_reading(&self) {
+        self.node.end_loop_reading();
+    }
+
     /// Makes the watched descriptor unreadable until something new is ready; call it before
     /// taking what is ready.
     fn clear_ready(&self) {

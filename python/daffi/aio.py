@@ -10,7 +10,11 @@ async nodes mix freely on one network. Every call style returns an awaitable::
 
 How it waits: the engine makes one descriptor per node readable whenever answers, calls or
 membership events are ready, and the event loop watches it with ``loop.add_reader``; the
-callback takes everything that is ready without blocking. There is no thread hop per call and
+callback takes everything that is ready without blocking. While a client's connection (or a
+Service's only one) has nothing that needs the engine, the engine lends it to the loop, which
+then watches the socket itself and reads small answers and requests on its own thread, so a
+round trip does not wait for the engine thread to wake up; large payloads, membership frames
+and the like go back to the engine. There is no thread hop per call and
 no thread per waiting call: thousands of concurrent calls on one connection each get their own
 future. Cancelling a task that awaits a call abandons the call (a late answer is dropped).
 The frames a node sends during one turn of the loop are written together when the turn ends
@@ -109,6 +113,8 @@ class _Bridge:
         loop.add_reader(self.fd, self.ready)
         self.closed = False
         self.flush_pending = False
+        # The node's socket while its connection is lent to this loop, else -1.
+        self.sock_fd = -1
         # Call deadlines: a heap of (loop time, sequence, future) served by one timer, much
         # lighter per call than a call_later each. Entries of calls done are dropped lazily.
         self.deadlines: list[tuple[float, int, asyncio.Future]] = []
@@ -123,6 +129,37 @@ class _Bridge:
             return
         native = self.native
         native.clear_ready()
+        fd = native.lent_fd()
+        if fd != self.sock_fd:
+            self._follow_socket()
+        elif fd < 0:
+            # Lent and wanted back before this loop ever watched it: give it back all the same.
+            native.give_back()
+        self._collect()
+
+    def _follow_socket(self) -> None:
+        """Watch the socket the engine lends this loop, if any (see read_socket); stop watching
+        one it wants back (first stop, then give back: the engine may close it right after)."""
+        if self.sock_fd >= 0:
+            self.loop.remove_reader(self.sock_fd)
+            self.sock_fd = -1
+            self.native.give_back()
+        fd = self.native.lent_fd()
+        if fd >= 0:
+            self.sock_fd = fd
+            self.loop.add_reader(fd, self.read_socket)
+
+    def read_socket(self) -> None:
+        """The lent socket is readable: this thread reads it, rather than the engine's thread
+        reading it and then waking the loop (one thread hop less per message)."""
+        if self.closed:
+            return
+        if not self.native.read_lent():
+            self._follow_socket()
+        self._collect()
+
+    def _collect(self) -> None:
+        native = self.native
         if self.is_client:
             for call_id, status, serde, text, value in native.take_done():
                 future = self.futures.pop(call_id, None)
@@ -194,6 +231,13 @@ class _Bridge:
             return
         self.closed = True
         self.native.flush()
+        if self.sock_fd >= 0:
+            try:
+                self.loop.remove_reader(self.sock_fd)
+            except (ValueError, OSError, RuntimeError):  # the loop is closed
+                pass
+            self.sock_fd = -1
+        self.native.end_loop_reading()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

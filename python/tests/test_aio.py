@@ -973,6 +973,41 @@ def test_callback_registered_after_start_is_callable(aio):
     aio.run(main())
 
 
+@loops
+def test_event_loops_read_their_own_sockets_and_hand_the_rest_to_the_engine(aio, loop_kind):
+    """Sequential calls: each side's event loop reads its socket itself (no hop through the
+    engine thread); what it may not handle (large payloads, a second client) still works."""
+
+    async def main():
+        svc, conn = await service_and_conn(aio)
+        echo = conn.rpc(timeout=10).ax_echo
+        for i in range(300):
+            assert await echo(i) == i
+        answers = conn._native.direct_reads()[0]
+        requests = svc._native.direct_reads()[1]
+        assert answers >= 200 and requests >= 200, (answers, requests)
+        blob = bytes(range(256)) * 4096  # 1 MiB: received by the engine, both ways
+        assert await conn.rpc(timeout=10, serde=SerdeFormat.OPAQUE).ax_echo(blob) == blob
+        for i in range(100):
+            assert await echo(i) == i
+        assert conn._native.direct_reads()[0] >= answers + 50
+        # A second client: the Service's loop gives its connection back; both are served, in
+        # turn and at once, and again once the second has left.
+        other = await aio.client(svc).connect()
+        other_echo = other.rpc(timeout=10).ax_echo
+        for i in range(50):
+            assert (await echo(i), await other_echo(-i)) == (i, -i)
+        assert await asyncio.gather(*(f(i) for i in range(100) for f in (echo, other_echo))) == [
+            i for i in range(100) for _ in range(2)
+        ]
+        await other._client.stop()
+        assert await eventually(lambda: len(svc.members) == 1)
+        for i in range(100):
+            assert await echo(i) == i
+
+    aio.run(main(), loop_kind)
+
+
 # == 2. many calls at once on one connection ===================================================
 
 

@@ -21,7 +21,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use daffi_driver::{RecvBuf, sys};
@@ -31,6 +31,7 @@ use crate::call::{CallError, CallTable, Reply, Slot};
 use crate::engine::{Command, Engine};
 use crate::inbox::Inbox;
 use crate::node::IncomingCall;
+use crate::notify::Notifier;
 use crate::payload::Payload;
 
 /// A parked connection unused for this long goes back to the engine (so that whatever the peer
@@ -44,6 +45,8 @@ const MAX_WAIT: Duration = Duration::from_secs(1);
 /// the workers run, serves that better) hands the connection back; workers do not ask for it
 /// again for this long.
 const OVERLAP_COOLDOWN: Duration = Duration::from_millis(50);
+/// The most bytes an event loop reads in one turn (then it lets other work run).
+const LOOP_READ_MAX: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -53,6 +56,8 @@ enum Side {
     Parked,
     /// A caller's thread receives.
     Thread,
+    /// An event loop watches the socket and reads it when readable (see [`Direct::read_for_loop`]).
+    Loop,
     /// The connection is gone.
     Closed,
 }
@@ -68,8 +73,16 @@ struct State {
     since: Instant,
     /// Workers do not ask for the connection before this (see `OVERLAP_COOLDOWN`).
     cooldown: Option<Instant>,
-    /// The engine wants the connection back from the thread reading it.
+    /// The engine wants the connection back from the thread (or event loop) reading it.
     recall: bool,
+    /// An event loop watches the node: the connection is lent to it, not to threads.
+    for_loop: Option<Arc<Notifier>>,
+    /// The event loop read something only the engine may handle: it stops watching the socket
+    /// and gives the connection back.
+    loop_done: bool,
+    /// The event loop met the end of the stream or an error: the engine must receive itself
+    /// (to see it), and the connection is never lent to the loop again.
+    ended: bool,
 }
 
 /// The receive side of one client connection. See the module documentation.
@@ -144,6 +157,9 @@ impl Direct {
                 since: Instant::now(),
                 cooldown: None,
                 recall: false,
+                for_loop: None,
+                loop_done: false,
+                ended: false,
             }),
         }
     }
@@ -233,28 +249,239 @@ impl Direct {
         false
     }
 
-    /// Asks the thread reading the connection to hand it back at the end of its turn; false
-    /// when no thread reads it.
+    /// Asks the thread reading the connection to hand it back at the end of its turn, or the
+    /// event loop watching it to give it back; false when neither has it.
     pub(crate) fn recall(&self) -> bool {
         let mut s = self.lock();
-        if s.side == Side::Thread {
-            s.recall = true;
-            true
-        } else {
-            false
+        match s.side {
+            Side::Thread => {
+                s.recall = true;
+                true
+            }
+            Side::Loop => {
+                s.recall = true;
+                if let Some(n) = &s.for_loop {
+                    n.notify();
+                }
+                true
+            }
+            _ => false,
         }
     }
 
     /// The connection is going away: nobody may read it any more. Refused (false) while a
-    /// thread reads the descriptor, which must then not be closed.
+    /// thread reads the descriptor or an event loop watches it, which must then not be closed
+    /// (the loop is asked to give it back).
     pub(crate) fn close_unless_lent(&self) -> bool {
         let mut s = self.lock();
         if s.side == Side::Thread {
             return false;
         }
+        if s.side == Side::Loop {
+            s.recall = true;
+            if let Some(n) = &s.for_loop {
+                n.notify();
+            }
+            return false;
+        }
         s.side = Side::Closed;
         s.rest = Vec::new();
         true
+    }
+
+    // ── event loop side ──
+    //
+    // A watched node's event loop takes the place of the reading thread: while the connection
+    // is lent to it (`Side::Loop`), the loop watches the socket itself (`add_reader`) and reads
+    // whatever is there each time it is readable, answers and requests alike, without waiting.
+    // The engine tells it through the node's notifier when it lends the connection and when it
+    // wants it back; the loop stops watching the socket *before* giving it back, so that the
+    // descriptor is never closed while registered with the loop.
+
+    /// From now on the connection is lent to the event loop behind `n`, not to threads.
+    pub(crate) fn lend_to_loop(&self, n: Arc<Notifier>) {
+        if self.enabled {
+            self.lock().for_loop = Some(n);
+        }
+    }
+
+    /// Whether the connection is lent to an event loop rather than to threads.
+    pub(crate) fn for_loop(&self) -> bool {
+        self.lock().for_loop.is_some()
+    }
+
+    /// The event loop stops watching the node (it no longer watches the socket): the
+    /// connection is no longer lent to it. True when the engine must be told (`Resume`).
+    pub(crate) fn end_loop(&self) -> bool {
+        let mut s = self.lock();
+        s.for_loop = None;
+        Self::loop_returns(&mut s)
+    }
+
+    /// Lends the connection to the event loop (engine side, under the same conditions as a
+    /// park): the notifier to tell the loop through, once everything it will look at is in
+    /// place; `None` when it is not for a loop or the stream ended.
+    pub(crate) fn try_lend_to_loop(&self) -> Option<Arc<Notifier>> {
+        let mut s = self.lock();
+        if s.side != Side::Engine || s.ended {
+            return None;
+        }
+        let n = s.for_loop.clone()?;
+        s.side = Side::Loop;
+        s.want = false;
+        s.recall = false;
+        s.loop_done = false;
+        Some(n)
+    }
+
+    /// The descriptor the event loop should watch now: `Some` while the connection is lent to
+    /// it and neither the engine nor the loop itself wants it back.
+    pub(crate) fn lent_fd(&self) -> Option<RawFd> {
+        let s = self.lock();
+        (s.side == Side::Loop && !s.recall && !s.loop_done).then_some(self.fd)
+    }
+
+    /// The event loop stopped watching the socket, which it or the engine wanted back: the
+    /// connection goes back to the engine. True when the engine must be told (`Resume`).
+    pub(crate) fn give_back(&self) -> bool {
+        let mut s = self.lock();
+        if !(s.recall || s.loop_done) {
+            // Lent afresh since the loop looked (it watches this one next).
+            return false;
+        }
+        Self::loop_returns(&mut s)
+    }
+
+    fn loop_returns(s: &mut State) -> bool {
+        if s.side != Side::Loop {
+            return false;
+        }
+        s.side = Side::Engine;
+        s.recall = false;
+        s.loop_done = false;
+        true
+    }
+
+    /// The event loop's turn, when the socket is readable: reads what it holds without
+    /// waiting (at most `LOOP_READ_MAX` bytes a turn), completes the answers in `calls` and
+    /// queues the requests `requests` runs. False when the loop must stop watching the socket
+    /// and give the connection back ([`Direct::give_back`]): something only the engine may
+    /// handle was read, the stream ended, or the engine wants it back.
+    pub(crate) fn read_for_loop(
+        &self,
+        conn: u64,
+        calls: Option<&CallTable>,
+        requests: Option<&Worker<'_>>,
+    ) -> bool {
+        let (mut rest, notifier) = {
+            let mut s = self.lock();
+            if s.side != Side::Loop || s.recall || s.loop_done {
+                return false;
+            }
+            s.side = Side::Thread;
+            (std::mem::take(&mut s.rest), s.for_loop.clone())
+        };
+        // What this turn completes or queues is taken by the loop right after it: no need to
+        // make the notifier readable for it.
+        let mut read = || -> Result<(), bool> {
+            let mut budget = LOOP_READ_MAX;
+            loop {
+                let (used, other) = self.scan_for_loop(&rest, conn, calls, requests);
+                rest.drain(..used);
+                if other {
+                    return Err(false);
+                }
+                if budget == 0 {
+                    return Ok(());
+                }
+                if rest.capacity() - rest.len() < READ_ROOM {
+                    rest.reserve(READ_ROOM);
+                }
+                let mut buf = RecvBuf::Vec(std::mem::take(&mut rest));
+                let r = sys::recv(self.fd, &mut buf, budget);
+                let RecvBuf::Vec(v) = buf else {
+                    unreachable!("a Vec receive buffer stays a Vec")
+                };
+                rest = v;
+                match r {
+                    Ok(0) => return Err(true),
+                    Ok(n) => budget = budget.saturating_sub(n),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(_) => return Err(true),
+                }
+            }
+        };
+        let outcome = match &notifier {
+            Some(n) => n.quiet(read),
+            None => read(),
+        };
+        let mut s = self.lock();
+        s.rest = rest;
+        s.side = Side::Loop;
+        match outcome {
+            Ok(()) if !s.recall => true,
+            Ok(()) => false,
+            Err(ended) => {
+                s.loop_done = true;
+                s.ended |= ended;
+                false
+            }
+        }
+    }
+
+    /// Handles the whole small frames at the front of `rest` an event loop may: the number of
+    /// bytes they took, and whether it stopped at a frame only the engine may handle.
+    fn scan_for_loop(
+        &self,
+        rest: &[u8],
+        conn: u64,
+        calls: Option<&CallTable>,
+        requests: Option<&Worker<'_>>,
+    ) -> (usize, bool) {
+        let mut used = 0;
+        loop {
+            let front = &rest[used..];
+            if let Some(calls) = calls {
+                match answer::scan(front, self.max_payload) {
+                    Scan::Answer {
+                        call_id,
+                        len,
+                        answer,
+                    } => {
+                        calls.complete(call_id, result(answer));
+                        self.answered
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        used += len;
+                        continue;
+                    }
+                    Scan::Partial => return (used, false),
+                    Scan::Other => {}
+                }
+            }
+            let Some(w) = requests else {
+                return (used, true);
+            };
+            match answer::scan_request(front, self.max_payload, w.routed) {
+                ScanRequest::Request(r) if (w.runs)(r.name, r.serde) => {
+                    let call = IncomingCall {
+                        conn,
+                        call_id: r.call_id,
+                        name: r.name.to_owned(),
+                        serde: r.serde,
+                        flags: r.flags,
+                        payload: Payload::Inline(r.payload.to_vec()),
+                    };
+                    used += r.len;
+                    let weight = call.payload.len() + crate::node::CALL_WEIGHT;
+                    w.inbox.push_weighed(call, weight);
+                    self.requests
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                ScanRequest::Partial => return (used, false),
+                ScanRequest::Request(_) | ScanRequest::Other => return (used, true),
+            }
+        }
     }
 
     // ── caller side ──
@@ -441,7 +668,7 @@ impl Direct {
                 s.want |= ask;
                 None
             }
-            Side::Thread | Side::Closed => None,
+            Side::Thread | Side::Loop | Side::Closed => None,
         }
     }
 

@@ -653,6 +653,8 @@ impl Loop {
         // A sequential caller, or a Service's idle worker, may receive on its own thread:
         // park the connection for it when nothing else needs the engine to read.
         let wanted = match &c.owner {
+            // A watched client's event loop, whenever it can.
+            Owner::Client(cl) if cl.direct.for_loop() => true,
             // A client's callers, or its idle workers (when none of its requests waits for
             // them: they ask again once they have taken those).
             Owner::Client(cl) => {
@@ -661,6 +663,9 @@ impl Loop {
                     && (cl.callee.calls.backlog().0 == 0 || cl.direct.forget_want())
             }
             Owner::Server(s) => c.direct.as_ref().is_some_and(|d| {
+                if d.for_loop() {
+                    return s.connection_count() == 1;
+                }
                 let ok = s.callee.calls.backlog().0 == 0 && s.connection_count() == 1;
                 // A request the workers have not taken yet: they ask again when they have.
                 d.wanted() && (ok || d.forget_want())
@@ -682,7 +687,18 @@ impl Loop {
                 }
                 return;
             }
+            // An event loop is told once the connection is lent (and the Service's reader
+            // set, which the loop looks at).
+            let mut tell = None;
             let parked = match &c.owner {
+                Owner::Client(cl) if cl.direct.for_loop() => {
+                    tell = cl.direct.try_lend_to_loop();
+                    tell.is_some()
+                }
+                Owner::Server(_) if c.direct.as_ref().is_some_and(|d| d.for_loop()) => {
+                    tell = c.direct.as_ref().and_then(|d| d.try_lend_to_loop());
+                    tell.is_some()
+                }
                 Owner::Client(cl) => cl
                     .direct
                     .try_park(|| cl.calls.is_empty() && cl.callee.calls.backlog().0 == 0),
@@ -693,17 +709,26 @@ impl Loop {
             };
             if parked {
                 c.parked = true;
-                self.parked.push(id);
+                // Idle parks are taken back after a while; an event loop, which watches the
+                // socket all along, keeps it until it gives it back.
+                if tell.is_none() {
+                    self.parked.push(id);
+                }
                 self.driver.lend(c.fd.as_raw_fd(), true);
                 match (&c.owner, &c.direct) {
                     (Owner::Server(s), Some(d)) => {
                         *s.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, d.clone()));
                         // The worker waiting for it.
-                        s.callee.calls.wake_one();
+                        if !d.for_loop() {
+                            s.callee.calls.wake_one();
+                        }
                     }
                     // A worker waiting for it, if any (a caller reads at its next call).
-                    (Owner::Client(cl), _) => cl.callee.calls.wake_one(),
+                    (Owner::Client(cl), _) if !cl.direct.for_loop() => cl.callee.calls.wake_one(),
                     _ => {}
+                }
+                if let Some(n) = tell {
+                    n.notify();
                 }
                 return;
             }
@@ -879,6 +904,9 @@ impl Loop {
         server.update(|st| {
             st.wires.insert(conn_id, wire.clone());
             if let Some(d) = &direct {
+                if let Some(n) = &st.loop_notifier {
+                    d.lend_to_loop(n.clone());
+                }
                 st.directs.insert(conn_id, d.clone());
             }
         });

@@ -151,6 +151,9 @@ pub(crate) struct ServerState {
     pub(crate) directs: HashMap<u64, Arc<Direct>>,
     /// Connections holding deferred answers (see [`Node::respond_deferred`]).
     pub(crate) corked: Vec<Arc<Wire>>,
+    /// Set while an event loop watches the Service: connections are lent to it, not to the
+    /// workers.
+    pub(crate) loop_notifier: Option<Arc<Notifier>>,
 }
 
 #[derive(Debug)]
@@ -1137,6 +1140,28 @@ pub trait Node {
     /// Sends every frame held by `respond_deferred` (and, on a client, by
     /// [`Client::start_async`] and deferred sends).
     fn flush(&self);
+    /// On a watched node: the socket the event loop should watch now (its connection is lent
+    /// to the loop, see the runtime's `direct` module), if any. When it changes, the loop stops
+    /// watching the old one and calls [`Node::give_back`].
+    fn lent_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// The event loop stopped watching the socket [`Node::lent_fd`] gave it.
+    fn give_back(&self) {}
+    /// The event loop's turn at the lent socket, when it is readable: reads what is there
+    /// without waiting; answers, calls and events become ready to take. False when the loop
+    /// must stop watching the socket and call [`Node::give_back`].
+    fn read_lent(&self) -> bool {
+        false
+    }
+    /// The event loop stops watching the node: nothing is lent to it any more (call it after
+    /// it stopped watching the lent socket).
+    fn end_loop_reading(&self) {}
+    /// How many answers and requests were read by the binding's threads or event loop rather
+    /// than the engine thread (a diagnostic; see the runtime's `direct` module).
+    fn direct_reads(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }
 
 /// What [`Node`]'s provided methods work on (opaque outside this crate).
@@ -1213,6 +1238,57 @@ impl Node for Server {
             wire.uncork(&self.engine);
         }
     }
+
+    fn watch(&self, n: Arc<Notifier>) {
+        self.shared.callee.watch(&n);
+        let mut st = lock(&self.shared.state);
+        for d in st.directs.values() {
+            d.lend_to_loop(n.clone());
+        }
+        st.loop_notifier = Some(n);
+    }
+
+    fn lent_fd(&self) -> Option<std::os::fd::RawFd> {
+        lock(&self.shared.reader).as_ref()?.1.lent_fd()
+    }
+
+    fn give_back(&self) {
+        let lent = lock(&self.shared.reader).clone();
+        if let Some((conn, d)) = lent {
+            if d.give_back() {
+                self.engine.send(Command::Resume { conn });
+            }
+        }
+    }
+
+    fn read_lent(&self) -> bool {
+        let Some((conn, d)) = lock(&self.shared.reader).clone() else {
+            return false;
+        };
+        let shared = &self.shared;
+        let runs = |name: &str, serde: u8| shared.runs(name, serde);
+        let worker = Worker {
+            inbox: &shared.callee.calls,
+            runs: &runs,
+            alarm: None,
+            routed: false,
+        };
+        d.read_for_loop(conn, None, Some(&worker))
+    }
+
+    fn direct_reads(&self) -> (u64, u64) {
+        (0, self.requests_read_by_workers())
+    }
+
+    fn end_loop_reading(&self) {
+        let mut st = lock(&self.shared.state);
+        st.loop_notifier = None;
+        for (conn, d) in &st.directs {
+            if d.end_loop() {
+                self.engine.send(Command::Resume { conn: *conn });
+            }
+        }
+    }
 }
 
 impl Node for Client {
@@ -1275,6 +1351,53 @@ impl Node for Client {
     fn watch(&self, n: Arc<Notifier>) {
         let _ = self.completions.set(Completions::new(n.clone()));
         self.shared.callee.watch(&n);
+        self.shared.direct.lend_to_loop(n);
+        // Lent at the engine's next chance.
+        self.engine.send(Command::Park {
+            conn: self.shared.conn,
+        });
+    }
+
+    fn lent_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.shared.direct.lent_fd()
+    }
+
+    fn give_back(&self) {
+        if self.shared.direct.give_back() {
+            self.engine.send(Command::Resume {
+                conn: self.shared.conn,
+            });
+        }
+    }
+
+    fn read_lent(&self) -> bool {
+        let shared = &self.shared;
+        let runs =
+            |name: &str, _serde: u8| lock(&shared.callee.functions).iter().any(|f| f == name);
+        let worker = Worker {
+            inbox: &shared.callee.calls,
+            runs: &runs,
+            alarm: None,
+            routed: lock(&shared.state).routed(),
+        };
+        shared
+            .direct
+            .read_for_loop(shared.conn, Some(&shared.calls), Some(&worker))
+    }
+
+    fn direct_reads(&self) -> (u64, u64) {
+        (
+            self.answers_read_by_callers(),
+            self.requests_read_by_workers(),
+        )
+    }
+
+    fn end_loop_reading(&self) {
+        if self.shared.direct.end_loop() {
+            self.engine.send(Command::Resume {
+                conn: self.shared.conn,
+            });
+        }
     }
 
     fn respond_deferred(&self, _conn: u64, call_id: u64, serde: u8, flags: u8, payload: Bytes) {

@@ -40,6 +40,18 @@ impl Notifier {
         }
     }
 
+    /// Runs `f` without making the descriptor readable for what it makes ready: for the event
+    /// loop's own thread, which takes everything that is ready right after. (A notification
+    /// from another thread meanwhile is for something pushed before it, taken then too.)
+    pub(crate) fn quiet<R>(&self, f: impl FnOnce() -> R) -> R {
+        let was = self.raised.swap(true, Ordering::AcqRel);
+        let r = f();
+        if !was {
+            self.raised.store(false, Ordering::SeqCst);
+        }
+        r
+    }
+
     /// Makes the descriptor unreadable until the next notification. Call it before taking what
     /// is ready, so that nothing made ready meanwhile goes unnoticed.
     pub fn clear(&self) {
