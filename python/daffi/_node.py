@@ -209,6 +209,9 @@ class _Node:
                 return
             self._dispatch_event(*event)
 
+    def _release_loop(self, native: Any) -> None:
+        """Before a native stop: an asyncio node gives back what its event loop was lent."""
+
     def _stop_threads(self) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
@@ -326,6 +329,7 @@ class _Listener(_Node):
         with self._lock:
             native, self._native = self._native, None
             if native is not None:
+                self._release_loop(native)
                 native.stop()
                 self._stop_threads()
             self._stopped.set()
@@ -462,6 +466,7 @@ class Client(_Node):
     def _shutdown_native(self) -> None:
         native, self._native = self._native, None
         if native is not None:
+            self._release_loop(native)
             native.close()
             self._stop_threads()
 

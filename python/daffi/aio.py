@@ -100,7 +100,9 @@ class _Bridge:
 
     The node's ready descriptor is watched with ``loop.add_reader``; when it turns readable,
     the answers of async calls go to their futures, incoming calls to the node's queue and
-    membership events to its handlers.
+    membership events to its handlers. While the engine lends the node's connection to the
+    loop (``lent_fd``), the loop also watches that socket and reads it itself (``read_socket``);
+    it stops watching before it gives the socket back.
     """
 
     def __init__(self, node: _AsyncNode, native: Any, loop: asyncio.AbstractEventLoop) -> None:
@@ -146,8 +148,14 @@ class _Bridge:
             self.native.give_back()
         fd = self.native.lent_fd()
         if fd >= 0:
+            try:
+                self.loop.add_reader(fd, self.read_socket)
+            except Exception:
+                # This loop cannot watch it (it does not go back to this loop again).
+                logger.exception("cannot watch a lent socket; the engine keeps receiving")
+                self.native.end_loop_reading()
+                return
             self.sock_fd = fd
-            self.loop.add_reader(fd, self.read_socket)
 
     def read_socket(self) -> None:
         """The lent socket is readable: this thread reads it, rather than the engine's thread
@@ -278,6 +286,14 @@ class _AsyncNode(_Node):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+
+    def _release_loop(self, native: Any) -> None:
+        # A node stopped natively (the sync way) after its event loop was closed without
+        # stopping it: nothing watches the lent socket any more, so the engine may have it.
+        bridge = self._bridge
+        if bridge is not None and bridge.loop.is_closed():
+            bridge.closed = True
+            native.end_loop_reading()
 
     def _attach(self, native: Any, serve_calls: bool = True) -> None:
         loop = asyncio.get_running_loop()

@@ -24,6 +24,7 @@ import queue
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -297,3 +298,29 @@ def spawn(tmp_path):
     yield run
     for proc in procs:
         proc.kill()
+
+
+def raw_frame(
+    kind: int, call_id: int, meta: bytes, payload: bytes = b"", serde: int = 0, flags: int = 0
+) -> bytes:
+    """One frame as docs/protocol.md lays it out: a 32-byte header, the meta, the payload."""
+    head = struct.pack(
+        "<2sBBBBHQI4sQ", b"DF", 1, kind, serde, flags, 0, call_id, len(meta), bytes(4), len(payload)
+    )
+    return head + meta + payload
+
+
+def call_without_handshake(port: int, function: str, args: tuple) -> socket.socket:
+    """A peer that skips the handshake (a goodbye instead of its Hello), then calls
+    ``function(*args)`` (PICKLE); returns its socket, for the caller to close."""
+    from daffi import SerdeFormat
+    from daffi._serialization import encode_call
+
+    payload, text = encode_call(SerdeFormat.PICKLE, args, {})
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(raw_frame(7, 0, b"leaving"))
+    time.sleep(0.1)
+    flags = 0x02 if text else 0
+    serde = int(SerdeFormat.PICKLE)
+    sock.sendall(raw_frame(3, 1, function.encode(), bytes(payload), serde=serde, flags=flags))
+    return sock

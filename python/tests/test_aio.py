@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 import uvloop
-from conftest import free_port, unique_name, wait_until
+from conftest import call_without_handshake, free_port, unique_name, wait_until
 from daffi import Client, Router, SerdeFormat, Service, callback
 from daffi.aio import AsyncClient, AsyncConnection, AsyncRouter, AsyncService
 from daffi.exceptions import (
@@ -1006,6 +1006,22 @@ def test_event_loops_read_their_own_sockets_and_hand_the_rest_to_the_engine(aio,
             assert await echo(i) == i
 
     aio.run(main(), loop_kind)
+
+
+def test_no_call_runs_before_the_handshake(aio, sink):
+    # The loop reads the only connection of its Service itself: never before the handshake
+    # has checked the token.
+    async def main():
+        svc = await aio.service(token="open sesame").start()
+        sock = await asyncio.to_thread(call_without_handshake, svc.port, "ax_note", (sink, "intruder"))
+        await asyncio.sleep(0.5)
+        assert _SINK[sink] == []
+        sock.close()
+        conn = await aio.client(svc, token="open sesame").connect()
+        await conn.rpc(timeout=5).ax_note(sink, "member")
+        assert _SINK[sink] == ["member"]
+
+    aio.run(main())
 
 
 # == 2. many calls at once on one connection ===================================================

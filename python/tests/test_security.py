@@ -3,6 +3,7 @@
 import time
 
 import pytest
+from conftest import call_without_handshake
 from daffi import SerdeFormat, callback
 from daffi.exceptions import InitializationError, TransmissionFailure
 
@@ -30,6 +31,19 @@ def test_token_is_required_and_checked(make_service, make_client, counted):
     client, conn = make_client(svc, token=b"open sesame")
     assert conn.rpc(timeout=5).sec_record(1) == 1
     assert counted == [1]
+
+
+def test_no_call_runs_before_the_handshake(make_service, make_client, counted):
+    # Its idle worker would like to read the only connection itself: not before the
+    # handshake has checked the token.
+    svc = make_service(token="open sesame")
+    sock = call_without_handshake(svc.port, "sec_record", ("intruder",))
+    time.sleep(0.5)
+    assert counted == []
+    sock.close()
+    _, conn = make_client(svc, token="open sesame")
+    assert conn.rpc(timeout=5).sec_record("member") == "member"
+    assert counted == ["member"]
 
 
 def test_a_client_token_is_harmless_without_a_server_token(make_service, make_client, counted):

@@ -275,6 +275,9 @@ impl Direct {
     pub(crate) fn close_unless_lent(&self) -> bool {
         let mut s = self.lock();
         if s.side == Side::Thread {
+            // Its reader gives it back at the end of its turn (a thread also sees the end of
+            // the stream the engine's shutdown makes).
+            s.recall = true;
             return false;
         }
         if s.side == Side::Loop {
@@ -370,6 +373,7 @@ impl Direct {
     pub(crate) fn read_for_loop(
         &self,
         conn: u64,
+        engine: &Engine,
         calls: Option<&CallTable>,
         requests: Option<&Worker<'_>>,
     ) -> bool {
@@ -418,6 +422,16 @@ impl Direct {
         };
         let mut s = self.lock();
         s.rest = rest;
+        if s.for_loop.is_none() {
+            // The loop stopped watching the node meanwhile (`end_loop` found it being read):
+            // the connection goes back to the engine now.
+            s.side = Side::Engine;
+            s.recall = false;
+            s.loop_done = false;
+            drop(s);
+            engine.send(Command::Resume { conn });
+            return false;
+        }
         s.side = Side::Loop;
         match outcome {
             Ok(()) if !s.recall => true,

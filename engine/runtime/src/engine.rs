@@ -671,7 +671,10 @@ impl Loop {
                 d.wanted() && (ok || d.forget_want())
             }),
         };
+        // Never before the handshake completed: only the engine checks it (a Service's token,
+        // the peer's name), and a thread or event loop reading requests must not skip that.
         if wanted
+            && c.proto.is_open()
             && !c.shut
             && c.closing.is_none()
             && c.body.is_none()
@@ -931,9 +934,9 @@ impl Loop {
         };
         if d.reclaim() {
             self.unpark(conn, None);
-        } else if d.recall() {
+        } else if d.recall() && !d.for_loop() {
             // A worker is reading it: it hands it back at the end of its turn, or at once
-            // when woken by the alarm.
+            // when woken by the alarm. (An event loop is told through its notifier.)
             if let Some(alarm) = &server.alarm {
                 alarm.raise();
             }

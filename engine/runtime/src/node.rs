@@ -1273,7 +1273,7 @@ impl Node for Server {
             alarm: None,
             routed: false,
         };
-        d.read_for_loop(conn, None, Some(&worker))
+        d.read_for_loop(conn, &self.engine, None, Some(&worker))
     }
 
     fn direct_reads(&self) -> (u64, u64) {
@@ -1380,9 +1380,12 @@ impl Node for Client {
             alarm: None,
             routed: lock(&shared.state).routed(),
         };
-        shared
-            .direct
-            .read_for_loop(shared.conn, Some(&shared.calls), Some(&worker))
+        shared.direct.read_for_loop(
+            shared.conn,
+            &self.engine,
+            Some(&shared.calls),
+            Some(&worker),
+        )
     }
 
     fn direct_reads(&self) -> (u64, u64) {
