@@ -74,64 +74,6 @@ def test_stream_nowait_of_a_large_source_keeps_both_sides_bounded():
     assert peak_rss_mib(status) < 250, f"the Service peaked at {peak_rss_mib(status):.0f} MiB"
 
 
-SLOW_WORKER = SLOW_SERVICE.replace(
-    'service = Service(host="127.0.0.1", port=0)\nservice.start()\nprint(service.port, flush=True)',
-    "from daffi import Client\n"
-    'worker = Client(app_name="slow-worker", host="127.0.0.1", port=int(sys.argv[1]))\n'
-    'worker.connect()\nprint("ready", flush=True)',
-)
-
-ROUTER = textwrap.dedent(
-    """
-    import sys
-    from daffi import Router
-
-    router = Router(host="127.0.0.1", port=0)
-    router.start()
-    print(router.port, flush=True)
-    sys.stdin.readline()
-    print(next(x for x in open("/proc/self/status") if x.startswith("VmHWM:")), end="", flush=True)
-    """
-)
-
-
-def test_a_router_holds_back_a_sender_for_a_slow_worker():
-    # Neither the Router nor the worker Client behind it holds what the caller sends faster
-    # than the worker runs it: the worker stops reading while its callbacks are behind, the
-    # Router stops reading the caller while the worker's queue is long, the caller waits.
-    router = subprocess.Popen([sys.executable, "-c", ROUTER], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    worker = None
-    try:
-        port = int(router.stdout.readline())
-        worker = subprocess.Popen([sys.executable, "-c", SLOW_WORKER, str(port)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert worker.stdout.readline().strip() == "ready"
-        client = Client(host="127.0.0.1", port=port)
-        conn = client.connect()
-        conn.wait_for_members("slow-worker", timeout=10)
-
-        def chunks():
-            for i in range(CHUNKS):
-                yield i.to_bytes(8, "little") * (CHUNK // 8)
-
-        conn.stream_nowait(receiver="slow-worker", serde=SerdeFormat.OPAQUE).sink(chunks())
-        count, first, last, status = conn.rpc(timeout=60).summary()
-        client.stop()
-        router.stdin.write("status\n")
-        router.stdin.flush()
-        router_status = router.stdout.readline()
-    finally:
-        for proc in (worker, router):
-            if proc is not None:
-                proc.stdin.close()
-                proc.wait(10)
-    assert (count, first, last) == (CHUNKS, (0).to_bytes(8, "little"), (CHUNKS - 1).to_bytes(8, "little"))
-    assert peak_rss_mib(status) < 200, f"the worker peaked at {peak_rss_mib(status):.0f} MiB"
-    router_peak = peak_rss_mib(router_status)
-    assert router_peak < 150, f"the Router peaked at {router_peak:.0f} MiB"
-
-
 def test_back_pressure_waits_without_the_gil():
     # A sender held back must not stop the other threads of its process: here the Service's
     # own workers run in the same process as the flooding client.

@@ -127,8 +127,6 @@ pub struct Connection {
     /// [`Connection::begin_stream`]); frames queued meanwhile wait in `held`.
     streaming: Option<u64>,
     held: VecDeque<Bytes>,
-    /// Bytes in `out` and `held` (see [`Connection::queued_bytes`]).
-    queued: usize,
 }
 
 impl Connection {
@@ -144,7 +142,6 @@ impl Connection {
             events: VecDeque::new(),
             streaming: None,
             held: VecDeque::new(),
-            queued: 0,
         };
         if role == Role::Client {
             c.push_hello(Kind::Hello);
@@ -190,9 +187,14 @@ impl Connection {
             token,
         }
         .encode();
-        let head = encode_head(kind, 0, 0, flags, &self.local.name, body.len() as u64);
-        self.queued += head.len() + body.len();
-        self.out.push_back(head);
+        self.out.push_back(encode_head(
+            kind,
+            0,
+            0,
+            flags,
+            &self.local.name,
+            body.len() as u64,
+        ));
         self.out.push_back(body);
     }
 
@@ -498,9 +500,14 @@ impl Connection {
         } else {
             &mut self.out
         };
-        let head = encode_head(kind, call_id, serde, flags, meta, payload.len() as u64);
-        self.queued += head.len() + payload.len();
-        q.push_back(head);
+        q.push_back(encode_head(
+            kind,
+            call_id,
+            serde,
+            flags,
+            meta,
+            payload.len() as u64,
+        ));
         if !payload.is_empty() {
             q.push_back(payload);
         }
@@ -550,7 +557,6 @@ impl Connection {
         data.truncate((*left).min(usize::MAX as u64) as usize);
         *left -= data.len() as u64;
         if !data.is_empty() {
-            self.queued += data.len();
             self.out.push_back(data);
         }
     }
@@ -578,7 +584,6 @@ impl Connection {
             Some(left) if left > 0 && status == 0 => return self.abort_stream(),
             Some(_) => self.streaming = None,
         }
-        self.queued += 1;
         self.out.push_back(Bytes::from(vec![status]));
         self.out.append(&mut self.held);
     }
@@ -586,16 +591,8 @@ impl Connection {
     /// Moves up to `max` queued buffers to `out`, in order. Returns how many were moved.
     pub fn poll_transmit(&mut self, out: &mut Vec<Bytes>, max: usize) -> usize {
         let n = self.out.len().min(max);
-        for b in self.out.drain(..n) {
-            self.queued -= b.len();
-            out.push(b);
-        }
+        out.extend(self.out.drain(..n));
         n
-    }
-
-    /// Bytes queued to be sent and not yet taken by [`Connection::poll_transmit`].
-    pub fn queued_bytes(&self) -> usize {
-        self.queued
     }
 
     pub fn has_transmit(&self) -> bool {
@@ -756,32 +753,6 @@ mod tests {
                 assert_eq!(r, Err(DecodeError::Handshake("authentication failed")));
             }
         }
-    }
-
-    #[test]
-    fn queued_bytes_count_what_waits_to_be_sent() {
-        let mut server = Connection::new(Role::Server, local("svc", &["f"], 1 << 20));
-        assert_eq!(server.queued_bytes(), 0);
-        server.send_error(8, error_code::REMOTE, Bytes::from_static(b"twelve bytes"));
-        let error = crate::frame::HEADER_LEN + error_code::REMOTE.len() + 12;
-        assert_eq!(server.queued_bytes(), error);
-        // A streamed frame and one held behind it.
-        server.begin_stream(Kind::Response, 9, 0, 0, "", 5);
-        server.send_error(7, error_code::REMOTE, Bytes::new());
-        server.stream_data(Bytes::from_static(b"hello"));
-        server.end_stream();
-        let held = crate::frame::HEADER_LEN + error_code::REMOTE.len();
-        let total = error + crate::frame::HEADER_LEN + 5 + 1 + held;
-        assert_eq!(server.queued_bytes(), total);
-        let mut out = Vec::new();
-        server.poll_transmit(&mut out, 2);
-        assert_eq!(
-            server.queued_bytes(),
-            total - out.iter().map(|b| b.len()).sum::<usize>()
-        );
-        server.poll_transmit(&mut out, usize::MAX);
-        assert_eq!(server.queued_bytes(), 0);
-        assert_eq!(out.iter().map(|b| b.len()).sum::<usize>(), total);
     }
 
     #[test]

@@ -68,10 +68,9 @@ pub(crate) enum Command {
     Park {
         conn: u64,
     },
-    /// The workers of node `owner` (a Service, or a client's connection) caught up, or a
-    /// throttled client waits for an answer: read its connections again.
+    /// Server `server`'s workers caught up: read its connections again.
     Unthrottle {
-        owner: u64,
+        server: u64,
     },
     /// Ends an engine that has no nodes (a duplicate started by `auto`).
     Exit,
@@ -281,11 +280,6 @@ fn token(id: u64, op: u64) -> u64 {
 
 /// A Router passes a large payload on in pieces of this size, as they arrive.
 const RELAY_CHUNK: usize = 1 << 20;
-/// Router back-pressure (see `Loop::hold_back`): a connection with more than this many bytes
-/// unsent holds back the connections whose frames keep coming for it, until it is down to
-/// `ROUTER_LOW`.
-const ROUTER_HIGH: usize = 16 << 20;
-const ROUTER_LOW: usize = ROUTER_HIGH / 2;
 /// How long a payload relayed through a Router may go without a byte arriving: its receiver's
 /// connection carries nothing else meanwhile, so a sender that stalls longer is cut off (its
 /// frame ends as lost).
@@ -396,14 +390,6 @@ struct Conn {
     raw_sending: usize,
     /// On a Router's connection: where the large payload being received goes.
     relay: Option<Relay>,
-    /// Bytes of the send in flight not yet written.
-    sending: usize,
-    /// On a Router's connection: how many slow peers its frames wait for (not read while
-    /// any, see `hold_back`).
-    held_back: usize,
-    /// On a Router's connection: the connections held back until this one's unsent frames
-    /// are down to `ROUTER_LOW`.
-    waiters: Vec<u64>,
     /// When the relayed payload last made progress (see `RELAY_STALL`).
     relay_progress: Instant,
 }
@@ -581,11 +567,11 @@ impl Loop {
             Command::Abort { conn, reason } => self.close(conn, reason, false),
             Command::Resume { conn } => self.unpark(conn, None),
             Command::Park { conn } => self.start_recv(conn),
-            Command::Unthrottle { owner } => {
+            Command::Unthrottle { server } => {
                 let ids: Vec<u64> = self
                     .conns
                     .iter()
-                    .filter(|(_, c)| c.throttled && c.owner.id() == owner)
+                    .filter(|(_, c)| c.throttled && c.owner.id() == server)
                     .map(|(id, _)| *id)
                     .collect();
                 for id in ids {
@@ -648,9 +634,6 @@ impl Loop {
             raw_sending: 0,
             relay: None,
             relay_progress: Instant::now(),
-            sending: 0,
-            held_back: 0,
-            waiters: Vec::new(),
         };
         self.conns.insert(id, c);
         if let Some(c) = self.conns.get_mut(&id) {
@@ -753,15 +736,10 @@ impl Loop {
                 return;
             }
         }
-        // Back-pressure: a Service whose workers are behind stops reading, and so does a
-        // client's connection unless it waits for answers (its callbacks may be waiting on
-        // them: the inbox is checked first, then the calls, and a call registered in between
-        // sees the inbox throttled and asks for `Unthrottle`). A Router stops reading a
-        // connection whose frames go to a peer that takes them too slowly (`hold_back`).
+        // Back-pressure: a Service whose workers are behind stops reading.
         c.throttled = match &c.owner {
             Owner::Server(s) if !s.router => s.callee.calls.throttle(),
-            Owner::Server(_) => c.held_back > 0,
-            Owner::Client(cl) => cl.callee.calls.throttle() && cl.calls.is_empty(),
+            _ => false,
         };
         let large = c.proto.body_wanted().is_some_and(|w| w >= TARGETED_RECV);
         if c.pooled {
@@ -849,7 +827,6 @@ impl Loop {
             bufs.extend(frame);
         }
         c.proto.poll_transmit(&mut bufs, 64);
-        c.sending = sys::total_len(&bufs) - skip;
         c.send_busy = true;
         self.driver.submit(token(id, SEND), c.send_op(bufs, skip));
     }
@@ -1332,7 +1309,7 @@ impl Loop {
         if let Some(c) = self.conns.get_mut(&id) {
             c.relay = Some(relay);
         }
-        self.apply_actions(&router, Some(id));
+        self.apply_actions(&router);
         Ok(())
     }
 
@@ -1369,7 +1346,6 @@ impl Loop {
             if d.proto.is_streaming() && !d.shut {
                 d.proto.stream_data(data);
                 self.dirty.push(to);
-                self.hold_back(id, to);
             }
         }
     }
@@ -1468,7 +1444,6 @@ impl Loop {
                 self.close(id, "send made no progress".into(), false);
             }
             Ok(n) => {
-                c.sending = c.sending.saturating_sub(n);
                 let skip = skip + n;
                 if skip < sys::total_len(&bufs) && !c.shut {
                     // The rest of the same buffers, from where the kernel stopped.
@@ -1476,13 +1451,11 @@ impl Loop {
                     return;
                 }
                 c.send_busy = false;
-                c.sending = 0;
                 c.wire.written(std::mem::take(&mut c.raw_sending));
                 if c.raw.is_empty() && !c.proto.has_transmit() {
                     c.wire.engine_idle();
                 }
                 self.flush(id);
-                self.release_waiters(id, false);
             }
             Err(e) => {
                 c.send_busy = false;
@@ -1568,10 +1541,12 @@ impl Loop {
                         flags,
                         payload,
                     };
-                    let weight = call.payload.len() + crate::node::CALL_WEIGHT;
                     match &c.owner {
-                        Owner::Server(s) => s.callee.calls.push_weighed(call, weight),
-                        Owner::Client(cl) => cl.callee.calls.push_weighed(call, weight),
+                        Owner::Server(s) => {
+                            let weight = call.payload.len() + crate::node::CALL_WEIGHT;
+                            s.callee.calls.push_weighed(call, weight);
+                        }
+                        Owner::Client(cl) => cl.callee.calls.push(call),
                     }
                 }
                 Event::Response {
@@ -1787,60 +1762,12 @@ impl Loop {
                 }
                 _ => {}
             }
-            self.apply_actions(router, Some(id));
-        }
-    }
-
-    /// Router back-pressure: `src`'s frames just went into `dst`'s queue. If `dst` has more
-    /// than `ROUTER_HIGH` bytes unsent (its peer reads slower than they come), `src` is not
-    /// read again until `dst` is down to `ROUTER_LOW`; its own sender's sends then wait in
-    /// turn (TCP), instead of the Router holding everything in memory.
-    fn hold_back(&mut self, src: u64, dst: u64) {
-        if src == dst {
-            return;
-        }
-        let Some(d) = self.conns.get_mut(&dst) else {
-            return;
-        };
-        if d.proto.queued_bytes() + d.sending <= ROUTER_HIGH || d.waiters.contains(&src) {
-            return;
-        }
-        d.waiters.push(src);
-        if let Some(s) = self.conns.get_mut(&src) {
-            s.held_back += 1;
-        }
-    }
-
-    /// Reads again the connections held back by `dst` once its unsent frames are down to
-    /// `ROUTER_LOW`, or at once when `gone`.
-    fn release_waiters(&mut self, dst: u64, gone: bool) {
-        let waiters = match self.conns.get_mut(&dst) {
-            Some(d) if d.waiters.is_empty() => return,
-            Some(d) if gone || d.proto.queued_bytes() + d.sending <= ROUTER_LOW => {
-                std::mem::take(&mut d.waiters)
-            }
-            Some(_) => return,
-            None => return,
-        };
-        self.resume_held(waiters);
-    }
-
-    fn resume_held(&mut self, waiters: Vec<u64>) {
-        for src in waiters {
-            if let Some(s) = self.conns.get_mut(&src) {
-                s.held_back = s.held_back.saturating_sub(1);
-                if s.held_back == 0 {
-                    // Its relayed payload, if any, was not stalling: the clock starts again.
-                    s.relay_progress = Instant::now();
-                    self.start_recv(src);
-                }
-            }
+            self.apply_actions(router);
         }
     }
 
     /// Carries out what a routing table asked for.
-    /// `from`: the connection whose frame the table routed, if any.
-    fn apply_actions(&mut self, router: &Arc<ServerShared>, from: Option<u64>) {
+    fn apply_actions(&mut self, router: &Arc<ServerShared>) {
         let mut actions = std::mem::take(&mut self.actions);
         for a in actions.drain(..) {
             match a {
@@ -1858,9 +1785,6 @@ impl Loop {
                             c.proto
                                 .queue_frame(kind, call_id, serde, flags, &meta, payload);
                             self.dirty.push(to);
-                            if let Some(from) = from {
-                                self.hold_back(from, to);
-                            }
                         }
                     }
                 }
@@ -1954,9 +1878,6 @@ impl Loop {
             self.parked.retain(|p| *p != id);
         }
         let mut c = self.conns.remove(&id).expect("checked above");
-        // Whoever waited for this connection's queue to drain reads again.
-        let waiters = std::mem::take(&mut c.waiters);
-        self.resume_held(waiters);
         if let Some(relay) = c.relay.take() {
             // Its payload stopped midway: whoever was receiving it is told so.
             self.finish_relay(relay, true, None);
@@ -1979,7 +1900,7 @@ impl Loop {
                     // reports the departure.
                     if let Some(table) = self.routes.get_mut(&s.id) {
                         table.leave(id, &mut self.actions);
-                        self.apply_actions(&s, None);
+                        self.apply_actions(&s);
                     }
                     if let Some(member) = left {
                         tracing::debug!("{member} left router {} ({reason})", s.name);
@@ -2013,9 +1934,7 @@ impl Loop {
                 None if !c.proto.is_open() && now - c.opened > HANDSHAKE_LIMIT => {
                     cut.push((*id, Some("no handshake in time")))
                 }
-                // (Not while the Router itself holds it back for a slow receiver.)
                 None if matches!(c.relay, Some(Relay::Stream { .. }))
-                    && c.held_back == 0
                     && now - c.relay_progress > RELAY_STALL =>
                 {
                     cut.push((*id, Some("a relayed payload stalled")))

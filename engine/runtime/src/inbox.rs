@@ -120,17 +120,6 @@ impl<T> Inbox<T> {
         }
     }
 
-    /// Whether the producer was told to hold back ([`Inbox::throttle`]) and the inbox has not
-    /// drained since.
-    pub(crate) fn is_throttled(&self) -> bool {
-        self.limit != 0
-            && self
-                .state
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .throttled
-    }
-
     /// Takes the front item, and says whether the inbox just came back under its low mark.
     fn take_front(&self, s: &mut State<T>) -> Option<(T, bool)> {
         let (item, weight) = s.items.pop_front()?;

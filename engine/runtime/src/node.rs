@@ -269,7 +269,7 @@ impl Server {
         });
         let (hook_engine, id) = (engine.clone(), shared.id);
         shared.callee.calls.on_drain(Box::new(move || {
-            hook_engine.send(Command::Unthrottle { owner: id });
+            hook_engine.send(Command::Unthrottle { server: id });
         }));
         engine.send(Command::Listen {
             fd,
@@ -595,9 +595,7 @@ impl Client {
             direct: Direct::new(fd.as_raw_fd(), cfg.max_message_size),
             conn,
             name: cfg.name.clone(),
-            // Bounded like a Service's: a worker that falls behind stops reading (see
-            // `CALLS_HIGH`), unless it waits for answers itself.
-            callee: Callee::bounded(cfg.functions.clone()),
+            callee: Callee::new(cfg.functions.clone()),
             calls: CallTable::default(),
             state: Mutex::new(ClientState {
                 phase: Phase::Connecting,
@@ -616,10 +614,6 @@ impl Client {
             token: cfg.token,
             router: false,
         };
-        let hook_engine = engine.clone();
-        shared.callee.calls.on_drain(Box::new(move || {
-            hook_engine.send(Command::Unthrottle { owner: conn });
-        }));
         engine.send(Command::Attach {
             fd,
             client: shared.clone(),
@@ -961,14 +955,6 @@ impl Client {
         if lock(&self.shared.state).phase != Phase::Open {
             self.shared.calls.abandon(call_id);
             return Err(CallError::Disconnected(self.close_reason()));
-        }
-        // A worker that stopped reading because its callbacks are behind reads again while
-        // one of them waits for an answer (checked after registering the call: see
-        // `Loop::start_recv`).
-        if self.shared.callee.calls.is_throttled() {
-            self.engine.send(Command::Unthrottle {
-                owner: self.shared.conn,
-            });
         }
         let f = frame(
             Kind::Request,
