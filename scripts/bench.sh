@@ -8,8 +8,10 @@ set -euo pipefail
 usage() {
     cat <<'EOF'
 usage: scripts/bench.sh [options]
-  --quick          1 s per workload, and skip the 1 GiB echo and the 2 GiB peak-RSS rows
+  --quick          1 s per workload, one round, and skip the 1 GiB echo and 2 GiB peak-RSS rows
   --seconds N      time budget per workload (default 2)
+  --rounds N       run every contender N times, one after the other in turn, and keep each
+                   workload's median round (default 3; the 1 GiB and 2 GiB rows run once)
   --only A,B       only these workloads (names as in bench/out/*.json, e.g. echo_8MiB)
   --no-setup       do not run scripts/setup.sh before measuring ours
   --idle-default   leave CPU idle states alone (default: hold /dev/cpu_dma_latency at 0)
@@ -27,6 +29,7 @@ REF_VERSION="3.0.1"
 RUN_TIMEOUT=900 # seconds for one contender's whole run; a hang must not stall the table
 
 seconds=2
+rounds=3
 big_rows=(--huge --mem)
 only=()
 setup=1
@@ -34,8 +37,9 @@ hold_latency=1
 write_results=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
-    --quick) seconds=1 big_rows=() ;;
+    --quick) seconds=1 rounds=1 big_rows=() ;;
     --seconds) seconds="$2" && shift ;;
+    --rounds) rounds="$2" && shift ;;
     --only) only=(--only "$2") && shift ;;
     --no-setup) setup=0 ;;
     --idle-default) hold_latency=0 ;;
@@ -126,13 +130,14 @@ run_iperf3() {
 }
 
 machine_meta() {
-    local keys=(date kernel nproc cpu idle seconds commit) values=(
+    local keys=(date kernel nproc cpu idle seconds rounds commit) values=(
         "$(date -u '+%Y-%m-%d %H:%M UTC')"
         "$(uname -r)"
         "$(nproc)"
         "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
         "$1"
         "$seconds"
+        "$rounds"
         "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo none)"
     )
     "$REF_VENV/bin/python" -c 'import json, sys; n = len(sys.argv) // 2; print(json.dumps(dict(zip(sys.argv[1 : n + 1], sys.argv[n + 1 :]))))' \
@@ -164,16 +169,29 @@ main() {
     fi
     machine_meta "$idle"
 
-    run reference "$REF_VENV/bin/python" daffi_bench.py
-    for backend in uring poll; do
-        if [[ -n "$why" ]]; then
-            missing "ours-$backend" "$why"
-        else
-            run "ours-$backend" "$OURS_PY" daffi_bench.py "DAFFI_BACKEND=$backend"
-        fi
+    # Rounds: every contender in turn, then again, so that a slow minute of this shared
+    # machine weighs on all of them alike; the report keeps each workload's median round.
+    local round contenders=(reference ours-uring ours-poll pyzmq socket)
+    for round in $(seq "$rounds"); do
+        [[ $rounds -gt 1 ]] && log "== round $round of $rounds"
+        run reference "$REF_VENV/bin/python" daffi_bench.py
+        for backend in uring poll; do
+            if [[ -n "$why" ]]; then
+                missing "ours-$backend" "$why"
+            else
+                run "ours-$backend" "$OURS_PY" daffi_bench.py "DAFFI_BACKEND=$backend"
+            fi
+        done
+        run pyzmq "$REF_VENV/bin/python" zmq_bench.py
+        run socket "$REF_VENV/bin/python" socket_bench.py
+        mkdir -p "$OUT/round$round"
+        for name in "${contenders[@]}"; do
+            mv "$OUT/$name.json" "$OUT/round$round/"
+            [[ -f "$OUT/$name.log" ]] && mv "$OUT/$name.log" "$OUT/round$round/"
+        done
+        big_rows=() # the 1 GiB and 2 GiB rows: once
     done
-    run pyzmq "$REF_VENV/bin/python" zmq_bench.py
-    run socket "$REF_VENV/bin/python" socket_bench.py
+    "$REF_VENV/bin/python" "$COMPARE/median_rounds.py" "$OUT" "${contenders[@]}"
     run_iperf3
     exec 3>&- # back to the default idle behaviour
 

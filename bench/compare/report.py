@@ -152,8 +152,13 @@ def table(data: dict[str, dict]) -> tuple[str, list[str]]:
 
 
 def machine_line(meta: dict) -> str:
-    keys = ["date", "kernel", "nproc", "cpu", "idle", "seconds", "commit"]
-    labels = {"nproc": "CPUs", "idle": "CPU idle", "seconds": "s per workload"}
+    keys = ["date", "kernel", "nproc", "cpu", "idle", "seconds", "rounds", "commit"]
+    labels = {
+        "nproc": "CPUs",
+        "idle": "CPU idle",
+        "seconds": "s per workload",
+        "rounds": "rounds (median kept)",
+    }
     return "; ".join(f"{labels.get(k, k)}: {meta[k]}" for k in keys if meta.get(k))
 
 
