@@ -11,7 +11,8 @@ usage: scripts/bench.sh [options]
   --quick          1 s per workload, one round, and skip the 1 GiB echo and 2 GiB peak-RSS rows
   --seconds N      time budget per workload (default 2)
   --rounds N       run every contender N times, one after the other in turn, and keep each
-                   workload's median round (default 3; the 1 GiB and 2 GiB rows run once)
+                   workload's median round (default 3; the 1 GiB and 2 GiB rows run in the
+                   last round only)
   --only A,B       only these workloads (names as in bench/out/*.json, e.g. echo_8MiB)
   --no-setup       do not run scripts/setup.sh before measuring ours
   --idle-default   leave CPU idle states alone (default: hold /dev/cpu_dma_latency at 0)
@@ -171,9 +172,14 @@ main() {
 
     # Rounds: every contender in turn, then again, so that a slow minute of this shared
     # machine weighs on all of them alike; the report keeps each workload's median round.
-    local round contenders=(reference ours-uring ours-poll pyzmq socket)
+    # The 1 GiB and 2 GiB rows run in the last round only: they leave the kernel busy with
+    # memory for a while (measured: the next sequential row ~15% slower), which must not fall
+    # on the small rows of other rounds.
+    local round contenders=(reference ours-uring ours-poll pyzmq socket) huge=("${big_rows[@]}")
     for round in $(seq "$rounds"); do
         [[ $rounds -gt 1 ]] && log "== round $round of $rounds"
+        big_rows=()
+        [[ $round -eq $rounds ]] && big_rows=("${huge[@]}")
         run reference "$REF_VENV/bin/python" daffi_bench.py
         for backend in uring poll; do
             if [[ -n "$why" ]]; then
@@ -189,7 +195,6 @@ main() {
             mv "$OUT/$name.json" "$OUT/round$round/"
             [[ -f "$OUT/$name.log" ]] && mv "$OUT/$name.log" "$OUT/round$round/"
         done
-        big_rows=() # the 1 GiB and 2 GiB rows: once
     done
     "$REF_VENV/bin/python" "$COMPARE/median_rounds.py" "$OUT" "${contenders[@]}"
     run_iperf3
