@@ -390,7 +390,14 @@ impl Direct {
         let mut read = || -> Result<(), bool> {
             let mut budget = LOOP_READ_MAX;
             loop {
-                let (used, other) = self.scan_for_loop(&rest, conn, calls, requests);
+                let mut queue = |call: IncomingCall| {
+                    if let Some(w) = requests {
+                        let weight = call.payload.len() + crate::node::CALL_WEIGHT;
+                        w.inbox.push_weighed(call, weight);
+                    }
+                };
+                let sink = requests.map(|w| (w, &mut queue as &mut dyn FnMut(IncomingCall)));
+                let (used, other) = self.scan_frames(&rest, conn, calls, sink);
                 rest.drain(..used);
                 if other {
                     return Err(false);
@@ -444,14 +451,16 @@ impl Direct {
         }
     }
 
-    /// Handles the whole small frames at the front of `rest` an event loop may: the number of
-    /// bytes they took, and whether it stopped at a frame only the engine may handle.
-    fn scan_for_loop(
+    /// Handles the whole small frames at the front of `rest` that a thread or an event loop
+    /// may: answers are completed in `calls`; requests for functions the worker runs go to its
+    /// `take`. Returns the bytes they took, and whether it stopped at a frame only the engine
+    /// may handle (anything else, including refusals, which are the engine's to answer).
+    fn scan_frames(
         &self,
         rest: &[u8],
         conn: u64,
         calls: Option<&CallTable>,
-        requests: Option<&Worker<'_>>,
+        mut requests: Option<(&Worker<'_>, &mut dyn FnMut(IncomingCall))>,
     ) -> (usize, bool) {
         let mut used = 0;
         loop {
@@ -473,24 +482,22 @@ impl Direct {
                     Scan::Other => {}
                 }
             }
-            let Some(w) = requests else {
+            let Some((worker, take)) = requests.as_mut() else {
                 return (used, true);
             };
-            match answer::scan_request(front, self.max_payload, w.routed) {
-                ScanRequest::Request(r) if (w.runs)(r.name, r.serde) => {
-                    let call = IncomingCall {
+            match answer::scan_request(front, self.max_payload, worker.routed) {
+                ScanRequest::Request(r) if (worker.runs)(r.name, r.serde) => {
+                    used += r.len;
+                    self.requests
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    take(IncomingCall {
                         conn,
                         call_id: r.call_id,
                         name: r.name.to_owned(),
                         serde: r.serde,
                         flags: r.flags,
                         payload: Payload::Inline(r.payload.to_vec()),
-                    };
-                    used += r.len;
-                    let weight = call.payload.len() + crate::node::CALL_WEIGHT;
-                    w.inbox.push_weighed(call, weight);
-                    self.requests
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    });
                 }
                 ScanRequest::Partial => return (used, false),
                 ScanRequest::Request(_) | ScanRequest::Other => return (used, true),
@@ -550,27 +557,7 @@ impl Direct {
         until: Option<Instant>,
     ) -> Turn {
         loop {
-            let mut used = 0;
-            let mut other = false;
-            loop {
-                match answer::scan(&rest[used..], self.max_payload) {
-                    Scan::Answer {
-                        call_id,
-                        len,
-                        answer,
-                    } => {
-                        calls.complete(call_id, result(answer));
-                        self.answered
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        used += len;
-                    }
-                    Scan::Partial => break,
-                    Scan::Other => {
-                        other = true;
-                        break;
-                    }
-                }
-            }
+            let (used, other) = self.scan_frames(rest, 0, Some(calls), None);
             rest.drain(..used);
             if other {
                 return Turn::HandBack;
@@ -603,29 +590,8 @@ impl Direct {
         let mut rest = self.take_turn(false)?;
         let mut calls = Vec::new();
         let turn = loop {
-            let mut used = 0;
-            let mut other = false;
-            loop {
-                match answer::scan_request(&rest[used..], self.max_payload, node.routed) {
-                    ScanRequest::Request(r) if (node.runs)(r.name, r.serde) => {
-                        calls.push(IncomingCall {
-                            conn,
-                            call_id: r.call_id,
-                            name: r.name.to_owned(),
-                            serde: r.serde,
-                            flags: r.flags,
-                            payload: Payload::Inline(r.payload.to_vec()),
-                        });
-                        used += r.len;
-                    }
-                    ScanRequest::Partial => break,
-                    // Refusals (unknown function, format) are the engine's to answer.
-                    ScanRequest::Request(_) | ScanRequest::Other => {
-                        other = true;
-                        break;
-                    }
-                }
-            }
+            let mut take = |call: IncomingCall| calls.push(call);
+            let (used, other) = self.scan_frames(&rest, conn, None, Some((node, &mut take)));
             rest.drain(..used);
             if other {
                 break Turn::HandBack;
@@ -639,8 +605,6 @@ impl Direct {
                 Err(()) => break Turn::HandBack,
             }
         };
-        self.requests
-            .fetch_add(calls.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let mut s = self.lock();
         s.rest = rest;
         s.since = Instant::now();
