@@ -243,14 +243,10 @@ pub fn peer_is_local(fd: RawFd) -> bool {
     }
 }
 
-/// Waits until `fd` has something to read (data, end of stream or an error), at most
-/// `timeout`; returns false when the time ran out. A signal ends the wait early (true, so that
-/// the caller tries its read and sees nothing yet).
-pub fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
-    Ok(wait_either(fd, None, timeout)?.0)
-}
-
-/// Like [`wait_readable`], also watching `alarm` (see [`Alarm`]): which of the two are ready.
+/// Waits until `fd` has something to read (data, end of stream or an error) or `alarm` (see
+/// [`Alarm`]) is raised, at most `timeout`: which of the two are ready (neither when the time
+/// ran out). A signal ends the wait early as if `fd` were ready, so that the caller tries its
+/// read and sees nothing yet.
 pub fn wait_either(
     fd: RawFd,
     alarm: Option<&Alarm>,

@@ -392,28 +392,21 @@ impl Driver {
                 token,
                 bufs,
                 skip,
-                zero_copy: true,
+                zero_copy,
                 ..
-            } if cqueue::more(flags) => {
-                // The result of a zero-copy send whose notification is still to come: the
-                // buffers stay here until then; the runtime gets handles to the same memory.
-                let (token, bufs, skip) = (*token, bufs.clone(), *skip);
-                let res = if res >= 0 {
-                    Ok(res as usize)
+            } => {
+                // A zero-copy send whose notification is still to come keeps its buffers here
+                // until then: the runtime gets handles to the same memory.
+                let (token, bufs, skip) = if *zero_copy && cqueue::more(flags) {
+                    (*token, bufs.clone(), *skip)
                 } else {
-                    Err(err())
-                };
-                out.push(Completion {
-                    token,
-                    outcome: Outcome::Sent { bufs, skip, res },
-                });
-            }
-            InFlight::Send { .. } => {
-                let InFlight::Send {
-                    token, bufs, skip, ..
-                } = self.ops.remove(key)
-                else {
-                    unreachable!()
+                    let InFlight::Send {
+                        token, bufs, skip, ..
+                    } = self.ops.remove(key)
+                    else {
+                        unreachable!()
+                    };
+                    (token, bufs, skip)
                 };
                 let res = if res >= 0 {
                     Ok(res as usize)

@@ -37,29 +37,65 @@ pub enum Scan<'a> {
     Other,
 }
 
-/// Looks at the frame at the front of `buf`. Answers with payloads over `max_payload` (itself
-/// capped at the reader's small-payload size) are `Other`.
-pub fn scan(buf: &[u8], max_payload: u64) -> Scan<'_> {
+/// The front of a buffer as both scanners see it.
+enum Front<'a> {
+    /// A whole small frame of a wanted kind: its header, meta, payload and length in bytes.
+    Frame {
+        h: Header,
+        meta: &'a [u8],
+        payload: &'a [u8],
+        len: usize,
+    },
+    Partial,
+    Other,
+}
+
+/// The small frame of a kind `wanted` accepts at the front of `buf`: one with a meta of at
+/// most `MAX_META` bytes, a payload of at most `max_payload` (itself capped at the reader's
+/// small-payload size) and no trailer.
+fn front(buf: &[u8], max_payload: u64, wanted: impl Fn(Kind) -> bool) -> Front<'_> {
     let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
-        return Scan::Partial;
+        return Front::Partial;
     };
     let Ok(h) = Header::decode(head) else {
-        return Scan::Other;
+        return Front::Other;
     };
     let max_payload = max_payload.min(SMALL_PAYLOAD as u64);
     let small = h.meta_len <= MAX_META && h.payload_len <= max_payload;
-    if !matches!(h.kind, Kind::Response | Kind::Error) || h.flags.trailer() || !small {
-        return Scan::Other;
+    if !wanted(h.kind) || h.flags.trailer() || !small {
+        return Front::Other;
     }
     let meta_end = HEADER_LEN + h.meta_len as usize;
     let len = meta_end + h.payload_len as usize;
     if buf.len() < len {
-        return Scan::Partial;
+        return Front::Partial;
     }
-    let Ok(meta) = std::str::from_utf8(&buf[HEADER_LEN..meta_end]) else {
+    Front::Frame {
+        h,
+        meta: &buf[HEADER_LEN..meta_end],
+        payload: &buf[meta_end..len],
+        len,
+    }
+}
+
+/// Looks at the frame at the front of `buf`. Answers with payloads over `max_payload` (itself
+/// capped at the reader's small-payload size) are `Other`.
+pub fn scan(buf: &[u8], max_payload: u64) -> Scan<'_> {
+    let (h, meta, payload, len) = match front(buf, max_payload, |k| {
+        matches!(k, Kind::Response | Kind::Error)
+    }) {
+        Front::Frame {
+            h,
+            meta,
+            payload,
+            len,
+        } => (h, meta, payload, len),
+        Front::Partial => return Scan::Partial,
+        Front::Other => return Scan::Other,
+    };
+    let Ok(meta) = std::str::from_utf8(meta) else {
         return Scan::Other;
     };
-    let payload = &buf[meta_end..len];
     let answer = match h.kind {
         Kind::Response => Answer::Result {
             serde: h.serde,
@@ -106,24 +142,17 @@ pub enum ScanRequest<'a> {
 /// connection (a client's, through a Router) a request's meta is `caller\0function` and the
 /// name returned is the function's; on any other its meta is the function's name alone.
 pub fn scan_request(buf: &[u8], max_payload: u64, routed: bool) -> ScanRequest<'_> {
-    let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
-        return ScanRequest::Partial;
+    let (h, meta, payload, len) = match front(buf, max_payload, |k| k == Kind::Request) {
+        Front::Frame {
+            h,
+            meta,
+            payload,
+            len,
+        } => (h, meta, payload, len),
+        Front::Partial => return ScanRequest::Partial,
+        Front::Other => return ScanRequest::Other,
     };
-    let Ok(h) = Header::decode(head) else {
-        return ScanRequest::Other;
-    };
-    let max_payload = max_payload.min(SMALL_PAYLOAD as u64);
-    let small = h.meta_len <= MAX_META && h.payload_len <= max_payload;
-    if h.kind != Kind::Request || h.flags.trailer() || !small {
-        return ScanRequest::Other;
-    }
-    let meta_end = HEADER_LEN + h.meta_len as usize;
-    let len = meta_end + h.payload_len as usize;
-    if buf.len() < len {
-        return ScanRequest::Partial;
-    }
-    let meta = std::str::from_utf8(&buf[HEADER_LEN..meta_end]);
-    let name = match meta {
+    let name = match std::str::from_utf8(meta) {
         Ok(meta) if routed => meta.split_once('\0').map(|(_, name)| name),
         Ok(meta) if !meta.contains('\0') => Some(meta),
         _ => None,
@@ -135,9 +164,9 @@ pub fn scan_request(buf: &[u8], max_payload: u64, routed: bool) -> ScanRequest<'
             name,
             serde: h.serde,
             flags: h.flags.without_wire(),
-            payload: &buf[meta_end..len],
+            payload,
         }),
-        _ => ScanRequest::Other,
+        None => ScanRequest::Other,
     }
 }
 
