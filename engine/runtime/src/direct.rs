@@ -29,8 +29,7 @@ use daffi_proto::answer::{self, Answer, Scan, ScanRequest};
 
 use crate::call::{CallError, CallTable, Reply, Slot};
 use crate::engine::{Command, Engine};
-use crate::inbox::Inbox;
-use crate::node::IncomingCall;
+use crate::node::{Callee, IncomingCall};
 use crate::notify::Notifier;
 use crate::payload::Payload;
 
@@ -121,15 +120,30 @@ impl Drop for Waiting {
 
 /// What a worker's turn at reading needs to know of the node it works for.
 pub(crate) struct Worker<'a> {
-    /// Where the requests read after the first go, in order.
-    pub(crate) inbox: &'a Inbox<IncomingCall>,
-    /// Whether a request for this function in this serde format runs here; the others are
-    /// the engine's to refuse.
-    pub(crate) runs: &'a dyn Fn(&str, u8) -> bool,
+    /// The node's functions, and the inbox the requests read after the first go to, in order.
+    pub(crate) callee: &'a Callee,
+    /// A Service's accepted serde formats (bit `n`: format `n`); a client takes any. Requests
+    /// for other functions or formats are the engine's to refuse.
+    pub(crate) serde_mask: Option<u64>,
     /// Raised by the engine to take the connection back from a worker waiting on it.
     pub(crate) alarm: Option<&'a sys::Alarm>,
     /// Requests name their caller first (a client's connection through a Router).
     pub(crate) routed: bool,
+}
+
+impl Worker<'_> {
+    /// Queues a request read for the node's workers, weighed like the engine's.
+    fn queue(&self, call: IncomingCall) {
+        let weight = call.payload.len() + crate::node::CALL_WEIGHT;
+        self.callee.calls.push_weighed(call, weight);
+    }
+
+    /// Whether a request for `name` in format `serde` runs here.
+    pub(crate) fn runs(&self, name: &str, serde: u8) -> bool {
+        self.serde_mask
+            .is_none_or(|mask| serde < 64 && mask & (1 << serde) != 0)
+            && self.callee.exports(name)
+    }
 }
 
 /// How a thread's turn at reading ended.
@@ -252,39 +266,30 @@ impl Direct {
     /// Asks the thread reading the connection to hand it back at the end of its turn, or the
     /// event loop watching it to give it back; false when neither has it.
     pub(crate) fn recall(&self) -> bool {
-        let mut s = self.lock();
+        Self::recall_locked(&mut self.lock())
+    }
+
+    fn recall_locked(s: &mut State) -> bool {
         match s.side {
-            Side::Thread => {
-                s.recall = true;
-                true
-            }
+            Side::Thread => {}
             Side::Loop => {
-                s.recall = true;
                 if let Some(n) = &s.for_loop {
                     n.notify();
                 }
-                true
             }
-            _ => false,
+            _ => return false,
         }
+        s.recall = true;
+        true
     }
 
     /// The connection is going away: nobody may read it any more. Refused (false) while a
-    /// thread reads the descriptor or an event loop watches it, which must then not be closed
-    /// (the loop is asked to give it back).
+    /// thread reads the descriptor or an event loop watches it, which must then not be closed:
+    /// it is asked to give it back (a thread also sees the end of the stream the engine's
+    /// shutdown makes).
     pub(crate) fn close_unless_lent(&self) -> bool {
         let mut s = self.lock();
-        if s.side == Side::Thread {
-            // Its reader gives it back at the end of its turn (a thread also sees the end of
-            // the stream the engine's shutdown makes).
-            s.recall = true;
-            return false;
-        }
-        if s.side == Side::Loop {
-            s.recall = true;
-            if let Some(n) = &s.for_loop {
-                n.notify();
-            }
+        if Self::recall_locked(&mut s) {
             return false;
         }
         s.side = Side::Closed;
@@ -390,15 +395,12 @@ impl Direct {
         let mut read = || -> Result<(), bool> {
             let mut budget = LOOP_READ_MAX;
             loop {
-                let mut queue = |call: IncomingCall| {
-                    if let Some(w) = requests {
-                        let weight = call.payload.len() + crate::node::CALL_WEIGHT;
-                        w.inbox.push_weighed(call, weight);
-                    }
-                };
-                let sink = requests.map(|w| (w, &mut queue as &mut dyn FnMut(IncomingCall)));
-                let (used, other) = self.scan_frames(&rest, conn, calls, sink);
+                let mut taken = Vec::new();
+                let (used, other) = self.scan_frames(&rest, conn, calls, requests, &mut taken);
                 rest.drain(..used);
+                if let Some(w) = requests {
+                    taken.into_iter().for_each(|call| w.queue(call));
+                }
                 if other {
                     return Err(false);
                 }
@@ -452,15 +454,16 @@ impl Direct {
     }
 
     /// Handles the whole small frames at the front of `rest` that a thread or an event loop
-    /// may: answers are completed in `calls`; requests for functions the worker runs go to its
-    /// `take`. Returns the bytes they took, and whether it stopped at a frame only the engine
-    /// may handle (anything else, including refusals, which are the engine's to answer).
+    /// may: answers are completed in `calls`; requests for functions the worker runs are added
+    /// to `taken`. Returns the bytes they took, and whether it stopped at a frame only the
+    /// engine may handle (anything else, including refusals, which are the engine's to answer).
     fn scan_frames(
         &self,
         rest: &[u8],
         conn: u64,
         calls: Option<&CallTable>,
-        mut requests: Option<(&Worker<'_>, &mut dyn FnMut(IncomingCall))>,
+        requests: Option<&Worker<'_>>,
+        taken: &mut Vec<IncomingCall>,
     ) -> (usize, bool) {
         let mut used = 0;
         loop {
@@ -482,15 +485,15 @@ impl Direct {
                     Scan::Other => {}
                 }
             }
-            let Some((worker, take)) = requests.as_mut() else {
+            let Some(worker) = requests else {
                 return (used, true);
             };
             match answer::scan_request(front, self.max_payload, worker.routed) {
-                ScanRequest::Request(r) if (worker.runs)(r.name, r.serde) => {
+                ScanRequest::Request(r) if worker.runs(r.name, r.serde) => {
                     used += r.len;
                     self.requests
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    take(IncomingCall {
+                    taken.push(IncomingCall {
                         conn,
                         call_id: r.call_id,
                         name: r.name.to_owned(),
@@ -557,7 +560,7 @@ impl Direct {
         until: Option<Instant>,
     ) -> Turn {
         loop {
-            let (used, other) = self.scan_frames(rest, 0, Some(calls), None);
+            let (used, other) = self.scan_frames(rest, 0, Some(calls), None, &mut Vec::new());
             rest.drain(..used);
             if other {
                 return Turn::HandBack;
@@ -590,8 +593,7 @@ impl Direct {
         let mut rest = self.take_turn(false)?;
         let mut calls = Vec::new();
         let turn = loop {
-            let mut take = |call: IncomingCall| calls.push(call);
-            let (used, other) = self.scan_frames(&rest, conn, None, Some((node, &mut take)));
+            let (used, other) = self.scan_frames(&rest, conn, None, Some(node), &mut calls);
             rest.drain(..used);
             if other {
                 break Turn::HandBack;
@@ -615,10 +617,7 @@ impl Direct {
         let mut calls = calls.into_iter();
         let first = calls.next();
         // Those read with the first run after it, in order, before anything read later.
-        for call in calls {
-            let weight = call.payload.len() + crate::node::CALL_WEIGHT;
-            node.inbox.push_weighed(call, weight);
-        }
+        calls.for_each(|call| node.queue(call));
         if matches!(turn, Turn::HandBack) || overlap || std::mem::take(&mut s.recall) {
             s.side = Side::Engine;
             drop(s);
@@ -627,7 +626,7 @@ impl Direct {
             s.side = Side::Parked;
             drop(s);
             // Another idle worker may take the next turn at reading.
-            node.inbox.wake_one();
+            node.callee.calls.wake_one();
         }
         first
     }

@@ -341,6 +341,14 @@ impl Owner {
     }
 
     /// The Router this connection belongs to, if it does.
+    /// What runs the calls that arrive here.
+    fn callee(&self) -> &crate::node::Callee {
+        match self {
+            Owner::Server(s) => &s.callee,
+            Owner::Client(c) => &c.callee,
+        }
+    }
+
     fn router(&self) -> Option<&Arc<ServerShared>> {
         match self {
             Owner::Server(s) if s.router => Some(s),
@@ -394,7 +402,60 @@ struct Conn {
     relay_progress: Instant,
 }
 
+/// Who would receive on a connection in the engine's place (see [`Conn::lend_wanted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lend {
+    /// A thread that asked: a sequential caller, or an idle worker.
+    Thread,
+    /// The node's event loop.
+    Loop,
+}
+
 impl Conn {
+    /// The receiving side threads or an event loop may take over (see [`crate::direct`]): a
+    /// client's, or a Service's (a Router's connections have none).
+    fn direct_side(&self) -> Option<&crate::direct::Direct> {
+        match (&self.owner, &self.direct) {
+            (Owner::Client(cl), _) => Some(&cl.direct),
+            (_, Some(d)) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// Whether the calls received on this connection's node are all taken by its workers (and,
+    /// on a client, no answer is awaited): a thread may then receive instead. Checked again
+    /// under the receiving side's lock when it is lent (see `Direct::try_park`).
+    fn idle(&self) -> bool {
+        match &self.owner {
+            Owner::Client(cl) => cl.calls.is_empty() && cl.callee.calls.backlog().0 == 0,
+            Owner::Server(s) => s.callee.calls.backlog().0 == 0,
+        }
+    }
+
+    /// Who would like to receive on this connection instead of the engine: a watched node's
+    /// event loop whenever it can (a Service's only while it has this one connection), or a
+    /// thread that asked, while the node is idle (a request its workers have not taken yet
+    /// makes them forget asking: they ask again once they have taken it).
+    fn lend_wanted(&self) -> Option<Lend> {
+        let d = self.direct_side()?;
+        let wanted = match &self.owner {
+            Owner::Client(_) if d.for_loop() => return Some(Lend::Loop),
+            Owner::Server(s) if d.for_loop() => {
+                return (s.connection_count() == 1).then_some(Lend::Loop);
+            }
+            Owner::Client(cl) => {
+                d.wanted()
+                    && cl.calls.is_empty()
+                    && (cl.callee.calls.backlog().0 == 0 || d.forget_want())
+            }
+            Owner::Server(s) => {
+                let ok = s.callee.calls.backlog().0 == 0 && s.connection_count() == 1;
+                d.wanted() && (ok || d.forget_want())
+            }
+        };
+        wanted.then_some(Lend::Thread)
+    }
+
     /// The send of `bufs` less its first `skip` bytes; zero-copy when large enough on a
     /// connection that sends so.
     fn send_op(&self, bufs: Vec<Bytes>, skip: usize) -> Op {
@@ -650,30 +711,12 @@ impl Loop {
         if c.parked || c.feeding {
             return;
         }
-        // A sequential caller, or a Service's idle worker, may receive on its own thread:
-        // park the connection for it when nothing else needs the engine to read.
-        let wanted = match &c.owner {
-            // A watched client's event loop, whenever it can.
-            Owner::Client(cl) if cl.direct.for_loop() => true,
-            // A client's callers, or its idle workers (when none of its requests waits for
-            // them: they ask again once they have taken those).
-            Owner::Client(cl) => {
-                cl.direct.wanted()
-                    && cl.calls.is_empty()
-                    && (cl.callee.calls.backlog().0 == 0 || cl.direct.forget_want())
-            }
-            Owner::Server(s) => c.direct.as_ref().is_some_and(|d| {
-                if d.for_loop() {
-                    return s.connection_count() == 1;
-                }
-                let ok = s.callee.calls.backlog().0 == 0 && s.connection_count() == 1;
-                // A request the workers have not taken yet: they ask again when they have.
-                d.wanted() && (ok || d.forget_want())
-            }),
-        };
-        // Never before the handshake completed: only the engine checks it (a Service's token,
-        // the peer's name), and a thread or event loop reading requests must not skip that.
-        if wanted
+        // A sequential caller, a Service's idle worker or a watched node's event loop may
+        // receive in the engine's place (see `crate::direct`): lend the connection when nothing
+        // else needs the engine to read. Never before the handshake completed: only the engine
+        // checks it (a Service's token, the peer's name).
+        let lend = c.lend_wanted();
+        if lend.is_some()
             && c.proto.is_open()
             && !c.shut
             && c.closing.is_none()
@@ -682,7 +725,7 @@ impl Loop {
             && c.proto.recv_idle()
         {
             if c.recv_busy {
-                // Parked once the receive in flight has ended.
+                // Lent once the receive in flight has ended.
                 if !c.cancelling {
                     c.cancelling = true;
                     let op = if c.pooled { POOLED } else { RECV };
@@ -690,48 +733,32 @@ impl Loop {
                 }
                 return;
             }
+            let for_loop = lend == Some(Lend::Loop);
             // An event loop is told once the connection is lent (and the Service's reader
             // set, which the loop looks at).
-            let mut tell = None;
-            let parked = match &c.owner {
-                Owner::Client(cl) if cl.direct.for_loop() => {
-                    tell = cl.direct.try_lend_to_loop();
-                    tell.is_some()
+            let (lent, tell) = match c.direct_side() {
+                Some(d) if for_loop => {
+                    let tell = d.try_lend_to_loop();
+                    (tell.is_some(), tell)
                 }
-                Owner::Server(_) if c.direct.as_ref().is_some_and(|d| d.for_loop()) => {
-                    tell = c.direct.as_ref().and_then(|d| d.try_lend_to_loop());
-                    tell.is_some()
-                }
-                Owner::Client(cl) => cl
-                    .direct
-                    .try_park(|| cl.calls.is_empty() && cl.callee.calls.backlog().0 == 0),
-                Owner::Server(s) => c
-                    .direct
-                    .as_ref()
-                    .is_some_and(|d| d.try_park(|| s.callee.calls.backlog().0 == 0)),
+                Some(d) => (d.try_park(|| c.idle()), None),
+                None => (false, None),
             };
-            if parked {
+            if lent {
                 c.parked = true;
                 // Idle parks are taken back after a while; an event loop, which watches the
                 // socket all along, keeps it until it gives it back.
-                if tell.is_none() {
+                if !for_loop {
                     self.parked.push(id);
                 }
                 self.driver.lend(c.fd.as_raw_fd(), true);
-                match (&c.owner, &c.direct) {
-                    (Owner::Server(s), Some(d)) => {
-                        *s.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, d.clone()));
-                        // The worker waiting for it.
-                        if !d.for_loop() {
-                            s.callee.calls.wake_one();
-                        }
-                    }
-                    // A worker waiting for it, if any (a caller reads at its next call).
-                    (Owner::Client(cl), _) if !cl.direct.for_loop() => cl.callee.calls.wake_one(),
-                    _ => {}
+                if let (Owner::Server(s), Some(d)) = (&c.owner, &c.direct) {
+                    *s.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, d.clone()));
                 }
-                if let Some(n) = tell {
-                    n.notify();
+                match tell {
+                    Some(n) => n.notify(),
+                    // The worker waiting for it, if any (a caller reads at its next call).
+                    None => c.owner.callee().calls.wake_one(),
                 }
                 return;
             }
@@ -1114,17 +1141,12 @@ impl Loop {
         if !c.parked {
             return;
         }
-        let rest = match (&c.owner, &c.direct) {
-            (Owner::Client(cl), _) => rest.unwrap_or_else(|| cl.direct.resume()),
-            (Owner::Server(s), Some(d)) => {
-                let mut reader = s.reader.lock().unwrap_or_else(|e| e.into_inner());
-                if reader.as_ref().is_some_and(|(conn, _)| *conn == id) {
-                    *reader = None;
-                }
-                rest.unwrap_or_else(|| d.resume())
-            }
-            (Owner::Server(_), None) => rest.unwrap_or_default(),
-        };
+        if let Owner::Server(s) = &c.owner {
+            s.forget_reader(id);
+        }
+        let rest = rest
+            .or_else(|| c.direct_side().map(|d| d.resume()))
+            .unwrap_or_default();
         c.parked = false;
         self.driver.lend(c.fd.as_raw_fd(), false);
         self.parked.retain(|p| *p != id);
@@ -1137,14 +1159,11 @@ impl Loop {
     fn reclaim_parked(&mut self) {
         let ids = self.parked.clone();
         for id in ids {
-            let rest = match self.conns.get(&id) {
-                Some(c) => match (&c.owner, &c.direct) {
-                    (Owner::Client(cl), _) => cl.direct.reclaim_idle(PARK_IDLE),
-                    (Owner::Server(_), Some(d)) => d.reclaim_idle(PARK_IDLE),
-                    _ => None,
-                },
-                None => None,
-            };
+            let rest = self
+                .conns
+                .get(&id)
+                .and_then(Conn::direct_side)
+                .and_then(|d| d.reclaim_idle(PARK_IDLE));
             if rest.is_some() {
                 self.unpark(id, rest);
             }
@@ -1857,22 +1876,14 @@ impl Loop {
         if !c.shut || c.recv_busy || c.send_busy {
             return;
         }
-        let direct = match (&c.owner, &c.direct) {
-            (Owner::Client(cl), _) => Some(&cl.direct),
-            (_, Some(d)) => Some(&**d),
-            _ => None,
-        };
-        if let Some(d) = direct {
+        if let Some(d) = c.direct_side() {
             if !d.close_unless_lent() {
                 // Its reader sees the end of the stream and hands it back (Resume).
                 return;
             }
         }
         if let (Owner::Server(s), true) = (&c.owner, c.parked) {
-            let mut reader = s.reader.lock().unwrap_or_else(|e| e.into_inner());
-            if reader.as_ref().is_some_and(|(conn, _)| *conn == id) {
-                *reader = None;
-            }
+            s.forget_reader(id);
         }
         if c.parked {
             self.parked.retain(|p| *p != id);

@@ -115,6 +115,11 @@ impl Callee {
         self.events.watch(n.clone());
     }
 
+    /// Whether function `name` is exported.
+    pub(crate) fn exports(&self, name: &str) -> bool {
+        lock(&self.functions).iter().any(|f| f == name)
+    }
+
     /// Adds new names; returns those that were not exported yet.
     fn add_functions(&self, names: &[String]) -> Vec<String> {
         let mut f = lock(&self.functions);
@@ -182,11 +187,23 @@ impl ServerShared {
         lock(&self.state).connections
     }
 
-    /// Whether a request for `name` in format `serde` is run here (not refused).
-    pub(crate) fn runs(&self, name: &str, serde: u8) -> bool {
-        serde < 64
-            && self.serde_mask & (1 << serde) != 0
-            && lock(&self.callee.functions).iter().any(|f| f == name)
+    /// Connection `conn` is no longer lent to the workers or the event loop (if it was).
+    pub(crate) fn forget_reader(&self, conn: u64) {
+        let mut reader = lock(&self.reader);
+        if reader.as_ref().is_some_and(|(c, _)| *c == conn) {
+            *reader = None;
+        }
+    }
+
+    /// What a worker reading this Service's connection needs (see [`crate::direct`]); with
+    /// `alarm`, one the engine can wake to take the connection back.
+    pub(crate) fn worker(&self, alarm: bool) -> Worker<'_> {
+        Worker {
+            callee: &self.callee,
+            serde_mask: Some(self.serde_mask),
+            alarm: self.alarm.as_ref().filter(|_| alarm),
+            routed: false,
+        }
     }
 
     pub(crate) fn local(&self) -> Local {
@@ -543,6 +560,17 @@ pub(crate) struct ClientShared {
 }
 
 impl ClientShared {
+    /// What a worker (or event loop) reading this client's connection needs (see
+    /// [`crate::direct`]).
+    pub(crate) fn worker(&self) -> Worker<'_> {
+        Worker {
+            callee: &self.callee,
+            serde_mask: None,
+            alarm: None,
+            routed: lock(&self.state).routed(),
+        }
+    }
+
     pub(crate) fn update(&self, f: impl FnOnce(&mut ClientState)) {
         f(&mut lock(&self.state));
         self.changed.notify_all();
@@ -1185,13 +1213,7 @@ impl Node for Server {
     /// receives the next request itself (see [`crate::direct`]).
     fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
         let shared = &self.shared;
-        let runs = |name: &str, serde: u8| shared.runs(name, serde);
-        let worker = Worker {
-            inbox: &shared.callee.calls,
-            runs: &runs,
-            alarm: shared.alarm.as_ref(),
-            routed: false,
-        };
+        let worker = shared.worker(true);
         worker_loop(&shared.callee.calls, timeout, |deadline| {
             let reader = lock(&shared.reader).clone();
             match reader {
@@ -1265,15 +1287,7 @@ impl Node for Server {
         let Some((conn, d)) = lock(&self.shared.reader).clone() else {
             return false;
         };
-        let shared = &self.shared;
-        let runs = |name: &str, serde: u8| shared.runs(name, serde);
-        let worker = Worker {
-            inbox: &shared.callee.calls,
-            runs: &runs,
-            alarm: None,
-            routed: false,
-        };
-        d.read_for_loop(conn, &self.engine, None, Some(&worker))
+        d.read_for_loop(conn, &self.engine, None, Some(&self.shared.worker(false)))
     }
 
     fn direct_reads(&self) -> (u64, u64) {
@@ -1304,15 +1318,8 @@ impl Node for Client {
     /// receives the next request itself (see [`crate::direct`]).
     fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
         let shared = &self.shared;
-        let runs =
-            |name: &str, _serde: u8| lock(&shared.callee.functions).iter().any(|f| f == name);
         worker_loop(&shared.callee.calls, timeout, |deadline| {
-            let worker = Worker {
-                inbox: &shared.callee.calls,
-                runs: &runs,
-                alarm: None,
-                routed: lock(&shared.state).routed(),
-            };
+            let worker = shared.worker();
             if let Some(call) =
                 shared
                     .direct
@@ -1372,14 +1379,7 @@ impl Node for Client {
 
     fn read_lent(&self) -> bool {
         let shared = &self.shared;
-        let runs =
-            |name: &str, _serde: u8| lock(&shared.callee.functions).iter().any(|f| f == name);
-        let worker = Worker {
-            inbox: &shared.callee.calls,
-            runs: &runs,
-            alarm: None,
-            routed: lock(&shared.state).routed(),
-        };
+        let worker = shared.worker();
         shared.direct.read_for_loop(
             shared.conn,
             &self.engine,
