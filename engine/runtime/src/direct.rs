@@ -32,6 +32,7 @@ use crate::engine::{Command, Engine};
 use crate::node::{Callee, IncomingCall};
 use crate::notify::Notifier;
 use crate::payload::Payload;
+use crate::spin::Spin;
 
 /// A parked connection unused for this long goes back to the engine (so that whatever the peer
 /// sends unasked, such as a goodbye, is seen promptly).
@@ -79,8 +80,8 @@ struct State {
     /// The event loop read something only the engine may handle: it stops watching the socket
     /// and gives the connection back.
     loop_done: bool,
-    /// The event loop met the end of the stream or an error: the engine must receive itself
-    /// (to see it), and the connection is never lent to the loop again.
+    /// A thread or the event loop met the end of the stream or an error: the engine must
+    /// receive itself (to see it), and the connection is never lent again.
     ended: bool,
 }
 
@@ -96,6 +97,8 @@ pub(crate) struct Direct {
     answered: std::sync::atomic::AtomicU64,
     /// Requests read by workers so far (a diagnostic).
     requests: std::sync::atomic::AtomicU64,
+    /// How long reading threads spin before they sleep (see [`crate::spin`]).
+    spin: Spin,
     state: Mutex<State>,
 }
 
@@ -152,8 +155,10 @@ enum Turn {
     Answered,
     /// Its time ran out.
     Waited,
-    /// It read something only the engine may handle.
+    /// It read something only the engine may handle, or was asked to stop.
     HandBack,
+    /// The stream ended or failed: only the engine may see that (and never lends it again).
+    Ended,
 }
 
 impl Direct {
@@ -164,6 +169,7 @@ impl Direct {
             enabled: enabled(),
             answered: Default::default(),
             requests: Default::default(),
+            spin: Spin::default(),
             state: Mutex::new(State {
                 side: Side::Engine,
                 want: false,
@@ -204,7 +210,7 @@ impl Direct {
     /// unread). Otherwise forgets the request.
     pub(crate) fn try_park(&self, idle: impl FnOnce() -> bool) -> bool {
         let mut s = self.lock();
-        let park = s.want && s.side == Side::Engine && idle();
+        let park = s.want && s.side == Side::Engine && !s.ended && idle();
         s.want = false;
         if park {
             s.side = Side::Parked;
@@ -220,7 +226,7 @@ impl Direct {
             return false;
         }
         let mut s = self.lock();
-        if s.cooldown.is_some_and(|t| Instant::now() < t) {
+        if s.ended || s.cooldown.is_some_and(|t| Instant::now() < t) {
             return false;
         }
         let first = !s.want && s.side == Side::Engine;
@@ -541,8 +547,12 @@ impl Direct {
         let mut s = self.lock();
         s.rest = rest;
         s.since = Instant::now();
+        s.ended |= matches!(turn, Turn::Ended);
         // Calls of other threads may be waiting for answers only the engine would read.
-        if matches!(turn, Turn::HandBack) || !calls.is_empty() || std::mem::take(&mut s.recall) {
+        if matches!(turn, Turn::HandBack | Turn::Ended)
+            || !calls.is_empty()
+            || std::mem::take(&mut s.recall)
+        {
             s.side = Side::Engine;
             drop(s);
             engine.send(Command::Resume { conn });
@@ -571,7 +581,7 @@ impl Direct {
             match self.receive(rest, until, None) {
                 Ok(true) => {}
                 Ok(false) => return Turn::Waited,
-                Err(()) => return Turn::HandBack,
+                Err(turn) => return turn,
             }
         }
     }
@@ -604,12 +614,13 @@ impl Direct {
             match self.receive(&mut rest, until, node.alarm) {
                 Ok(true) => {}
                 Ok(false) => break Turn::Waited,
-                Err(()) => break Turn::HandBack,
+                Err(turn) => break turn,
             }
         };
         let mut s = self.lock();
         s.rest = rest;
         s.since = Instant::now();
+        s.ended |= matches!(turn, Turn::Ended);
         let overlap = calls.len() > 1;
         if overlap {
             s.cooldown = Some(Instant::now() + OVERLAP_COOLDOWN);
@@ -618,7 +629,8 @@ impl Direct {
         let first = calls.next();
         // Those read with the first run after it, in order, before anything read later.
         calls.for_each(|call| node.queue(call));
-        if matches!(turn, Turn::HandBack) || overlap || std::mem::take(&mut s.recall) {
+        if matches!(turn, Turn::HandBack | Turn::Ended) || overlap || std::mem::take(&mut s.recall)
+        {
             s.side = Side::Engine;
             drop(s);
             engine.send(Command::Resume { conn });
@@ -650,13 +662,14 @@ impl Direct {
     }
 
     /// Receives more bytes into `rest`: `Ok(true)` when some came (or may have), `Ok(false)`
-    /// when `until` passed, `Err` at end of stream, on an error or when `alarm` was raised.
+    /// when `until` passed; `Err` ends the turn: [`Turn::Ended`] at end of stream or on an
+    /// error, [`Turn::HandBack`] when `alarm` was raised.
     fn receive(
         &self,
         rest: &mut Vec<u8>,
         until: Option<Instant>,
         alarm: Option<&sys::Alarm>,
-    ) -> Result<bool, ()> {
+    ) -> Result<bool, Turn> {
         if rest.capacity() - rest.len() < READ_ROOM {
             rest.reserve(READ_ROOM);
         }
@@ -667,33 +680,49 @@ impl Direct {
         };
         *rest = v;
         match r {
-            Ok(0) => Err(()),
+            Ok(0) => Err(Turn::Ended),
             Ok(_) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let wait = match until {
-                    None => MAX_WAIT,
-                    Some(t) => {
-                        let now = Instant::now();
-                        if now >= t {
-                            return Ok(false);
-                        }
-                        (t - now).min(MAX_WAIT)
+                let started = Instant::now();
+                let spun = self.spin.spin(started, until, || {
+                    match sys::wait_either(self.fd, alarm, Duration::ZERO) {
+                        Ok((false, false)) => None,
+                        other => Some(other),
+                    }
+                });
+                let woke = match spun {
+                    Some(woke) => woke,
+                    None => {
+                        let wait = match until {
+                            None => MAX_WAIT,
+                            Some(t) => {
+                                let now = Instant::now();
+                                if now >= t {
+                                    return Ok(false);
+                                }
+                                (t - now).min(MAX_WAIT)
+                            }
+                        };
+                        sys::wait_either(self.fd, alarm, wait)
                     }
                 };
-                match sys::wait_either(self.fd, alarm, wait) {
+                match woke {
                     Ok((_, true)) => {
                         if let Some(a) = alarm {
                             a.clear();
                         }
-                        Err(())
+                        Err(Turn::HandBack)
                     }
-                    Ok(_) => Ok(true),
-                    Err(_) => Err(()),
+                    Ok(_) => {
+                        self.spin.record(started.elapsed());
+                        Ok(true)
+                    }
+                    Err(_) => Err(Turn::Ended),
                 }
             }
             // The engine sees the same error when it reads, and closes the connection.
-            Err(_) => Err(()),
+            Err(_) => Err(Turn::Ended),
         }
     }
 }

@@ -510,6 +510,8 @@ struct Loop {
     completions: Vec<Completion>,
     /// Client connections lent to their callers.
     parked: Vec<u64>,
+    /// How long the thread spins for completions before it sleeps (see [`crate::spin`]).
+    spin: crate::spin::Spin,
 }
 
 impl Loop {
@@ -524,6 +526,7 @@ impl Loop {
             dirty: Vec::new(),
             completions: Vec::new(),
             parked: Vec::new(),
+            spin: crate::spin::Spin::default(),
         }
     }
 
@@ -537,34 +540,55 @@ impl Loop {
                 self.apply(cmd);
             }
             self.flush_dirty();
-            self.shared.sleeping.store(true, Ordering::SeqCst);
-            if !self.shared.queue.is_empty() {
-                self.shared.sleeping.store(false, Ordering::SeqCst);
-                continue;
-            }
             let mut completions = std::mem::take(&mut self.completions);
-            // Parked connections are checked often, to take back those nobody uses.
-            let timeout = if self.parked.is_empty() {
-                TICK
-            } else {
-                PARK_IDLE
-            };
-            if let Err(e) = self.driver.wait(&mut completions, Some(timeout)) {
-                tracing::error!("daffi engine wait failed: {e}");
-                std::thread::sleep(Duration::from_millis(10));
+            // Ask without sleeping for a while first: completions and commands expected soon
+            // come without the cost of a wake-up.
+            let started = Instant::now();
+            let spun = self.spin.spin(started, None, || {
+                if !self.shared.queue.is_empty() {
+                    return Some(());
+                }
+                match self.driver.wait(&mut completions, Some(Duration::ZERO)) {
+                    Ok(()) if completions.is_empty() => None,
+                    _ => Some(()),
+                }
+            });
+            if spun.is_none() {
+                self.shared.sleeping.store(true, Ordering::SeqCst);
+                if self.shared.queue.is_empty() {
+                    // Parked connections are checked often, to take back those nobody uses.
+                    let timeout = if self.parked.is_empty() {
+                        TICK
+                    } else {
+                        PARK_IDLE
+                    };
+                    if let Err(e) = self.driver.wait(&mut completions, Some(timeout)) {
+                        tracing::error!("daffi engine wait failed: {e}");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                self.shared.sleeping.store(false, Ordering::SeqCst);
             }
-            self.shared.sleeping.store(false, Ordering::SeqCst);
-            for c in completions.drain(..) {
-                self.complete(c);
-            }
+            self.spin.record(started.elapsed());
             self.completions = completions;
-            if !self.parked.is_empty() {
-                self.reclaim_parked();
-            }
+            self.drain_completions();
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
                 self.tick(last_tick);
             }
+        }
+    }
+
+    /// Handles the completions the driver gave, then takes back parked connections nobody
+    /// used for a while.
+    fn drain_completions(&mut self) {
+        let mut completions = std::mem::take(&mut self.completions);
+        for c in completions.drain(..) {
+            self.complete(c);
+        }
+        self.completions = completions;
+        if !self.parked.is_empty() {
+            self.reclaim_parked();
         }
     }
 

@@ -24,6 +24,7 @@ pub mod inbox;
 pub mod node;
 pub mod notify;
 pub mod payload;
+pub mod spin;
 mod wire;
 
 pub use call::{CallError, Reply};
