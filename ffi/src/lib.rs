@@ -300,6 +300,12 @@ impl NodeBase {
         py.detach(|| self.node.read_lent())
     }
 
+    /// With nothing else for the event loop to do, waits a little, without sleeping, for the
+    /// lent socket to turn readable; True when it did (then call `read_lent`).
+    fn spin_lent(&self, py: Python<'_>) -> bool {
+        py.detach(|| self.node.spin_lent())
+    }
+
     /// `(answers, requests)` read by threads of this process or its event loop rather than by
     /// the engine thread (a diagnostic).
     fn direct_reads(&self) -> (u64, u64) {

@@ -223,6 +223,20 @@ class _Bridge:
         turn's flush would only add a lap of the loop to the round trip."""
         return not self.futures and not self.flush_pending
 
+    def await_socket(self) -> None:
+        """Called right after a lone call or answer went out: if the loop has nothing else to
+        do, wait a little for the reply on the lent socket without sleeping (the engine spins,
+        see DAFFI_SPIN_US) and read it at once, sparing the loop a sleep, a wake-up and a lap.
+        Only on loops whose ready queue can be seen (asyncio's own), and only when it is
+        empty: a task or callback that could run is never held up."""
+        if self.sock_fd < 0 or self.flush_pending:
+            return
+        ready = getattr(self.loop, "_ready", None)
+        if ready is None or ready:
+            return
+        if self.native.spin_lent():
+            self.read_socket()
+
     def schedule_flush(self) -> None:
         """The node holds frames (calls, answers) until flushed: once per turn of the loop, so
         that the frames of one turn leave in one system call."""
@@ -373,6 +387,8 @@ class _AsyncNode(_Node):
                     calls = self._calls
                     if self._active == 1 and bridge.send_now() and (calls is None or calls.empty()):
                         native.flush()
+                        # The next call, read at once, is run by this consumer without a lap.
+                        bridge.await_socket()
                     else:
                         bridge.schedule_flush()
         except asyncio.CancelledError as exc:
@@ -570,6 +586,7 @@ class AsyncConnection(_PeerView):
         bridge.futures[call_id] = future
         if now:
             self._native.flush()
+            bridge.await_socket()
         else:
             bridge.schedule_flush()
         return future, call_id, target
@@ -595,7 +612,8 @@ class AsyncConnection(_PeerView):
             bridge = self._bridge
             bridge.expire_at(bridge.loop.time() + limit, future)
         try:
-            outcome = await future
+            # Often already answered (see _Bridge.await_socket): then no lap of the loop.
+            outcome = future.result() if future.done() else await future
         except asyncio.CancelledError:
             self._forget(call_id)
             raise

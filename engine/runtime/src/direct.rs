@@ -80,6 +80,10 @@ struct State {
     /// The event loop read something only the engine may handle: it stops watching the socket
     /// and gives the connection back.
     loop_done: bool,
+    /// When the event loop started waiting for bytes it expects (see
+    /// [`Direct::spin_for_loop`]) and did not get them spinning: the next read measures the
+    /// wait.
+    loop_wait: Option<Instant>,
     /// A thread or the event loop met the end of the stream or an error: the engine must
     /// receive itself (to see it), and the connection is never lent again.
     ended: bool,
@@ -179,6 +183,7 @@ impl Direct {
                 recall: false,
                 for_loop: None,
                 loop_done: false,
+                loop_wait: None,
                 ended: false,
             }),
         }
@@ -355,6 +360,33 @@ impl Direct {
         (s.side == Side::Loop && !s.recall && !s.loop_done).then_some(self.fd)
     }
 
+    /// An event loop with nothing else to do expects bytes on the socket lent to it soon (it
+    /// just sent a lone call, or answered one): spins a little (see [`crate::spin`]) for the
+    /// socket to turn readable, sparing the loop a sleep and a wake-up. True when it did: the
+    /// loop reads it ([`Direct::read_for_loop`]) at once.
+    pub(crate) fn spin_for_loop(&self) -> bool {
+        // While lent to the loop, the engine never closes the descriptor: it stays valid for
+        // the spin even if the engine asks for it back meanwhile.
+        if self.lent_fd().is_none() {
+            return false;
+        }
+        let started = Instant::now();
+        let readable = self.spin.spin(started, None, || {
+            match sys::wait_either(self.fd, None, Duration::ZERO) {
+                Ok((false, _)) => None,
+                Ok((true, _)) => Some(true),
+                Err(_) => Some(false),
+            }
+        });
+        if readable.is_some() {
+            self.spin.record(started.elapsed());
+        } else {
+            // The loop sleeps until the bytes come: its next read tells how long it waited.
+            self.lock().loop_wait = Some(started);
+        }
+        readable == Some(true)
+    }
+
     /// The event loop stopped watching the socket, which it or the engine wanted back: the
     /// connection goes back to the engine. True when the engine must be told (`Resume`).
     pub(crate) fn give_back(&self) -> bool {
@@ -390,6 +422,9 @@ impl Direct {
     ) -> bool {
         let (mut rest, notifier) = {
             let mut s = self.lock();
+            if let Some(t) = s.loop_wait.take() {
+                self.spin.record(t.elapsed());
+            }
             if s.side != Side::Loop || s.recall || s.loop_done {
                 return false;
             }

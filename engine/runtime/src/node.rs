@@ -1182,6 +1182,12 @@ pub trait Node {
     fn read_lent(&self) -> bool {
         false
     }
+    /// The event loop has nothing else to do and expects bytes on the lent socket soon:
+    /// waits for them a little without sleeping. True when the socket turned readable (then
+    /// call [`Node::read_lent`]).
+    fn spin_lent(&self) -> bool {
+        false
+    }
     /// The event loop stops watching the node: nothing is lent to it any more (call it after
     /// it stopped watching the lent socket).
     fn end_loop_reading(&self) {}
@@ -1290,6 +1296,11 @@ impl Node for Server {
         d.read_for_loop(conn, &self.engine, None, Some(&self.shared.worker(false)))
     }
 
+    fn spin_lent(&self) -> bool {
+        let lent = lock(&self.shared.reader).clone();
+        lent.is_some_and(|(_, d)| d.spin_for_loop())
+    }
+
     fn direct_reads(&self) -> (u64, u64) {
         (0, self.requests_read_by_workers())
     }
@@ -1375,6 +1386,10 @@ impl Node for Client {
                 conn: self.shared.conn,
             });
         }
+    }
+
+    fn spin_lent(&self) -> bool {
+        self.shared.direct.spin_for_loop()
     }
 
     fn read_lent(&self) -> bool {

@@ -71,7 +71,7 @@ impl Spin {
         // A long wait counts as a few times the longest spin, so that a few short ones bring
         // the estimate back under it.
         let cap = 4 * max_spin().as_nanos() as u64;
-        let sample = (waited.as_nanos() as u64).min(cap);
+        let sample = waited.as_nanos().min(u128::from(cap)) as u64;
         let old = self.estimate.load(Ordering::Relaxed);
         // An average weighing the newest wait a quarter.
         self.estimate
