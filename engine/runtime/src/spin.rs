@@ -93,17 +93,20 @@ impl Spin {
         let _turn = Spinning::enter()?;
         let end = started + budget;
         let end = until.map_or(end, |u| u.min(end));
+        // Asked first, before any yield: for the engine, asking also submits what it queued.
         loop {
-            let before = Instant::now();
-            std::thread::yield_now();
-            let now = Instant::now();
             if let Some(v) = ready() {
                 return Some(v);
             }
+            let before = Instant::now();
+            if before >= end {
+                return None;
+            }
+            std::thread::yield_now();
             // A slow yield means another thread had work for this CPU: sleeping, to be woken
             // (and preferred by the scheduler) when the bytes come, serves both better.
-            if now >= end || now - before > CONTENDED {
-                return None;
+            if before.elapsed() > CONTENDED {
+                return ready();
             }
         }
     }
