@@ -75,6 +75,10 @@ _PICKLE = SerdeFormat.PICKLE
 _OPAQUE = SerdeFormat.OPAQUE
 
 
+# Replies read inline in a row (see _Bridge.await_socket) before the loop must run a lap.
+_INLINE_MAX = 8
+
+
 def _deadline(timeout: float | None) -> float | None:
     """asyncio's form of a daffi timeout: None or 0 mean no deadline."""
     if timeout is None or timeout == 0:
@@ -123,10 +127,13 @@ class _Bridge:
         self.sequence = itertools.count()
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = math.inf
+        # Replies read inline (await_socket) since the loop last ran its selector.
+        self.inline = 0
         # Anything that became ready before the reader was installed.
         loop.call_soon(self.ready)
 
     def ready(self) -> None:
+        self.inline = 0
         if self.closed:
             return
         native = self.native
@@ -149,13 +156,18 @@ class _Bridge:
         fd = self.native.lent_fd()
         if fd >= 0:
             try:
-                self.loop.add_reader(fd, self.read_socket)
+                self.loop.add_reader(fd, self._socket_readable)
             except Exception:
                 # This loop cannot watch it (it does not go back to this loop again).
                 logger.exception("cannot watch a lent socket; the engine keeps receiving")
                 self.native.end_loop_reading()
                 return
             self.sock_fd = fd
+
+    def _socket_readable(self) -> None:
+        # Called by the loop's selector: a lap went by, inline reads may go on.
+        self.inline = 0
+        self.read_socket()
 
     def read_socket(self) -> None:
         """The lent socket is readable: this thread reads it, rather than the engine's thread
@@ -227,15 +239,26 @@ class _Bridge:
         """Called right after a lone call or answer went out: if the loop has nothing else to
         do, wait a little for the reply on the lent socket without sleeping (the engine spins,
         see DAFFI_SPIN_US) and read it at once, sparing the loop a sleep, a wake-up and a lap.
-        Only on loops whose ready queue can be seen (asyncio's own), and only when it is
-        empty: a task or callback that could run is never held up."""
-        if self.sock_fd < 0 or self.flush_pending:
+
+        Only on loops whose queues can be seen (asyncio's own), only when no callback is ready
+        and no timer due, and at most ``_INLINE_MAX`` times in a row: then the task waits for
+        its reply through the loop, whose selector sees the other descriptors and timers.
+        Failures here are logged, never raised: the call or answer is already out."""
+        if self.sock_fd < 0 or self.flush_pending or self.inline >= _INLINE_MAX:
             return
-        ready = getattr(self.loop, "_ready", None)
-        if ready is None or ready:
+        loop = self.loop
+        ready = getattr(loop, "_ready", None)
+        timers = getattr(loop, "_scheduled", None)
+        if ready is None or ready or timers is None:
             return
-        if self.native.spin_lent():
-            self.read_socket()
+        if timers and timers[0].when() <= loop.time():
+            return
+        try:
+            if self.native.spin_lent():
+                self.inline += 1
+                self.read_socket()
+        except Exception:
+            logger.exception("reading the lent socket inline failed")
 
     def schedule_flush(self) -> None:
         """The node holds frames (calls, answers) until flushed: once per turn of the loop, so
@@ -362,6 +385,7 @@ class _AsyncNode(_Node):
     async def _run_call(self, native: Any, call: tuple) -> None:
         conn, call_id, name, serde, flags, payload = call
         reply = not flags & _NO_REPLY
+        waits_next: _Bridge | None = None
         self._active += 1
         try:
             entry = REGISTRY.lookup(name)
@@ -387,8 +411,7 @@ class _AsyncNode(_Node):
                     calls = self._calls
                     if self._active == 1 and bridge.send_now() and (calls is None or calls.empty()):
                         native.flush()
-                        # The next call, read at once, is run by this consumer without a lap.
-                        bridge.await_socket()
+                        waits_next = bridge
                     else:
                         bridge.schedule_flush()
         except asyncio.CancelledError as exc:
@@ -405,6 +428,9 @@ class _AsyncNode(_Node):
                 logger.warning("callback %r (no reply wanted) raised: %r", name, exc)
         finally:
             self._active -= 1
+        if waits_next is not None:
+            # Answered: the next call, read at once, is run by this consumer without a lap.
+            waits_next.await_socket()
 
     # -- membership events ------------------------------------------------------------------
 
@@ -578,13 +604,15 @@ class AsyncConnection(_PeerView):
     # -- the calls themselves ---------------------------------------------------------------
 
     def _start(self, name: str, serde: int, payload: Any, text: bool,
-               receiver: str | None) -> tuple[asyncio.Future, int, str]:
+               receiver: str | None, alone: bool = True) -> tuple[asyncio.Future, int, str]:
+        """Starts a call; ``alone``: no other call of the same task follows at once (a cast's
+        calls do), so its answer may be awaited inline (see _Bridge.await_socket)."""
         bridge = self._check_open()
         now = bridge.send_now()
         call_id, target = self._native.start_async(name, serde, text, payload, receiver)
         future = bridge.loop.create_future()
         bridge.futures[call_id] = future
-        if now:
+        if now and alone:
             self._native.flush()
             bridge.await_socket()
         else:
@@ -608,7 +636,7 @@ class AsyncConnection(_PeerView):
         # The deadline resolves the future itself: lighter than asyncio.wait_for, which wraps
         # every call in one more future and callback.
         limit = _deadline(timeout)
-        if limit is not None:
+        if limit is not None and not future.done():
             bridge = self._bridge
             bridge.expire_at(bridge.loop.time() + limit, future)
         try:
@@ -643,7 +671,7 @@ class AsyncConnection(_PeerView):
         started: dict[str, Any] = {}
         for target in targets:
             try:
-                started[target] = self._start(name, serde, payload, text, target)
+                started[target] = self._start(name, serde, payload, text, target, alone=False)
             except Exception as exc:  # a peer that cannot be called is an entry, not a failure
                 started[target] = exc
         futures = [s[0] for s in started.values() if isinstance(s, tuple)]

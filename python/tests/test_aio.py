@@ -1027,6 +1027,34 @@ def test_no_call_runs_before_the_handshake(aio, sink):
 # == 2. many calls at once on one connection ===================================================
 
 
+def test_sequential_calls_answered_inline_leave_the_loop_its_laps(aio, spawn):
+    """A task awaiting one call after another, each answered fast enough to be read without a
+    lap of the loop (``_Bridge.await_socket``), still lets timers and other tasks run: every
+    few calls the loop runs its selector."""
+    _, port, _ = start_aio_service(spawn)
+
+    async def main():
+        conn = await aio.client(port).connect()
+        echo = conn.rpc(timeout=10).ac_echo
+        for i in range(200):  # let the spin estimate settle
+            assert await echo(i) == i
+        loop = asyncio.get_running_loop()
+        fired = []
+        loop.call_later(0.01, fired.append, True)
+        with Ticker(interval=0.005) as ticker:
+            started = loop.time()
+            calls = 0
+            while loop.time() - started < 0.5:
+                assert await echo(calls) == calls
+                calls += 1
+        assert fired, "a due timer never ran while the calls went on"
+        # ~100 ticks if nothing held the loop; the bound only rules out a starved loop.
+        assert ticker.ticks >= 20, (ticker.ticks, calls)
+        assert ticker.longest_gap < 0.25, (ticker.longest_gap, calls)
+
+    aio.run(main())
+
+
 @loops
 def test_thousands_of_concurrent_calls_each_get_their_own_result(aio, loop_kind):
     async def main():

@@ -546,28 +546,34 @@ impl Loop {
             let started = Instant::now();
             let spun = self.spin.spin(started, None, || {
                 if !self.shared.queue.is_empty() {
-                    return Some(());
+                    return Some(Ok(()));
                 }
                 match self.driver.wait(&mut completions, Some(Duration::ZERO)) {
                     Ok(()) if completions.is_empty() => None,
-                    _ => Some(()),
+                    other => Some(other),
                 }
             });
-            if spun.is_none() {
-                self.shared.sleeping.store(true, Ordering::SeqCst);
-                if self.shared.queue.is_empty() {
-                    // Parked connections are checked often, to take back those nobody uses.
-                    let timeout = if self.parked.is_empty() {
-                        TICK
-                    } else {
-                        PARK_IDLE
-                    };
-                    if let Err(e) = self.driver.wait(&mut completions, Some(timeout)) {
-                        tracing::error!("daffi engine wait failed: {e}");
-                        std::thread::sleep(Duration::from_millis(10));
+            let waited = match spun {
+                Some(r) => r,
+                None => {
+                    self.shared.sleeping.store(true, Ordering::SeqCst);
+                    let mut r = Ok(());
+                    if self.shared.queue.is_empty() {
+                        // Parked connections are checked often, to take back those nobody uses.
+                        let timeout = if self.parked.is_empty() {
+                            TICK
+                        } else {
+                            PARK_IDLE
+                        };
+                        r = self.driver.wait(&mut completions, Some(timeout));
                     }
+                    self.shared.sleeping.store(false, Ordering::SeqCst);
+                    r
                 }
-                self.shared.sleeping.store(false, Ordering::SeqCst);
+            };
+            if let Err(e) = waited {
+                tracing::error!("daffi engine wait failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
             }
             self.spin.record(started.elapsed());
             self.completions = completions;
