@@ -76,7 +76,7 @@ _OPAQUE = SerdeFormat.OPAQUE
 
 
 # Replies read inline in a row (see _Bridge.await_socket) before the loop must run a lap.
-_INLINE_MAX = 8
+_INLINE_MAX = 16
 
 
 def _deadline(timeout: float | None) -> float | None:
