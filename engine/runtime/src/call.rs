@@ -9,6 +9,7 @@ use daffi_proto::Flags;
 
 use crate::notify::Completions;
 use crate::payload::Payload;
+use crate::spin::Spin;
 
 /// A successful answer.
 #[derive(Debug, PartialEq, Eq)]
@@ -79,8 +80,24 @@ impl Slot {
         self.ready.notify_all();
     }
 
-    /// Waits until filled or `deadline`; `None` means timed out.
+    /// Waits until filled or `deadline`; `None` means timed out. Spins a little first (see
+    /// [`crate::spin`]), with an estimate of this thread's waits for answers.
     pub fn wait(&self, deadline: Option<Instant>) -> Option<Result<Reply, CallError>> {
+        thread_local! {
+            static ANSWER_WAITS: Spin = Spin::default();
+        }
+        let started = Instant::now();
+        let spun = ANSWER_WAITS.with(|w| w.spin(started, deadline, || self.try_take()));
+        if spun.is_some() {
+            ANSWER_WAITS.with(|w| w.record(started.elapsed()));
+            return spun;
+        }
+        let r = self.wait_blocking(deadline);
+        ANSWER_WAITS.with(|w| w.record(started.elapsed()));
+        r
+    }
+
+    fn wait_blocking(&self, deadline: Option<Instant>) -> Option<Result<Reply, CallError>> {
         let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(r) = v.take() {
