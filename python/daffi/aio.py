@@ -77,6 +77,11 @@ _OPAQUE = SerdeFormat.OPAQUE
 
 # Replies read inline in a row (see _Bridge.await_socket) before the loop must run a lap.
 _INLINE_MAX = 16
+# Back-pressure: an async node takes no more calls from the engine while those waiting for its
+# consumers weigh more than this (payload bytes plus _CALL_WEIGHT each), until they are down to
+# half. The engine's own inbox then fills, and past its limit the engine stops reading.
+_INTAKE_HIGH = 16 << 20
+_CALL_WEIGHT = 1024
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -186,7 +191,9 @@ class _Bridge:
                 if future is not None and not future.done():
                     future.set_result((status, serde, text, value))
         more = False
-        calls = native.take_calls(_BATCH)
+        # Calls the node's consumers are far behind on stay in the engine's inbox, which
+        # holds the sender back once full (see _AsyncNode._intake_full).
+        calls = None if self.node._intake_full() else native.take_calls(_BATCH)
         if calls:
             more = len(calls) == _BATCH
             for call in calls:
@@ -307,6 +314,8 @@ class _AsyncNode(_Node):
     def _init_async(self) -> None:
         self._bridge = None
         self._calls: asyncio.Queue | None = None
+        self._queued = 0  # the weight of the calls in _calls
+        self._intake_paused = False
         self._active = 0  # calls being run
         self._consumers: list[asyncio.Task] = []
         self._event_queue: asyncio.Queue | None = None
@@ -344,6 +353,8 @@ class _AsyncNode(_Node):
             self._unsubscribe = REGISTRY.subscribe(announce)
             native.announce(REGISTRY.names())
             self._calls = asyncio.Queue()
+            self._queued = 0
+            self._intake_paused = False
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=self.workers, thread_name_prefix=f"daffi-aio-{self.app_name}"
             )
@@ -367,7 +378,26 @@ class _AsyncNode(_Node):
 
     def _queue_call(self, call: tuple) -> None:
         if self._calls is not None:
+            self._queued += len(call[5]) + _CALL_WEIGHT
             self._calls.put_nowait(call)
+
+    def _intake_full(self) -> bool:
+        """Whether the calls waiting for consumers weigh too much to take more (see
+        _INTAKE_HIGH); once so, until they are down to half."""
+        if self._intake_paused:
+            return True
+        if self._queued > _INTAKE_HIGH:
+            self._intake_paused = True
+        return self._intake_paused
+
+    def _took_call(self, call: tuple) -> None:
+        self._queued -= len(call[5]) + _CALL_WEIGHT
+        if self._intake_paused and self._queued <= _INTAKE_HIGH // 2:
+            self._intake_paused = False
+            bridge = self._bridge
+            if bridge is not None:
+                # What waited in the engine's inbox meanwhile raised no new signal.
+                bridge.loop.call_soon(bridge.ready)
 
     def _queue_event(self, connected: bool, member: str) -> None:
         if self._event_queue is not None:
@@ -380,6 +410,7 @@ class _AsyncNode(_Node):
         assert self._calls is not None
         while True:
             call = await self._calls.get()
+            self._took_call(call)
             await self._run_call(native, call)
 
     async def _run_call(self, native: Any, call: tuple) -> None:

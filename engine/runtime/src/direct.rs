@@ -441,6 +441,11 @@ impl Direct {
                 rest.drain(..used);
                 if let Some(w) = requests {
                     taken.into_iter().for_each(|call| w.queue(call));
+                    // The node's callbacks are behind: the engine takes the connection back,
+                    // and stops reading it until they caught up (back-pressure).
+                    if w.callee.calls.over_limit() {
+                        return Err(false);
+                    }
                 }
                 if other {
                     return Err(false);

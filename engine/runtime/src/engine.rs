@@ -441,7 +441,10 @@ impl Conn {
         let wanted = match &self.owner {
             Owner::Client(_) if d.for_loop() => return Some(Lend::Loop),
             Owner::Server(s) if d.for_loop() => {
-                return (s.connection_count() == 1).then_some(Lend::Loop);
+                // A Service whose callbacks are behind is not read by anyone (the engine
+                // throttles it below) until they caught up.
+                let ok = s.connection_count() == 1 && !s.callee.calls.over_limit();
+                return ok.then_some(Lend::Loop);
             }
             Owner::Client(cl) => {
                 d.wanted()

@@ -100,6 +100,16 @@ impl<T> Inbox<T> {
         (s.items.len(), s.load)
     }
 
+    /// Whether the load is over the limit (what [`Inbox::throttle`] would say), without
+    /// arming the drain hook.
+    pub(crate) fn over_limit(&self) -> bool {
+        if self.limit == 0 {
+            return false;
+        }
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.load > self.limit && !s.closed
+    }
+
     /// What to call once a throttled inbox has room again (set once).
     pub(crate) fn on_drain(&self, hook: DrainHook) {
         let _ = self.on_drain.set(hook);
