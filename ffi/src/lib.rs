@@ -756,6 +756,12 @@ impl Client {
         self.inner.abandon(call_id);
     }
 
+    /// For an event loop's sends, which never wait here: False while too much is unsent; the
+    /// watched descriptor then turns readable once there is room (ask again then).
+    fn has_room(&self) -> bool {
+        self.inner.has_room()
+    }
+
     /// Waits until every named peer is connected; returns the names still missing on timeout.
     #[pyo3(signature = (names, timeout=None))]
     fn wait_for_members(

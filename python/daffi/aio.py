@@ -134,6 +134,8 @@ class _Bridge:
         self.timer_at = math.inf
         # Replies read inline (await_socket) since the loop last ran its selector.
         self.inline = 0
+        # Senders waiting for room on the connection (see wait_room).
+        self.room_waiters: list[asyncio.Future] = []
         # Anything that became ready before the reader was installed.
         loop.call_soon(self.ready)
 
@@ -143,6 +145,8 @@ class _Bridge:
             return
         native = self.native
         native.clear_ready()
+        if self.room_waiters and native.has_room():
+            self._room_made()
         fd = native.lent_fd()
         if fd != self.sock_fd:
             self._follow_socket()
@@ -267,6 +271,23 @@ class _Bridge:
         except Exception:
             logger.exception("reading the lent socket inline failed")
 
+    async def wait_room(self) -> None:
+        """Back-pressure for no-reply senders (``rpc_nowait``, ``cast_nowait``,
+        ``stream_nowait``): while more than 16 MiB wait to be written on the connection (the
+        peer reads slower than this side sends), wait until they are down to 8 MiB or the
+        connection closed. The engine raises the node's notifier then (see ready)."""
+        if self.closed or not self.is_client or self.native.has_room():
+            return
+        future = self.loop.create_future()
+        self.room_waiters.append(future)
+        await future
+
+    def _room_made(self) -> None:
+        waiters, self.room_waiters = self.room_waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+
     def schedule_flush(self) -> None:
         """The node holds frames (calls, answers) until flushed: once per turn of the loop, so
         that the frames of one turn leave in one system call."""
@@ -294,6 +315,7 @@ class _Bridge:
             self.timer.cancel()
             self.timer = None
         self.deadlines.clear()
+        self._room_made()
         try:
             self.loop.remove_reader(self.fd)
         except (ValueError, OSError, RuntimeError):  # the loop is closed or the fd gone
@@ -693,6 +715,7 @@ class AsyncConnection(_PeerView):
         bridge = self._check_open()
         self._native.send(name, serde, text, payload, receiver, True)
         bridge.schedule_flush()
+        await bridge.wait_room()
 
     async def _cast(self, name: str, timeout: float | None, receiver: Any, serde: int,
                     args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -742,6 +765,7 @@ class AsyncConnection(_PeerView):
         finally:
             # Whatever was held goes out, even when a later target refused the call.
             bridge.schedule_flush()
+        await bridge.wait_room()
 
     async def _stream(self, name: str, timeout: float | None, receiver: str | None, serde: int,
                       args: tuple, kwargs: dict, *, wait: bool) -> None:
@@ -765,4 +789,5 @@ class AsyncConnection(_PeerView):
             bridge = self._check_open()
             self._native.send(name, serde, text, payload, target, True)
             bridge.schedule_flush()
+            await bridge.wait_room()
 

@@ -236,3 +236,52 @@ def test_an_async_service_flooded_with_small_calls_stays_bounded():
     # Without back-pressure the Service held most of the 312 MiB (measured: 842 MiB peak for
     # 100000 such calls before it existed).
     assert peak_rss_mib(status) < 200, f"the AsyncService peaked at {peak_rss_mib(status):.0f} MiB"
+
+
+def test_an_async_sender_waits_for_a_slow_peer_without_blocking_its_loop():
+    """An AsyncClient's stream_nowait of 400 distinct 1 MiB chunks to a Service that sleeps 1 ms
+    per chunk: the sender holds a bounded part of them at a time, awaiting room rather than
+    blocking its event loop, which keeps turning; nothing is lost."""
+    import asyncio
+
+    from daffi.aio import AsyncClient
+
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVICE], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+
+        async def main():
+            async with AsyncClient(host="127.0.0.1", port=port) as client:
+                conn = client.connection
+                with open("/proc/self/status") as f:
+                    before = peak_rss_mib(f.read())
+                ticks = 0
+
+                async def ticker():
+                    nonlocal ticks
+                    while True:
+                        await asyncio.sleep(0.01)
+                        ticks += 1
+
+                tick_task = asyncio.get_running_loop().create_task(ticker())
+
+                def chunks():
+                    for i in range(CHUNKS):
+                        yield i.to_bytes(8, "little") * (CHUNK // 8)
+
+                await conn.stream_nowait(serde=SerdeFormat.OPAQUE).sink(chunks())
+                with open("/proc/self/status") as f:
+                    grown = peak_rss_mib(f.read()) - before
+                summary = await conn.rpc(timeout=60).summary()
+                tick_task.cancel()
+                return grown, ticks, summary
+
+        grown, ticks, (count, first, last, status) = asyncio.run(main())
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+    assert (count, first, last) == (CHUNKS, (0).to_bytes(8, "little"), (CHUNKS - 1).to_bytes(8, "little"))
+    # Without back-pressure the sender held most of the 400 MiB at once.
+    assert grown < 120, f"the sender grew by {grown:.0f} MiB"
+    assert ticks > 5, "the event loop did not turn while the sender waited"

@@ -1040,6 +1040,13 @@ impl Client {
         self.shared.wire.wait_room(until)
     }
 
+    /// Back-pressure for a watched client's event loop, which must not block: true when it
+    /// may send on; false while more than 16 MiB wait to be written, and then the node's
+    /// notifier is raised once they are down to 8 MiB (or the connection closed).
+    pub fn has_room(&self) -> bool {
+        self.shared.wire.room_for_loop()
+    }
+
     /// Sends a call that wants no answer; returns the receiver's name once the call is queued
     /// for sending.
     pub fn send(
@@ -1369,6 +1376,7 @@ impl Node for Client {
     fn watch(&self, n: Arc<Notifier>) {
         let _ = self.completions.set(Completions::new(n.clone()));
         self.shared.callee.watch(&n);
+        self.shared.wire.watch(n.clone());
         self.shared.direct.lend_to_loop(n);
         // Lent at the engine's next chance.
         self.engine.send(Command::Park {

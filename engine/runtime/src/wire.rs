@@ -8,13 +8,14 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::Bytes;
 use daffi_driver::sys;
 
 use crate::engine::{Command, Engine};
+use crate::notify::Notifier;
 
 /// Larger frames always go through the engine: the wake-up is negligible next to their
 /// transfer, and the engine streams them without holding this lock.
@@ -44,6 +45,10 @@ struct State {
     /// Frames held by [`Wire::cork`] until [`Wire::uncork`], and their length in bytes.
     corked: Vec<Bytes>,
     corked_len: usize,
+    /// An event loop's sender waits for room (see [`Wire::room_for_loop`]): its notifier is
+    /// raised once there is.
+    loop_waits: bool,
+    notifier: Option<Arc<Notifier>>,
 }
 
 /// See the module documentation.
@@ -68,6 +73,8 @@ impl Wire {
                 peer_max: u64::MAX,
                 corked: Vec::new(),
                 corked_len: 0,
+                loop_waits: false,
+                notifier: None,
             }),
             room: Condvar::new(),
         }
@@ -198,6 +205,35 @@ impl Wire {
         room
     }
 
+    /// Where an event loop that sends on this connection hears of room (see
+    /// [`Wire::room_for_loop`]).
+    pub(crate) fn watch(&self, n: Arc<Notifier>) {
+        self.lock().notifier = Some(n);
+    }
+
+    /// Back-pressure for an event loop, which must not block: true when it may send on (no
+    /// more than `SEND_HIGH` bytes wait to be written, or the connection closed). Otherwise
+    /// false, and the notifier given to [`Wire::watch`] is raised once they are down to
+    /// `SEND_LOW` (or the connection closed): the loop asks again then.
+    pub(crate) fn room_for_loop(&self) -> bool {
+        let mut s = self.lock();
+        if s.pending <= SEND_HIGH || s.closed || s.notifier.is_none() {
+            return true;
+        }
+        s.loop_waits = true;
+        false
+    }
+
+    /// Raises the loop's notifier if it waits and there is room (or the connection closed).
+    fn tell_loop(s: &mut State) {
+        if s.loop_waits && (s.pending <= SEND_LOW || s.closed) {
+            s.loop_waits = false;
+            if let Some(n) = &s.notifier {
+                n.notify();
+            }
+        }
+    }
+
     // ── engine side ──
 
     /// The engine wrote `n` bytes of frames handed over by [`Wire::send`].
@@ -207,6 +243,7 @@ impl Wire {
         if s.waiting > 0 && s.pending <= SEND_LOW {
             self.room.notify_all();
         }
+        Self::tell_loop(&mut s);
     }
 
     /// A frame handed over by [`Wire::send`] was taken.
@@ -240,7 +277,10 @@ impl Wire {
 
     /// The descriptor is about to be closed.
     pub(crate) fn close(&self) {
-        self.lock().closed = true;
+        let mut s = self.lock();
+        s.closed = true;
+        Self::tell_loop(&mut s);
+        drop(s);
         self.room.notify_all();
     }
 }
