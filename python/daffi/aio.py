@@ -145,8 +145,6 @@ class _Bridge:
             return
         native = self.native
         native.clear_ready()
-        if self.room_waiters and native.has_room():
-            self._room_made()
         fd = native.lent_fd()
         if fd != self.sock_fd:
             self._follow_socket()
@@ -207,6 +205,10 @@ class _Bridge:
             more = more or len(events) == _BATCH
             for connected, member in events:
                 self.node._queue_event(connected, member)
+        # Room for waiting senders: checked on every collection, since the engine's signal
+        # for it is swallowed while the loop reads its socket (the notifier is kept quiet).
+        if self.room_waiters and native.has_room():
+            self._room_made()
         if more:
             # A full batch: the rest comes on the next turn of the loop (no new signal will).
             self.loop.call_soon(self.ready)

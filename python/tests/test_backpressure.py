@@ -265,12 +265,23 @@ def test_an_async_sender_waits_for_a_slow_peer_without_blocking_its_loop():
                         ticks += 1
 
                 tick_task = asyncio.get_running_loop().create_task(ticker())
+                streamed = asyncio.Event()
+
+                async def asker():
+                    # Answers arriving while the sender waits: the loop reads them itself,
+                    # and must still hear that there is room again.
+                    while not streamed.is_set():
+                        await conn.rpc(timeout=60).summary()
+
+                ask_task = asyncio.get_running_loop().create_task(asker())
 
                 def chunks():
                     for i in range(CHUNKS):
                         yield i.to_bytes(8, "little") * (CHUNK // 8)
 
                 await conn.stream_nowait(serde=SerdeFormat.OPAQUE).sink(chunks())
+                streamed.set()
+                await ask_task
                 with open("/proc/self/status") as f:
                     grown = peak_rss_mib(f.read()) - before
                 summary = await conn.rpc(timeout=60).summary()
