@@ -81,7 +81,13 @@ _INLINE_MAX = 16
 # consumers weigh more than this (payload bytes plus _CALL_WEIGHT each), until they are down to
 # half. The engine's own inbox then fills, and past its limit the engine stops reading.
 _INTAKE_HIGH = 16 << 20
+# More than the engine's 256 bytes a call: here each call is also a tuple of Python objects.
 _CALL_WEIGHT = 1024
+
+
+def _weight(call: tuple) -> int:
+    """What a queued call counts towards _INTAKE_HIGH: its payload and _CALL_WEIGHT."""
+    return len(call[5]) + _CALL_WEIGHT
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -402,7 +408,7 @@ class _AsyncNode(_Node):
 
     def _queue_call(self, call: tuple) -> None:
         if self._calls is not None:
-            self._queued += len(call[5]) + _CALL_WEIGHT
+            self._queued += _weight(call)
             self._calls.put_nowait(call)
 
     def _intake_full(self) -> bool:
@@ -415,7 +421,7 @@ class _AsyncNode(_Node):
         return self._intake_paused
 
     def _took_call(self, call: tuple) -> None:
-        self._queued -= len(call[5]) + _CALL_WEIGHT
+        self._queued -= _weight(call)
         if self._intake_paused and self._queued <= _INTAKE_HIGH // 2:
             self._intake_paused = False
             bridge = self._bridge
@@ -714,6 +720,11 @@ class AsyncConnection(_PeerView):
     async def _send_one(self, name: str, timeout: float | None, receiver: str | None, serde: int,
                         args: tuple, kwargs: dict) -> None:
         payload, text = encode_call(serde, args, kwargs)
+        await self._send_nowait(name, serde, text, payload, receiver)
+
+    async def _send_nowait(self, name: str, serde: int, text: bool, payload: Any,
+                           receiver: str | None) -> None:
+        """Sends a no-reply call with this turn's frames, then waits while too much is unsent."""
         bridge = self._check_open()
         self._native.send(name, serde, text, payload, receiver, True)
         bridge.schedule_flush()
@@ -788,8 +799,5 @@ class AsyncConnection(_PeerView):
             future, call_id, _ = self._start(name, serde, payload, text, target)
             await self._await(name, timeout, future, call_id, target)
         else:
-            bridge = self._check_open()
-            self._native.send(name, serde, text, payload, target, True)
-            bridge.schedule_flush()
-            await bridge.wait_room()
+            await self._send_nowait(name, serde, text, payload, target)
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from daffi import Client, SerdeFormat
 
@@ -45,30 +47,45 @@ def peak_rss_mib(status: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def test_stream_nowait_of_a_large_source_keeps_both_sides_bounded():
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVICE], stdin=subprocess.PIPE,
+def own_peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return peak_rss_mib(f.read())
+
+
+@contextmanager
+def slow_peer(script: str) -> Iterator[int]:
+    """``script`` (SLOW_SERVICE or SLOW_ASYNC_SERVICE) in a child process: yields its port."""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
-        port = int(proc.stdout.readline())
-        client = Client(host="127.0.0.1", port=port)
-        conn = client.connect()
-        with open("/proc/self/status") as f:
-            before = peak_rss_mib(f.read())
-
-        def chunks():
-            for i in range(CHUNKS):
-                # A fresh object each time: queued chunks would all stay alive.
-                yield i.to_bytes(8, "little") * (CHUNK // 8)
-
-        conn.stream_nowait(serde=SerdeFormat.OPAQUE).sink(chunks())
-        with open("/proc/self/status") as f:
-            grown = peak_rss_mib(f.read()) - before
-        count, first, last, status = conn.rpc(timeout=60).summary()
-        client.stop()
+        yield int(proc.stdout.readline())
     finally:
         proc.stdin.close()
         proc.wait(10)
-    assert (count, first, last) == (CHUNKS, (0).to_bytes(8, "little"), (CHUNKS - 1).to_bytes(8, "little"))
+
+
+def distinct_chunks(n: int = CHUNKS, size: int = CHUNK) -> Iterator[bytes]:
+    """``n`` chunks of ``size`` bytes, chunk ``i`` made of ``i``'s 8 bytes: a fresh object each
+    time (queued chunks would all stay alive), and the receiver can tell which one it got."""
+    for i in range(n):
+        yield i.to_bytes(8, "little") * (size // 8)
+
+
+def all_of(n: int) -> tuple:
+    """What a summary says when chunks 0 to n - 1 all arrived, in order."""
+    return n, (0).to_bytes(8, "little"), (n - 1).to_bytes(8, "little")
+
+
+def test_stream_nowait_of_a_large_source_keeps_both_sides_bounded():
+    with slow_peer(SLOW_SERVICE) as port:
+        client = Client(host="127.0.0.1", port=port)
+        conn = client.connect()
+        before = own_peak_rss_mib()
+        conn.stream_nowait(serde=SerdeFormat.OPAQUE).sink(distinct_chunks())
+        grown = own_peak_rss_mib() - before
+        count, first, last, status = conn.rpc(timeout=60).summary()
+        client.stop()
+    assert (count, first, last) == all_of(CHUNKS)
     # Without back-pressure each side would hold most of the 400 MiB at some point.
     assert grown < 120, f"the sender grew by {grown:.0f} MiB"
     assert peak_rss_mib(status) < 250, f"the Service peaked at {peak_rss_mib(status):.0f} MiB"
@@ -192,24 +209,13 @@ def test_an_async_service_behind_on_its_calls_holds_its_sender_back():
     """The AsyncService counterpart of the test above: its event loop reads its socket itself,
     and stops (handing the reading back to the engine, which throttles) while its callbacks
     are behind; the sender waits."""
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_ASYNC_SERVICE], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(proc.stdout.readline())
+    with slow_peer(SLOW_ASYNC_SERVICE) as port:
         client = Client(host="127.0.0.1", port=port)
         conn = client.connect()
-
-        def chunks():
-            for i in range(CHUNKS):
-                yield i.to_bytes(8, "little") * (CHUNK // 8)
-
-        conn.stream_nowait(serde=SerdeFormat.OPAQUE).asink(chunks())
+        conn.stream_nowait(serde=SerdeFormat.OPAQUE).asink(distinct_chunks())
         count, first, last, status = conn.rpc(timeout=60).asummary()
         client.stop()
-    finally:
-        proc.stdin.close()
-        proc.wait(10)
-    assert (count, first, last) == (CHUNKS, (0).to_bytes(8, "little"), (CHUNKS - 1).to_bytes(8, "little"))
+    assert (count, first, last) == all_of(CHUNKS)
     assert peak_rss_mib(status) < 250, f"the AsyncService peaked at {peak_rss_mib(status):.0f} MiB"
 
 
@@ -217,22 +223,16 @@ def test_an_async_service_flooded_with_small_calls_stays_bounded():
     """Small calls are read by the AsyncService's loop itself: while its consumers are behind,
     it stops taking them, its socket goes back to the engine, which stops reading, and the
     sender waits. 26000 calls of 12 KiB (305 MiB) to a callback slower than the reading."""
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_ASYNC_SERVICE], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    n, size = 26000, 12288
-    try:
-        port = int(proc.stdout.readline())
+    n = 26000
+    with slow_peer(SLOW_ASYNC_SERVICE) as port:
         client = Client(host="127.0.0.1", port=port)
         conn = client.connect()
         send = conn.rpc_nowait(serde=SerdeFormat.OPAQUE).asink_small
-        for i in range(n):
-            send(i.to_bytes(8, "little") * (size // 8))
+        for chunk in distinct_chunks(n, 12288):
+            send(chunk)
         count, first, last, status = conn.rpc(timeout=120).asummary()
         client.stop()
-    finally:
-        proc.stdin.close()
-        proc.wait(10)
-    assert (count, first, last) == (n, (0).to_bytes(8, "little"), (n - 1).to_bytes(8, "little"))
+    assert (count, first, last) == all_of(n)
     # Without back-pressure the Service held most of the 312 MiB (measured: 842 MiB peak for
     # 100000 such calls before it existed).
     assert peak_rss_mib(status) < 200, f"the AsyncService peaked at {peak_rss_mib(status):.0f} MiB"
@@ -246,16 +246,12 @@ def test_an_async_sender_waits_for_a_slow_peer_without_blocking_its_loop():
 
     from daffi.aio import AsyncClient
 
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVICE], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(proc.stdout.readline())
+    with slow_peer(SLOW_SERVICE) as port:
 
         async def main():
             async with AsyncClient(host="127.0.0.1", port=port) as client:
                 conn = client.connection
-                with open("/proc/self/status") as f:
-                    before = peak_rss_mib(f.read())
+                before = own_peak_rss_mib()
                 ticks = 0
 
                 async def ticker():
@@ -274,25 +270,16 @@ def test_an_async_sender_waits_for_a_slow_peer_without_blocking_its_loop():
                         await conn.rpc(timeout=60).summary()
 
                 ask_task = asyncio.get_running_loop().create_task(asker())
-
-                def chunks():
-                    for i in range(CHUNKS):
-                        yield i.to_bytes(8, "little") * (CHUNK // 8)
-
-                await conn.stream_nowait(serde=SerdeFormat.OPAQUE).sink(chunks())
+                await conn.stream_nowait(serde=SerdeFormat.OPAQUE).sink(distinct_chunks())
                 streamed.set()
                 await ask_task
-                with open("/proc/self/status") as f:
-                    grown = peak_rss_mib(f.read()) - before
+                grown = own_peak_rss_mib() - before
                 summary = await conn.rpc(timeout=60).summary()
                 tick_task.cancel()
                 return grown, ticks, summary
 
         grown, ticks, (count, first, last, status) = asyncio.run(main())
-    finally:
-        proc.stdin.close()
-        proc.wait(10)
-    assert (count, first, last) == (CHUNKS, (0).to_bytes(8, "little"), (CHUNKS - 1).to_bytes(8, "little"))
+    assert (count, first, last) == all_of(CHUNKS)
     # Without back-pressure the sender held most of the 400 MiB at once.
     assert grown < 120, f"the sender grew by {grown:.0f} MiB"
     assert ticks > 5, "the event loop did not turn while the sender waited"

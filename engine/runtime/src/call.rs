@@ -86,15 +86,15 @@ impl Slot {
         thread_local! {
             static ANSWER_WAITS: Spin = Spin::default();
         }
-        let started = Instant::now();
-        let spun = ANSWER_WAITS.with(|w| w.spin(started, deadline, || self.try_take()));
-        if spun.is_some() {
-            ANSWER_WAITS.with(|w| w.record(started.elapsed()));
-            return spun;
-        }
-        let r = self.wait_blocking(deadline);
-        ANSWER_WAITS.with(|w| w.record(started.elapsed()));
-        r
+        ANSWER_WAITS.with(|w| {
+            w.wait(deadline, |sleep| {
+                if sleep {
+                    self.wait_blocking(deadline)
+                } else {
+                    self.try_take()
+                }
+            })
+        })
     }
 
     fn wait_blocking(&self, deadline: Option<Instant>) -> Option<Result<Reply, CallError>> {

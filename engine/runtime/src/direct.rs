@@ -724,41 +724,30 @@ impl Direct {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let started = Instant::now();
-                let spun = self.spin.spin(started, until, || {
-                    match sys::wait_either(self.fd, alarm, Duration::ZERO) {
-                        Ok((false, false)) => None,
+                let woke = self.spin.wait(until, |sleep| {
+                    let wait = match (sleep, until) {
+                        (false, _) => Duration::ZERO,
+                        (true, None) => MAX_WAIT,
+                        (true, Some(t)) => {
+                            (t.checked_duration_since(Instant::now())?).min(MAX_WAIT)
+                        }
+                    };
+                    match sys::wait_either(self.fd, alarm, wait) {
+                        Ok((false, false)) if !sleep => None,
                         other => Some(other),
                     }
                 });
-                let woke = match spun {
-                    Some(woke) => woke,
-                    None => {
-                        let wait = match until {
-                            None => MAX_WAIT,
-                            Some(t) => {
-                                let now = Instant::now();
-                                if now >= t {
-                                    return Ok(false);
-                                }
-                                (t - now).min(MAX_WAIT)
-                            }
-                        };
-                        sys::wait_either(self.fd, alarm, wait)
-                    }
-                };
                 match woke {
-                    Ok((_, true)) => {
+                    // `until` passed.
+                    None => Ok(false),
+                    Some(Ok((_, true))) => {
                         if let Some(a) = alarm {
                             a.clear();
                         }
                         Err(Turn::HandBack)
                     }
-                    Ok(_) => {
-                        self.spin.record(started.elapsed());
-                        Ok(true)
-                    }
-                    Err(_) => Err(Turn::Ended),
+                    Some(Ok(_)) => Ok(true),
+                    Some(Err(_)) => Err(Turn::Ended),
                 }
             }
             // The engine sees the same error when it reads, and closes the connection.

@@ -546,39 +546,31 @@ impl Loop {
             let mut completions = std::mem::take(&mut self.completions);
             // Ask without sleeping for a while first: completions and commands expected soon
             // come without the cost of a wake-up.
-            let started = Instant::now();
-            let spun = self.spin.spin(started, None, || {
-                if !self.shared.queue.is_empty() {
-                    return Some(Ok(()));
-                }
-                match self.driver.wait(&mut completions, Some(Duration::ZERO)) {
-                    Ok(()) if completions.is_empty() => None,
-                    other => Some(other),
-                }
-            });
-            let waited = match spun {
-                Some(r) => r,
-                None => {
-                    self.shared.sleeping.store(true, Ordering::SeqCst);
-                    let mut r = Ok(());
-                    if self.shared.queue.is_empty() {
-                        // Parked connections are checked often, to take back those nobody uses.
-                        let timeout = if self.parked.is_empty() {
-                            TICK
-                        } else {
-                            PARK_IDLE
-                        };
-                        r = self.driver.wait(&mut completions, Some(timeout));
+            let (shared, driver, parked) = (&self.shared, &mut self.driver, &self.parked);
+            let waited = self.spin.wait(None, |sleep| {
+                if !sleep {
+                    if !shared.queue.is_empty() {
+                        return Some(Ok(()));
                     }
-                    self.shared.sleeping.store(false, Ordering::SeqCst);
-                    r
+                    return match driver.wait(&mut completions, Some(Duration::ZERO)) {
+                        Ok(()) if completions.is_empty() => None,
+                        other => Some(other),
+                    };
                 }
-            };
-            if let Err(e) = waited {
+                shared.sleeping.store(true, Ordering::SeqCst);
+                let mut r = Ok(());
+                if shared.queue.is_empty() {
+                    // Parked connections are checked often, to take back those nobody uses.
+                    let timeout = if parked.is_empty() { TICK } else { PARK_IDLE };
+                    r = driver.wait(&mut completions, Some(timeout));
+                }
+                shared.sleeping.store(false, Ordering::SeqCst);
+                Some(r)
+            });
+            if let Some(Err(e)) = waited {
                 tracing::error!("daffi engine wait failed: {e}");
                 std::thread::sleep(Duration::from_millis(10));
             }
-            self.spin.record(started.elapsed());
             self.completions = completions;
             self.drain_completions();
             if last_tick.elapsed() >= TICK {

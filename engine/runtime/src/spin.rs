@@ -78,6 +78,22 @@ impl Spin {
             .store(old - old / 4 + sample / 4, Ordering::Relaxed);
     }
 
+    /// One whole wait: `check(false)` asks without sleeping, as often as the budget allows
+    /// (see [`Spin::spin`]); if nothing came, `check(true)` sleeps (the waiter's blocking
+    /// wait, which may give up: `None`). Records how long it all took.
+    pub(crate) fn wait<T>(
+        &self,
+        until: Option<Instant>,
+        mut check: impl FnMut(bool) -> Option<T>,
+    ) -> Option<T> {
+        let started = Instant::now();
+        let got = self
+            .spin(started, until, || check(false))
+            .or_else(|| check(true));
+        self.record(started.elapsed());
+        got
+    }
+
     /// Spins until `ready` says the wait is over (`Some`) or the budget is spent (`None`),
     /// yielding the CPU between questions. `until` cuts the spin short.
     pub(crate) fn spin<T>(
