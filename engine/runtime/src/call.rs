@@ -52,10 +52,19 @@ impl CallError {
     }
 }
 
+/// What a [`Slot`] guards: the answer once it came, and how many threads sleep waiting for it.
+#[derive(Debug, Default)]
+struct Filled {
+    value: Option<Result<Reply, CallError>>,
+    /// Threads blocked on the condition variable. A caller that reads its own answer (the
+    /// common case) has nobody to wake, and the wake-up, a system call, is then skipped.
+    sleepers: usize,
+}
+
 /// Where one caller waits for one answer.
 #[derive(Debug, Default)]
 pub struct Slot {
-    value: Mutex<Option<Result<Reply, CallError>>>,
+    state: Mutex<Filled>,
     ready: Condvar,
     /// For a call nobody waits for on a thread: where its answer goes instead, under this id.
     hook: Option<(Arc<Completions>, u64)>,
@@ -72,12 +81,15 @@ impl Slot {
             done.push(*id, r);
             return;
         }
-        let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
-        if v.is_none() {
-            *v = Some(r);
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.value.is_none() {
+            s.value = Some(r);
         }
-        drop(v);
-        self.ready.notify_all();
+        let sleepers = s.sleepers;
+        drop(s);
+        if sleepers > 0 {
+            self.ready.notify_all();
+        }
     }
 
     /// Waits until filled or `deadline`; `None` means timed out. Spins a little first (see
@@ -98,38 +110,49 @@ impl Slot {
     }
 
     fn wait_blocking(&self, deadline: Option<Instant>) -> Option<Result<Reply, CallError>> {
-        let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(r) = v.take() {
+            if let Some(r) = s.value.take() {
                 return Some(r);
             }
-            v = match deadline {
-                None => self.ready.wait(v).unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return None;
-                    }
+            let timeout = match deadline {
+                None => None,
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => return None,
+                },
+            };
+            // Counted under the lock `fill` takes, so it cannot miss this sleeper.
+            s.sleepers += 1;
+            s = match timeout {
+                None => self.ready.wait(s).unwrap_or_else(|e| e.into_inner()),
+                Some(left) => {
                     self.ready
-                        .wait_timeout(v, d - now)
+                        .wait_timeout(s, left)
                         .unwrap_or_else(|e| e.into_inner())
                         .0
                 }
             };
+            s.sleepers -= 1;
         }
     }
 
     /// Whether the answer is there (nobody took it yet).
     pub fn is_filled(&self) -> bool {
-        self.value
+        self.state
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .value
             .is_some()
     }
 
     /// Takes the value if it is there, without waiting.
     pub fn try_take(&self) -> Option<Result<Reply, CallError>> {
-        self.value.lock().unwrap_or_else(|e| e.into_inner()).take()
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .value
+            .take()
     }
 }
 
@@ -236,5 +259,33 @@ mod tests {
         let got = sb.wait(None).unwrap().unwrap();
         assert_eq!(got.payload.as_slice(), b"x");
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn an_answer_wakes_a_caller_asleep_on_its_slot() {
+        // `fill` skips the wake-up when nobody sleeps on the slot; a caller that is asleep
+        // (past any spinning) must still be woken, every time.
+        for _ in 0..50 {
+            let slot = Arc::new(Slot::default());
+            let waiter = {
+                let slot = slot.clone();
+                std::thread::spawn(move || {
+                    let t = Instant::now();
+                    let got = slot.wait_blocking(Some(t + Duration::from_secs(10)));
+                    (got, t.elapsed())
+                })
+            };
+            std::thread::sleep(Duration::from_micros(200));
+            slot.fill(Err(CallError::Timeout));
+            let (got, waited) = waiter.join().unwrap();
+            assert_eq!(got, Some(Err(CallError::Timeout)));
+            // Not woken, it would find the answer only at its 10 s deadline.
+            assert!(waited < Duration::from_secs(5), "woken by the answer");
+        }
+        // Filled before anyone waits: taken at once.
+        let slot = Slot::default();
+        slot.fill(Err(CallError::Timeout));
+        assert!(slot.is_filled());
+        assert_eq!(slot.wait_blocking(None), Some(Err(CallError::Timeout)));
     }
 }

@@ -27,6 +27,9 @@ struct State<T> {
     throttled: bool,
     /// Wake-ups from [`Inbox::wake_one`] not yet consumed by a waiter.
     wakes: usize,
+    /// Threads blocked on the condition variable: with none (the consumer is busy, or reads
+    /// its socket itself), a push skips the wake-up, a system call.
+    sleepers: usize,
 }
 
 /// Called when a throttled inbox has room again.
@@ -68,6 +71,7 @@ impl<T> Inbox<T> {
                 load: 0,
                 throttled: false,
                 wakes: 0,
+                sleepers: 0,
             }),
             ready: Condvar::new(),
             notifier: Mutex::new(None),
@@ -89,8 +93,11 @@ impl<T> Inbox<T> {
         }
         s.items.push_back((item, weight));
         s.load += weight;
+        let sleepers = s.sleepers;
         drop(s);
-        self.ready.notify_one();
+        if sleepers > 0 {
+            self.ready.notify_one();
+        }
         self.notify();
     }
 
@@ -193,8 +200,11 @@ impl<T> Inbox<T> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         // One pending wake-up is enough: only one waiter can take the turn it announces.
         s.wakes = 1;
+        let sleepers = s.sleepers;
         drop(s);
-        self.ready.notify_one();
+        if sleepers > 0 {
+            self.ready.notify_one();
+        }
     }
 
     /// Like [`Inbox::pop`], but also returns `None` when woken by [`Inbox::wake_one`].
@@ -222,19 +232,25 @@ impl<T> Inbox<T> {
                 s.wakes -= 1;
                 return None;
             }
-            s = match deadline {
+            let timeout = match deadline {
+                None => None,
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => return Some(Next::Timeout),
+                },
+            };
+            // Counted under the lock every push takes, so no push can miss this sleeper.
+            s.sleepers += 1;
+            s = match timeout {
                 None => self.ready.wait(s).unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Some(Next::Timeout);
-                    }
+                Some(left) => {
                     self.ready
-                        .wait_timeout(s, d - now)
+                        .wait_timeout(s, left)
                         .unwrap_or_else(|e| e.into_inner())
                         .0
                 }
             };
+            s.sleepers -= 1;
         }
     }
 
@@ -322,5 +338,71 @@ mod tests {
         assert_eq!(waiter.join().unwrap(), Next::Closed);
         inbox.push(3);
         assert_eq!(inbox.pop(None), Next::Closed);
+    }
+
+    #[test]
+    fn sleeping_consumers_get_every_item_and_wake_up() {
+        // Pushes skip the wake-up when nobody sleeps: racing producers and consumers that
+        // sleep and wake all the time must still see every item, and none may hang.
+        let inbox = Arc::new(Inbox::default());
+        let consumers: Vec<_> = (0..3)
+            .map(|_| {
+                let inbox = inbox.clone();
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    while let Next::Item(i) = inbox.pop(Some(Duration::from_secs(10))) {
+                        got.push(i);
+                    }
+                    got
+                })
+            })
+            .collect();
+        let producers: Vec<_> = (0..2)
+            .map(|p| {
+                let inbox = inbox.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20_000u32 {
+                        inbox.push(p * 20_000 + i);
+                        if i % 64 == 0 {
+                            std::thread::sleep(Duration::from_micros(50));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for p in producers {
+            p.join().unwrap();
+        }
+        // The sleeping consumers must have been woken for the items: nothing else wakes them
+        // before the close below (their pops wait up to 10 s).
+        let t = Instant::now();
+        while inbox.backlog().0 > 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "items left with the consumers asleep"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        inbox.close();
+        let mut all: Vec<u32> = consumers
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..40_000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_wake_reaches_a_sleeping_waiter() {
+        let inbox: Arc<Inbox<u8>> = Arc::new(Inbox::default());
+        let waiter = {
+            let inbox = inbox.clone();
+            std::thread::spawn(move || inbox.pop_or_wake(Some(Duration::from_secs(10))))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        let t = Instant::now();
+        inbox.wake_one();
+        assert_eq!(waiter.join().unwrap(), None);
+        assert!(t.elapsed() < Duration::from_secs(5), "woken, not timed out");
     }
 }
