@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -283,3 +284,88 @@ def test_an_async_sender_waits_for_a_slow_peer_without_blocking_its_loop():
     # Without back-pressure the sender held most of the 400 MiB at once.
     assert grown < 120, f"the sender grew by {grown:.0f} MiB"
     assert ticks > 5, "the event loop did not turn while the sender waited"
+
+
+ROUTER = textwrap.dedent(
+    """
+    import sys
+    from daffi import Router
+
+    router = Router(host="127.0.0.1", port=0)
+    router.start()
+    print(router.port, flush=True)
+    sys.stdin.read()
+    """
+)
+
+ROUTED_SINK = textwrap.dedent(
+    """
+    import sys
+    from daffi import Client, callback
+
+    got = []
+
+    @callback
+    def rsink(chunk):
+        got.append(chunk[:8])
+
+    @callback
+    def rsummary():
+        return len(got), got[0], got[-1]
+
+    Client(app_name="rsink-worker", host="127.0.0.1", port=int(sys.argv[1])).connect()
+    print("connected", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_a_router_holds_back_a_sender_whose_receiver_is_frozen():
+    # The Router queues at most about 16 MiB for a peer that reads nothing; then it stops
+    # reading the sender, whose own sends wait in turn. Nothing is lost once the peer reads.
+    router = subprocess.Popen([sys.executable, "-c", ROUTER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    worker = None
+    client = None
+    try:
+        port = int(router.stdout.readline())
+        worker = subprocess.Popen([sys.executable, "-c", ROUTED_SINK, str(port)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert worker.stdout.readline().strip() == "connected"
+        client = Client(app_name="rsink-sender", host="127.0.0.1", port=port)
+        conn = client.connect()
+        conn.wait_for_members("rsink-worker", timeout=10)
+        before = rss_mib(router.pid)
+        worker.send_signal(signal.SIGSTOP)
+        chunks = 200
+        sending = threading.Thread(
+            target=lambda: conn.stream_nowait(receiver="rsink-worker", serde=SerdeFormat.OPAQUE)
+            .rsink(distinct_chunks(chunks)),
+            daemon=True)
+        sending.start()
+        time.sleep(3)
+        held = rss_mib(router.pid) - before
+        # The sender waits: without the Router holding it back, it would be done by now and
+        # the Router would hold nearly all 200 MiB.
+        assert sending.is_alive(), "the sender was never held back"
+        assert held < 90, f"the Router holds {held:.0f} MiB for a frozen peer"
+        worker.send_signal(signal.SIGCONT)
+        sending.join(60)
+        assert not sending.is_alive()
+        summary = conn.rpc(timeout=60, receiver="rsink-worker").rsummary()
+        assert tuple(summary) == all_of(chunks)
+    finally:
+        if client is not None:
+            client.stop()
+        for proc in (worker, router):
+            if proc is not None:
+                proc.send_signal(signal.SIGCONT)
+                proc.stdin.close()
+                proc.kill()
+                proc.wait(10)

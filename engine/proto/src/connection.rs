@@ -127,6 +127,17 @@ pub struct Connection {
     /// [`Connection::begin_stream`]); frames queued meanwhile wait in `held`.
     streaming: Option<u64>,
     held: VecDeque<Bytes>,
+    /// What `out` and `held` weigh (see [`Connection::queued`]).
+    out_weight: usize,
+    held_weight: usize,
+}
+
+/// What a queued buffer weighs beyond its bytes (its place in the queue and its allocation),
+/// so that many tiny frames count too.
+const BUF_WEIGHT: usize = 64;
+
+fn weight(b: &Bytes) -> usize {
+    b.len() + BUF_WEIGHT
 }
 
 impl Connection {
@@ -142,6 +153,8 @@ impl Connection {
             events: VecDeque::new(),
             streaming: None,
             held: VecDeque::new(),
+            out_weight: 0,
+            held_weight: 0,
         };
         if role == Role::Client {
             c.push_hello(Kind::Hello);
@@ -187,15 +200,34 @@ impl Connection {
             token,
         }
         .encode();
-        self.out.push_back(encode_head(
-            kind,
-            0,
-            0,
-            flags,
-            &self.local.name,
-            body.len() as u64,
-        ));
-        self.out.push_back(body);
+        let head = encode_head(kind, 0, 0, flags, &self.local.name, body.len() as u64);
+        self.push_out(head);
+        self.push_out(body);
+    }
+
+    fn push_out(&mut self, b: Bytes) {
+        self.out_weight += weight(&b);
+        self.out.push_back(b);
+    }
+
+    /// A frame never interrupts one that is being streamed out: it waits for its end.
+    fn push_out_or_hold(&mut self, b: Bytes) {
+        if self.streaming.is_some() {
+            self.held_weight += weight(&b);
+            self.held.push_back(b);
+        } else {
+            self.push_out(b);
+        }
+    }
+
+    /// The weight of what is queued to be sent (bytes, plus a little per buffer): `sendable`
+    /// only what may go now, else also the frames held behind a streamed one.
+    pub fn queued(&self, sendable: bool) -> usize {
+        if sendable {
+            self.out_weight
+        } else {
+            self.out_weight + self.held_weight
+        }
     }
 
     /// The buffer the next receive should fill (see [`FrameReader::target`]).
@@ -494,22 +526,10 @@ impl Connection {
     }
 
     fn push(&mut self, kind: Kind, call_id: u64, serde: u8, flags: u8, meta: &str, payload: Bytes) {
-        // A frame never interrupts one that is being streamed out: it waits for its end.
-        let q = if self.streaming.is_some() {
-            &mut self.held
-        } else {
-            &mut self.out
-        };
-        q.push_back(encode_head(
-            kind,
-            call_id,
-            serde,
-            flags,
-            meta,
-            payload.len() as u64,
-        ));
+        let head = encode_head(kind, call_id, serde, flags, meta, payload.len() as u64);
+        self.push_out_or_hold(head);
         if !payload.is_empty() {
-            q.push_back(payload);
+            self.push_out_or_hold(payload);
         }
     }
 
@@ -536,7 +556,8 @@ impl Connection {
             meta,
             Bytes::new(),
         );
-        // `push` wrote a header for an empty payload: patch in the real length.
+        // `push` wrote a header for an empty payload: patch in the real length (the weight
+        // stays the same).
         let head = self.out.pop_back().expect("just pushed");
         let mut head = head.to_vec();
         head[24..32].copy_from_slice(&len.to_le_bytes());
@@ -557,7 +578,7 @@ impl Connection {
         data.truncate((*left).min(usize::MAX as u64) as usize);
         *left -= data.len() as u64;
         if !data.is_empty() {
-            self.out.push_back(data);
+            self.push_out(data);
         }
     }
 
@@ -584,14 +605,18 @@ impl Connection {
             Some(left) if left > 0 && status == 0 => return self.abort_stream(),
             Some(_) => self.streaming = None,
         }
-        self.out.push_back(Bytes::from(vec![status]));
+        self.push_out(Bytes::from(vec![status]));
         self.out.append(&mut self.held);
+        self.out_weight += std::mem::take(&mut self.held_weight);
     }
 
     /// Moves up to `max` queued buffers to `out`, in order. Returns how many were moved.
     pub fn poll_transmit(&mut self, out: &mut Vec<Bytes>, max: usize) -> usize {
         let n = self.out.len().min(max);
-        out.extend(self.out.drain(..n));
+        for b in self.out.drain(..n) {
+            self.out_weight -= weight(&b);
+            out.push(b);
+        }
         n
     }
 
@@ -784,6 +809,42 @@ mod tests {
             Event::Aborted { kind: Kind::Response, call_id: 10, payload: Payload::Inline(p) }
                 if p.len() == 4000 && p[..1000].iter().all(|b| *b == 1) && p[1000..].iter().all(|b| *b == 0)
         ));
+    }
+
+    #[test]
+    fn queued_weighs_what_waits_to_be_sent_and_what_is_held() {
+        let mut server = Connection::new(Role::Server, local("svc", &["f"], 1 << 30));
+        assert_eq!(server.queued(false), 0);
+        server.queue_frame(Kind::Response, 1, 0, 0, "", Bytes::from(vec![0u8; 1000]));
+        let one = server.queued(true);
+        assert!(one >= 1000 + crate::frame::HEADER_LEN, "{one}");
+        server.begin_stream(Kind::Response, 2, 0, 0, "", 3000);
+        server.stream_data(Bytes::from(vec![1u8; 2000]));
+        // Queued while the stream is on: held, so not sendable yet.
+        server.queue_frame(Kind::Response, 3, 0, 0, "", Bytes::from(vec![2u8; 5000]));
+        let sendable = server.queued(true);
+        assert!(
+            sendable >= one + 2000 + crate::frame::HEADER_LEN,
+            "{sendable}"
+        );
+        assert!(
+            server.queued(false) >= sendable + 5000,
+            "the held frame counts in all"
+        );
+        server.stream_data(Bytes::from(vec![1u8; 1000]));
+        server.end_stream();
+        // The stream ended: everything may go now.
+        assert_eq!(server.queued(true), server.queued(false));
+        let mut bufs = Vec::new();
+        server.poll_transmit(&mut bufs, 3);
+        let sent: usize = bufs.iter().map(|b| b.len() + BUF_WEIGHT).sum();
+        let left = server.queued(false);
+        while server.poll_transmit(&mut bufs, 16) > 0 {}
+        assert_eq!(server.queued(false), 0);
+        assert_eq!(
+            left + sent,
+            bufs.iter().map(|b| b.len() + BUF_WEIGHT).sum::<usize>()
+        );
     }
 
     #[test]

@@ -280,6 +280,11 @@ fn token(id: u64, op: u64) -> u64 {
 
 /// A Router passes a large payload on in pieces of this size, as they arrive.
 const RELAY_CHUNK: usize = 1 << 20;
+/// A Router stops reading a connection whose frames go to a peer with more than this queued
+/// for it (not yet written to its socket: it reads slower than they come), until that queue is
+/// down to `ROUTE_LOW`. A Router's memory stays bounded by about this much per peer.
+const ROUTE_HIGH: usize = 16 << 20;
+const ROUTE_LOW: usize = 8 << 20;
 /// How long a payload relayed through a Router may go without a byte arriving: its receiver's
 /// connection carries nothing else meanwhile, so a sender that stalls longer is cut off (its
 /// frame ends as lost).
@@ -400,6 +405,13 @@ struct Conn {
     relay: Option<Relay>,
     /// When the relayed payload last made progress (see `RELAY_STALL`).
     relay_progress: Instant,
+    /// Bytes of the send in flight not written yet.
+    in_flight: usize,
+    /// On a Router: the connections not read from until this one's queue is down to
+    /// `ROUTE_LOW` (they sent it more than it takes).
+    held_back: Vec<u64>,
+    /// On a Router: how many peers' queues keep this connection from being read.
+    waits_for: usize,
 }
 
 /// Who would receive on a connection in the engine's place (see [`Conn::lend_wanted`]).
@@ -457,6 +469,12 @@ impl Conn {
             }
         };
         wanted.then_some(Lend::Thread)
+    }
+
+    /// What is queued on this connection and not written yet: `sendable` only what may go
+    /// now (not the frames held behind a payload being relayed into it).
+    fn unsent(&self, sendable: bool) -> usize {
+        self.proto.queued(sendable) + self.in_flight
     }
 
     /// The send of `bufs` less its first `skip` bytes; zero-copy when large enough on a
@@ -720,6 +738,9 @@ impl Loop {
             raw_sending: 0,
             relay: None,
             relay_progress: Instant::now(),
+            in_flight: 0,
+            held_back: Vec::new(),
+            waits_for: 0,
         };
         self.conns.insert(id, c);
         if let Some(c) = self.conns.get_mut(&id) {
@@ -788,9 +809,11 @@ impl Loop {
                 return;
             }
         }
-        // Back-pressure: a Service whose workers are behind stops reading.
+        // Back-pressure: a Service whose workers are behind stops reading, and so does a
+        // Router's connection that sends more than its receivers take (see `ROUTE_HIGH`).
         c.throttled = match &c.owner {
             Owner::Server(s) if !s.router => s.callee.calls.throttle(),
+            Owner::Server(_) => c.waits_for > 0,
             _ => false,
         };
         let large = c.proto.body_wanted().is_some_and(|w| w >= TARGETED_RECV);
@@ -880,6 +903,7 @@ impl Loop {
         }
         c.proto.poll_transmit(&mut bufs, 64);
         c.send_busy = true;
+        c.in_flight = sys::total_len(&bufs) - skip;
         self.driver.submit(token(id, SEND), c.send_op(bufs, skip));
     }
 
@@ -1353,7 +1377,7 @@ impl Loop {
         if let Some(c) = self.conns.get_mut(&id) {
             c.relay = Some(relay);
         }
-        self.apply_actions(&router);
+        self.apply_actions(&router, Some(id));
         Ok(())
     }
 
@@ -1392,6 +1416,7 @@ impl Loop {
                 self.dirty.push(to);
             }
         }
+        self.hold_back(id, to);
     }
 
     /// The relayed frame on connection `id` ended, complete or not (`aborted`). `payload`: the
@@ -1400,7 +1425,14 @@ impl Loop {
         let Some(relay) = self.conns.get_mut(&id).and_then(|c| c.relay.take()) else {
             return;
         };
+        let to = match relay {
+            Relay::Stream { to, .. } | Relay::Whole { to, .. } => Some(to),
+            Relay::Drop => None,
+        };
         self.finish_relay(relay, aborted, payload);
+        if let Some(to) = to {
+            self.hold_back(id, to);
+        }
     }
 
     fn finish_relay(&mut self, relay: Relay, aborted: bool, payload: Option<Payload>) {
@@ -1491,22 +1523,95 @@ impl Loop {
                 let skip = skip + n;
                 if skip < sys::total_len(&bufs) && !c.shut {
                     // The rest of the same buffers, from where the kernel stopped.
+                    c.in_flight = sys::total_len(&bufs) - skip;
                     self.driver.submit(token(id, SEND), c.send_op(bufs, skip));
+                    self.release_held_back(id);
                     return;
                 }
                 c.send_busy = false;
+                c.in_flight = 0;
                 c.wire.written(std::mem::take(&mut c.raw_sending));
                 if c.raw.is_empty() && !c.proto.has_transmit() {
                     c.wire.engine_idle();
                 }
                 self.flush(id);
+                self.release_held_back(id);
             }
             Err(e) => {
                 c.send_busy = false;
+                c.in_flight = 0;
                 self.close(id, e.to_string(), false);
             }
         }
         self.maybe_finish(id);
+    }
+
+    /// On a Router: connection `from` just queued something on `to`. If `to` has more than
+    /// `ROUTE_HIGH` waiting to be written, `from` is not read from again until it is down to
+    /// `ROUTE_LOW` (its receive stops at the next `start_recv`, right after this parse).
+    fn hold_back(&mut self, from: u64, to: u64) {
+        if from == to {
+            return;
+        }
+        // The connection relaying a payload into `to` is only held back by what may go now:
+        // the frames held behind that payload wait for it.
+        let relaying = matches!(
+            self.conns.get(&from).and_then(|c| c.relay.as_ref()),
+            Some(Relay::Stream { to: t, .. }) if *t == to
+        );
+        let Some(d) = self.conns.get_mut(&to) else {
+            return;
+        };
+        if d.shut || d.unsent(relaying) <= ROUTE_HIGH || d.held_back.contains(&from) {
+            return;
+        }
+        d.held_back.push(from);
+        if let Some(c) = self.conns.get_mut(&from) {
+            c.waits_for += 1;
+        }
+    }
+
+    /// Reads again the connections that `id`'s queue held back, once it is down to
+    /// `ROUTE_LOW` for them (or `id` is shut or gone: nothing more goes to it).
+    fn release_held_back(&mut self, id: u64) {
+        let Some(d) = self.conns.get(&id) else {
+            return;
+        };
+        if d.held_back.is_empty() {
+            return;
+        }
+        let gone = d.shut;
+        let (total, sendable) = (d.unsent(false), d.unsent(true));
+        let mut released = Vec::new();
+        let held: Vec<u64> = d.held_back.clone();
+        for from in held {
+            let relaying = matches!(
+                self.conns.get(&from).and_then(|c| c.relay.as_ref()),
+                Some(Relay::Stream { to, .. }) if *to == id
+            );
+            let left = if relaying { sendable } else { total };
+            if gone || left <= ROUTE_LOW {
+                released.push(from);
+            }
+        }
+        if let Some(d) = self.conns.get_mut(&id) {
+            d.held_back.retain(|f| !released.contains(f));
+        }
+        self.release(&released);
+    }
+
+    fn release(&mut self, released: &[u64]) {
+        for &from in released {
+            let Some(c) = self.conns.get_mut(&from) else {
+                continue;
+            };
+            c.waits_for = c.waits_for.saturating_sub(1);
+            if c.waits_for == 0 {
+                // Its relayed payload, if any, was not stalled by its sender meanwhile.
+                c.relay_progress = Instant::now();
+                self.start_recv(from);
+            }
+        }
     }
 
     fn drain_events(&mut self, id: u64) {
@@ -1806,12 +1911,12 @@ impl Loop {
                 }
                 _ => {}
             }
-            self.apply_actions(router);
+            self.apply_actions(router, Some(id));
         }
     }
 
     /// Carries out what a routing table asked for.
-    fn apply_actions(&mut self, router: &Arc<ServerShared>) {
+    fn apply_actions(&mut self, router: &Arc<ServerShared>, from: Option<u64>) {
         let mut actions = std::mem::take(&mut self.actions);
         for a in actions.drain(..) {
             match a {
@@ -1830,6 +1935,9 @@ impl Loop {
                                 .queue_frame(kind, call_id, serde, flags, &meta, payload);
                             self.dirty.push(to);
                         }
+                    }
+                    if let Some(from) = from {
+                        self.hold_back(from, to);
                     }
                 }
                 Action::Evict { conn, reason } => {
@@ -1891,6 +1999,8 @@ impl Loop {
             c.shut = true;
             sys::shutdown(c.fd.as_raw_fd());
         }
+        // Nothing more goes to it: what it held back is read again.
+        self.release_held_back(id);
         self.maybe_finish(id);
     }
 
@@ -1914,6 +2024,7 @@ impl Loop {
             self.parked.retain(|p| *p != id);
         }
         let mut c = self.conns.remove(&id).expect("checked above");
+        self.release(&std::mem::take(&mut c.held_back));
         if let Some(relay) = c.relay.take() {
             // Its payload stopped midway: whoever was receiving it is told so.
             self.finish_relay(relay, true, None);
@@ -1936,7 +2047,7 @@ impl Loop {
                     // reports the departure.
                     if let Some(table) = self.routes.get_mut(&s.id) {
                         table.leave(id, &mut self.actions);
-                        self.apply_actions(&s);
+                        self.apply_actions(&s, None);
                     }
                     if let Some(member) = left {
                         tracing::debug!("{member} left router {} ({reason})", s.name);
@@ -1971,6 +2082,7 @@ impl Loop {
                     cut.push((*id, Some("no handshake in time")))
                 }
                 None if matches!(c.relay, Some(Relay::Stream { .. }))
+                    && c.waits_for == 0
                     && now - c.relay_progress > RELAY_STALL =>
                 {
                     cut.push((*id, Some("a relayed payload stalled")))
