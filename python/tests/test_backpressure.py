@@ -369,3 +369,88 @@ def test_a_router_holds_back_a_sender_whose_receiver_is_frozen():
                 proc.stdin.close()
                 proc.kill()
                 proc.wait(10)
+
+
+SLOW_ROUTED_WORKER = textwrap.dedent(
+    """
+    import sys
+    import time
+    from daffi import Client, callback
+
+    got = []
+    answers = []
+
+    @callback
+    def slow_rsink(chunk):
+        got.append(chunk[:8])
+        time.sleep(0.003)
+        if len(got) % 50 == 0:
+            # A callback waiting for an answer on the connection its worker reads: the
+            # worker must read on for it, however far behind its callbacks are.
+            answers.append(conn.rpc(timeout=30, receiver="pong-worker").rpong(len(got)))
+
+    @callback
+    def slow_rsummary():
+        return len(got), got[0], got[-1], answers, open("/proc/self/status").read()
+
+    conn = Client(app_name="slow-rsink", host="127.0.0.1", port=int(sys.argv[1])).connect()
+    print("connected", flush=True)
+    sys.stdin.read()
+    """
+)
+
+PONG_WORKER = textwrap.dedent(
+    """
+    import sys
+    from daffi import Client, callback
+
+    @callback
+    def rpong(n):
+        return -n
+
+    Client(app_name="pong-worker", host="127.0.0.1", port=int(sys.argv[1])).connect()
+    print("connected", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def test_a_slow_worker_behind_a_router_holds_its_senders_back():
+    # The worker's callbacks fall behind: it stops reading (its callbacks' own calls still get
+    # their answers), the Router then stops reading the sender, whose sends wait. Every
+    # process stays bounded; nothing is lost.
+    router = subprocess.Popen([sys.executable, "-c", ROUTER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    procs = [router]
+    client = None
+    try:
+        port = int(router.stdout.readline())
+        for script in (SLOW_ROUTED_WORKER, PONG_WORKER):
+            proc = subprocess.Popen([sys.executable, "-c", script, str(port)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            assert proc.stdout.readline().strip() == "connected"
+        client = Client(app_name="slow-rsink-sender", host="127.0.0.1", port=port)
+        conn = client.connect()
+        conn.wait_for_members("slow-rsink", "pong-worker", timeout=10)
+        before = own_peak_rss_mib()
+        conn.stream_nowait(receiver="slow-rsink", serde=SerdeFormat.OPAQUE).slow_rsink(
+            distinct_chunks())
+        grown = own_peak_rss_mib() - before
+        count, first, last, answers, status = conn.rpc(timeout=60, receiver="slow-rsink") \
+            .slow_rsummary()
+        with open(f"/proc/{router.pid}/status") as f:
+            router_peak = peak_rss_mib(f.read())
+    finally:
+        if client is not None:
+            client.stop()
+        for proc in procs:
+            proc.stdin.close()
+            proc.kill()
+            proc.wait(10)
+    assert (count, first, last) == all_of(CHUNKS)
+    assert answers == [-n for n in range(50, CHUNKS + 1, 50)]
+    # Without back-pressure the worker would hold most of the 400 MiB at some point.
+    assert peak_rss_mib(status) < 200, f"the worker peaked at {peak_rss_mib(status):.0f} MiB"
+    assert router_peak < 150, f"the Router peaked at {router_peak:.0f} MiB"
+    assert grown < 120, f"the sender grew by {grown:.0f} MiB"

@@ -72,6 +72,11 @@ pub(crate) enum Command {
     Unthrottle {
         server: u64,
     },
+    /// Decide again whether client connection `conn` is read: its callbacks caught up, or it
+    /// opened a call while it was not read (its answer must be).
+    Recheck {
+        conn: u64,
+    },
     /// Ends an engine that has no nodes (a duplicate started by `auto`).
     Exit,
 }
@@ -451,7 +456,10 @@ impl Conn {
     fn lend_wanted(&self) -> Option<Lend> {
         let d = self.direct_side()?;
         let wanted = match &self.owner {
-            Owner::Client(_) if d.for_loop() => return Some(Lend::Loop),
+            // Not while its callbacks are behind (the engine throttles it below).
+            Owner::Client(cl) if d.for_loop() => {
+                return (!cl.callee.calls.over_limit()).then_some(Lend::Loop);
+            }
             Owner::Server(s) if d.for_loop() => {
                 // A Service whose callbacks are behind is not read by anyone (the engine
                 // throttles it below) until they caught up.
@@ -670,7 +678,7 @@ impl Loop {
             Command::Exit => unreachable!("handled by the loop"),
             Command::Abort { conn, reason } => self.close(conn, reason, false),
             Command::Resume { conn } => self.unpark(conn, None),
-            Command::Park { conn } => self.start_recv(conn),
+            Command::Park { conn } | Command::Recheck { conn } => self.start_recv(conn),
             Command::Unthrottle { server } => {
                 let ids: Vec<u64> = self
                     .conns
@@ -814,7 +822,17 @@ impl Loop {
         c.throttled = match &c.owner {
             Owner::Server(s) if !s.router => s.callee.calls.throttle(),
             Owner::Server(_) => c.waits_for > 0,
-            _ => false,
+            // A client whose callbacks are behind (a worker behind a Router) too, but only
+            // while none of its own calls waits for an answer, which only this connection
+            // can bring (a callback may be the one waiting). A call opened meanwhile has the
+            // engine told (`Recheck`).
+            Owner::Client(cl) => {
+                let paused = cl.callee.calls.throttle() && cl.calls.pause_if_idle();
+                if !paused {
+                    cl.calls.unpause();
+                }
+                paused
+            }
         };
         let large = c.proto.body_wanted().is_some_and(|w| w >= TARGETED_RECV);
         if c.pooled {
@@ -1690,13 +1708,8 @@ impl Loop {
                         flags,
                         payload,
                     };
-                    match &c.owner {
-                        Owner::Server(s) => {
-                            let weight = call.payload.len() + crate::node::CALL_WEIGHT;
-                            s.callee.calls.push_weighed(call, weight);
-                        }
-                        Owner::Client(cl) => cl.callee.calls.push(call),
-                    }
+                    let weight = call.payload.len() + crate::node::CALL_WEIGHT;
+                    c.owner.callee().calls.push_weighed(call, weight);
                 }
                 Event::Response {
                     call_id,

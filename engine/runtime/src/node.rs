@@ -86,9 +86,11 @@ pub(crate) struct Callee {
     pub(crate) functions: Mutex<Vec<String>>,
 }
 
-/// Back-pressure on a Service: once the calls received and not yet taken by its workers
-/// weigh more than this (payload bytes plus `CALL_WEIGHT` each), its connections are not read
-/// until they weigh half as much; the kernel's buffers fill and the senders' sends wait.
+/// Back-pressure on a Service, and on a Client exporting callbacks (a worker behind a Router)
+/// while none of its own calls waits for an answer: once the calls received and not yet taken
+/// by its workers weigh more than this (payload bytes plus `CALL_WEIGHT` each), its connections
+/// are not read until they weigh half as much; the kernel's buffers fill and the senders'
+/// sends wait.
 pub(crate) const CALLS_HIGH: usize = 64 << 20;
 /// What each waiting call counts on top of its payload, so that floods of tiny calls are
 /// bounded too.
@@ -102,7 +104,7 @@ impl Callee {
         }
     }
 
-    /// A Service's: its calls inbox is bounded (see `CALLS_HIGH`).
+    /// A Service's or a Client's: its calls inbox is bounded (see `CALLS_HIGH`).
     fn bounded(functions: Vec<String>) -> Callee {
         Callee {
             calls: Inbox::with_limit(CALLS_HIGH),
@@ -623,7 +625,7 @@ impl Client {
             direct: Direct::new(fd.as_raw_fd(), cfg.max_message_size),
             conn,
             name: cfg.name.clone(),
-            callee: Callee::new(cfg.functions.clone()),
+            callee: Callee::bounded(cfg.functions.clone()),
             calls: CallTable::default(),
             state: Mutex::new(ClientState {
                 phase: Phase::Connecting,
@@ -647,6 +649,10 @@ impl Client {
             client: shared.clone(),
             local,
         });
+        let hook_engine = engine.clone();
+        shared.callee.calls.on_drain(Box::new(move || {
+            hook_engine.send(Command::Recheck { conn });
+        }));
         let client = Client {
             engine: engine.clone(),
             shared,
@@ -983,6 +989,12 @@ impl Client {
         if lock(&self.shared.state).phase != Phase::Open {
             self.shared.calls.abandon(call_id);
             return Err(CallError::Disconnected(self.close_reason()));
+        }
+        if self.shared.calls.take_resume() {
+            // The engine stopped reading while its callbacks were behind: this answer needs it.
+            self.engine.send(Command::Recheck {
+                conn: self.shared.conn,
+            });
         }
         let f = frame(
             Kind::Request,
