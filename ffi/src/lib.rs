@@ -248,6 +248,13 @@ impl NodeBase {
         py.detach(|| self.node.flush());
     }
 
+    /// For an event loop's answers, which never wait here: False while too much waits to be
+    /// written on connection `conn`; the watched descriptor then turns readable once there is
+    /// room (ask again then).
+    fn room_for(&self, conn: u64) -> bool {
+        self.node.room_for(conn)
+    }
+
     fn respond_error(
         &self,
         py: Python<'_>,
@@ -754,12 +761,6 @@ impl Client {
     /// Gives up on an async call: its answer, if it comes, is dropped.
     fn abandon(&self, call_id: u64) {
         self.inner.abandon(call_id);
-    }
-
-    /// For an event loop's sends, which never wait here: False while too much is unsent; the
-    /// watched descriptor then turns readable once there is room (ask again then).
-    fn has_room(&self) -> bool {
-        self.inner.has_room()
     }
 
     /// Waits until every named peer is connected; returns the names still missing on timeout.

@@ -140,8 +140,8 @@ class _Bridge:
         self.timer_at = math.inf
         # Replies read inline (await_socket) since the loop last ran its selector.
         self.inline = 0
-        # Senders waiting for room on the connection (see wait_room).
-        self.room_waiters: list[asyncio.Future] = []
+        # Senders waiting for room, by connection (see wait_room).
+        self.room_waiters: dict[int, list[asyncio.Future]] = {}
         # Anything that became ready before the reader was installed.
         loop.call_soon(self.ready)
 
@@ -213,8 +213,9 @@ class _Bridge:
                 self.node._queue_event(connected, member)
         # Room for waiting senders: checked on every collection, since the engine's signal
         # for it is swallowed while the loop reads its socket (the notifier is kept quiet).
-        if self.room_waiters and native.has_room():
-            self._room_made()
+        if self.room_waiters:
+            for conn in [c for c in self.room_waiters if native.room_for(c)]:
+                self._room_made(conn)
         if more:
             # A full batch: the rest comes on the next turn of the loop (no new signal will).
             self.loop.call_soon(self.ready)
@@ -279,20 +280,26 @@ class _Bridge:
         except Exception:
             logger.exception("reading the lent socket inline failed")
 
-    async def wait_room(self) -> None:
+    async def wait_room(self, conn: int = 0) -> None:
         """Back-pressure for no-reply senders (``rpc_nowait``, ``cast_nowait``,
-        ``stream_nowait``): while more than 16 MiB wait to be written on the connection (the
-        peer reads slower than this side sends), wait until they are down to 8 MiB or the
+        ``stream_nowait``) and for the node's answers: while more than 16 MiB wait to be
+        written on connection ``conn`` (a client's only one, whatever ``conn``) because the
+        peer reads slower than this side sends, wait until they are down to 8 MiB or the
         connection closed. The engine raises the node's notifier then (see ready)."""
-        if self.closed or not self.is_client or self.native.has_room():
+        if self.closed or self.native.room_for(conn):
             return
         future = self.loop.create_future()
-        self.room_waiters.append(future)
+        self.room_waiters.setdefault(conn, []).append(future)
         await future
 
-    def _room_made(self) -> None:
-        waiters, self.room_waiters = self.room_waiters, []
-        for future in waiters:
+    def _room_made(self, conn: int | None = None) -> None:
+        """Wake the senders waiting for room on ``conn`` (None: on every connection)."""
+        if conn is None:
+            waiting = [f for fs in self.room_waiters.values() for f in fs]
+            self.room_waiters = {}
+        else:
+            waiting = self.room_waiters.pop(conn, [])
+        for future in waiting:
             if not future.done():
                 future.set_result(None)
 
@@ -442,6 +449,12 @@ class _AsyncNode(_Node):
             call = await self._calls.get()
             self._took_call(call)
             await self._run_call(native, call)
+            # Answers the caller reads slower than they come hold this consumer back, as a
+            # sync worker's answers hold its thread (back-pressure).
+            if not call[4] & _NO_REPLY and not native.room_for(call[0]):
+                bridge = self._bridge
+                if bridge is not None:
+                    await bridge.wait_room(call[0])
 
     async def _run_call(self, native: Any, call: tuple) -> None:
         conn, call_id, name, serde, flags, payload = call

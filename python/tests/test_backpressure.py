@@ -454,3 +454,76 @@ def test_a_slow_worker_behind_a_router_holds_its_senders_back():
     assert peak_rss_mib(status) < 200, f"the worker peaked at {peak_rss_mib(status):.0f} MiB"
     assert router_peak < 150, f"the Router peaked at {router_peak:.0f} MiB"
     assert grown < 120, f"the sender grew by {grown:.0f} MiB"
+
+
+BLOB_ASYNC_SERVICE = textwrap.dedent(
+    """
+    import asyncio
+    import sys
+
+    from daffi import callback
+    from daffi.aio import AsyncService
+
+    @callback
+    async def ablob(i):
+        return i.to_bytes(8, "little") * (1 << 17)  # 1 MiB, distinct per call
+
+    async def main():
+        async with AsyncService(host="127.0.0.1", port=0, workers=4) as service:
+            print(service.port, flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+    asyncio.run(main())
+    """
+)
+
+BLOB_CALLER = textwrap.dedent(
+    """
+    import asyncio
+    import sys
+
+    from daffi.aio import AsyncClient
+
+    async def main():
+        client = AsyncClient(host="127.0.0.1", port=int(sys.argv[1]))
+        conn = await client.connect()
+        calls = [conn.rpc(timeout=60).ablob(i) for i in range(200)]
+        print("sending", flush=True)
+        blobs = await asyncio.gather(*calls)
+        right = all(b == i.to_bytes(8, "little") * (1 << 17) for i, b in enumerate(blobs))
+        print("got", len(blobs), right, flush=True)
+        await client.stop()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_an_async_service_answering_a_frozen_caller_stays_bounded():
+    # 200 calls for 1 MiB answers each, and the caller then reads nothing: the AsyncService's
+    # callbacks wait for room instead of piling up answers. Every answer arrives later.
+    service = subprocess.Popen([sys.executable, "-c", BLOB_ASYNC_SERVICE], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    caller = None
+    try:
+        port = int(service.stdout.readline())
+        before = rss_mib(service.pid)
+        caller = subprocess.Popen([sys.executable, "-c", BLOB_CALLER, str(port)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert caller.stdout.readline().strip() == "sending"
+        time.sleep(0.3)  # the requests leave together, in the loop's next turn
+        caller.send_signal(signal.SIGSTOP)
+        time.sleep(2)
+        held = rss_mib(service.pid) - before
+        caller.send_signal(signal.SIGCONT)
+        out, _ = caller.communicate(timeout=60)
+    finally:
+        for proc in (caller, service):
+            if proc is not None:
+                proc.send_signal(signal.SIGCONT)
+                proc.stdin.close()
+                proc.kill()
+                proc.wait(10)
+    assert out.split() == ["got", "200", "True"]
+    # Without the wait it would hold most of the 200 MiB of answers.
+    assert held < 90, f"the AsyncService holds {held:.0f} MiB of answers"

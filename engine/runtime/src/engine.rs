@@ -1000,6 +1000,10 @@ impl Loop {
         });
         server.update(|st| {
             st.wires.insert(conn_id, wire.clone());
+            if let Some(n) = &st.loop_notifier {
+                // An event loop's answers wait for room (see `Node::room_for`).
+                wire.watch(n.clone());
+            }
             if let Some(d) = &direct {
                 if let Some(n) = &st.loop_notifier {
                     d.lend_to_loop(n.clone());

@@ -1187,6 +1187,13 @@ pub trait Node {
     /// Sends every frame held by `respond_deferred` (and, on a client, by
     /// [`Client::start_async`] and deferred sends).
     fn flush(&self);
+    /// Back-pressure for a watched node's answers, which never wait here: true when more may
+    /// be sent on connection `conn` (no more than 16 MiB wait to be written there, or it is
+    /// gone); otherwise false, and the notifier given to [`Node::watch`] is raised once they
+    /// are down to 8 MiB (or the connection closed).
+    fn room_for(&self, _conn: u64) -> bool {
+        true
+    }
     /// On a watched node: the socket the event loop should watch now (its connection is lent
     /// to the loop, see the runtime's `direct` module), if any. When it changes, the loop stops
     /// watching the old one and calls [`Node::give_back`].
@@ -1292,7 +1299,15 @@ impl Node for Server {
         for d in st.directs.values() {
             d.lend_to_loop(n.clone());
         }
+        for w in st.wires.values() {
+            w.watch(n.clone());
+        }
         st.loop_notifier = Some(n);
+    }
+
+    fn room_for(&self, conn: u64) -> bool {
+        let wire = lock(&self.shared.state).wires.get(&conn).cloned();
+        wire.is_none_or(|w| w.room_for_loop())
     }
 
     fn lent_fd(&self) -> Option<std::os::fd::RawFd> {
@@ -1383,6 +1398,10 @@ impl Node for Client {
 
     fn announce(&self, names: &[String]) {
         announce(&self.engine, &self.shared.callee, self.shared.conn, names);
+    }
+
+    fn room_for(&self, _conn: u64) -> bool {
+        self.has_room()
     }
 
     fn watch(&self, n: Arc<Notifier>) {
