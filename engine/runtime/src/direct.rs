@@ -609,6 +609,7 @@ impl Direct {
         slot: &Slot,
         until: Option<Instant>,
     ) -> Turn {
+        let mut fresh = true;
         loop {
             let (used, other) = self.scan_frames(rest, 0, Some(calls), None, &mut Vec::new());
             rest.drain(..used);
@@ -618,7 +619,7 @@ impl Direct {
             if slot.is_filled() {
                 return Turn::Answered;
             }
-            match self.receive(rest, until, None) {
+            match self.receive(rest, until, None, std::mem::take(&mut fresh)) {
                 Ok(true) => {}
                 Ok(false) => return Turn::Waited,
                 Err(turn) => return turn,
@@ -642,6 +643,7 @@ impl Direct {
         }
         let mut rest = self.take_turn(false)?;
         let mut calls = Vec::new();
+        let mut fresh = true;
         let turn = loop {
             let (used, other) = self.scan_frames(&rest, conn, None, Some(node), &mut calls);
             rest.drain(..used);
@@ -651,7 +653,7 @@ impl Direct {
             if !calls.is_empty() {
                 break Turn::Answered;
             }
-            match self.receive(&mut rest, until, node.alarm) {
+            match self.receive(&mut rest, until, node.alarm, std::mem::take(&mut fresh)) {
                 Ok(true) => {}
                 Ok(false) => break Turn::Waited,
                 Err(turn) => break turn,
@@ -703,55 +705,58 @@ impl Direct {
 
     /// Receives more bytes into `rest`: `Ok(true)` when some came (or may have), `Ok(false)`
     /// when `until` passed; `Err` ends the turn: [`Turn::Ended`] at end of stream or on an
-    /// error, [`Turn::HandBack`] when `alarm` was raised.
+    /// error, [`Turn::HandBack`] when `alarm` was raised. `fresh`: the turn just began, right
+    /// after this thread sent its call or answer, so nothing is likely there yet: wait for the
+    /// socket first instead of a receive that would find it empty (one system call less per
+    /// call; the wait is level-triggered, so bytes already there end it at once).
     fn receive(
         &self,
         rest: &mut Vec<u8>,
         until: Option<Instant>,
         alarm: Option<&sys::Alarm>,
+        fresh: bool,
     ) -> Result<bool, Turn> {
-        if rest.capacity() - rest.len() < READ_ROOM {
-            rest.reserve(READ_ROOM);
-        }
-        let mut buf = RecvBuf::Vec(std::mem::take(rest));
-        let r = sys::recv(self.fd, &mut buf, usize::MAX);
-        let RecvBuf::Vec(v) = buf else {
-            unreachable!("a Vec receive buffer stays a Vec")
-        };
-        *rest = v;
-        match r {
-            Ok(0) => Err(Turn::Ended),
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let woke = self.spin.wait(until, |sleep| {
-                    let wait = match (sleep, until) {
-                        (false, _) => Duration::ZERO,
-                        (true, None) => MAX_WAIT,
-                        (true, Some(t)) => {
-                            (t.checked_duration_since(Instant::now())?).min(MAX_WAIT)
-                        }
-                    };
-                    match sys::wait_either(self.fd, alarm, wait) {
-                        Ok((false, false)) if !sleep => None,
-                        other => Some(other),
-                    }
-                });
-                match woke {
-                    // `until` passed.
-                    None => Ok(false),
-                    Some(Ok((_, true))) => {
-                        if let Some(a) = alarm {
-                            a.clear();
-                        }
-                        Err(Turn::HandBack)
-                    }
-                    Some(Ok(_)) => Ok(true),
-                    Some(Err(_)) => Err(Turn::Ended),
-                }
+        if !fresh {
+            if rest.capacity() - rest.len() < READ_ROOM {
+                rest.reserve(READ_ROOM);
             }
-            // The engine sees the same error when it reads, and closes the connection.
-            Err(_) => Err(Turn::Ended),
+            let mut buf = RecvBuf::Vec(std::mem::take(rest));
+            let r = sys::recv(self.fd, &mut buf, usize::MAX);
+            let RecvBuf::Vec(v) = buf else {
+                unreachable!("a Vec receive buffer stays a Vec")
+            };
+            *rest = v;
+            match r {
+                Ok(0) => return Err(Turn::Ended),
+                Ok(_) => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The engine sees the same error when it reads, and closes the connection.
+                Err(_) => return Err(Turn::Ended),
+            }
+        }
+        let woke = self.spin.wait(until, |sleep| {
+            let wait = match (sleep, until) {
+                (false, _) => Duration::ZERO,
+                (true, None) => MAX_WAIT,
+                (true, Some(t)) => (t.checked_duration_since(Instant::now())?).min(MAX_WAIT),
+            };
+            match sys::wait_either(self.fd, alarm, wait) {
+                Ok((false, false)) if !sleep => None,
+                other => Some(other),
+            }
+        });
+        match woke {
+            // `until` passed.
+            None => Ok(false),
+            Some(Ok((_, true))) => {
+                if let Some(a) = alarm {
+                    a.clear();
+                }
+                Err(Turn::HandBack)
+            }
+            Some(Ok(_)) => Ok(true),
+            Some(Err(_)) => Err(Turn::Ended),
         }
     }
 }
