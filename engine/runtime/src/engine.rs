@@ -823,13 +823,18 @@ impl Loop {
             Owner::Server(s) if !s.router => s.callee.calls.throttle(),
             Owner::Server(_) => c.waits_for > 0,
             // A client whose callbacks are behind (a worker behind a Router) too, but only
-            // while none of its own calls waits for an answer, which only this connection
-            // can bring (a callback may be the one waiting). A call opened meanwhile has the
-            // engine told (`Recheck`).
+            // while nothing waits for what only this connection brings: an answer to one of
+            // its calls, room to send (its peer may be held back by it: two workers calling
+            // each other through a Router would wait for each other for ever), a member (a
+            // callback may be the one waiting). A wait that starts meanwhile has the engine
+            // told (`Recheck`).
             Owner::Client(cl) => {
-                let paused = cl.callee.calls.throttle() && cl.calls.pause_if_idle();
+                let paused = cl.callee.calls.throttle()
+                    && c.wire.pause_reading()
+                    && cl.calls.pause_if_idle();
                 if !paused {
                     cl.calls.unpause();
+                    c.wire.reading_resumed();
                 }
                 paused
             }
@@ -1928,7 +1933,9 @@ impl Loop {
                 }
                 _ => {}
             }
-            self.apply_actions(router, Some(id));
+            // Only a connection's own calls and answers hold it back (see `hold_back`): what
+            // the table tells the others about it (joined, announced) must never stop it.
+            self.apply_actions(router, ends_relay.then_some(id));
         }
     }
 

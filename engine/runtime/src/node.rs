@@ -1049,14 +1049,14 @@ impl Client {
     /// be written (the peer reads slower than this side sends), waits until they are down to
     /// 8 MiB, the connection closed, or `until` passed (then false).
     pub fn wait_room(&self, until: Option<Instant>) -> bool {
-        self.shared.wire.wait_room(until)
+        self.shared.wire.wait_room(&self.engine, until)
     }
 
     /// Back-pressure for a watched client's event loop, which must not block: true when it
     /// may send on; false while more than 16 MiB wait to be written, and then the node's
     /// notifier is raised once they are down to 8 MiB (or the connection closed).
     pub fn has_room(&self) -> bool {
-        self.shared.wire.room_for_loop()
+        self.shared.wire.room_for_loop(&self.engine)
     }
 
     /// Sends a call that wants no answer; returns the receiver's name once the call is queued
@@ -1081,6 +1081,8 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<(), Vec<String>> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        // Members are heard of by reading: a client whose callbacks are behind reads again.
+        let _reading = self.shared.wire.need_reading(&self.engine);
         let mut s = lock(&self.shared.state);
         loop {
             // A connected node counts itself as present.
@@ -1307,7 +1309,7 @@ impl Node for Server {
 
     fn room_for(&self, conn: u64) -> bool {
         let wire = lock(&self.shared.state).wires.get(&conn).cloned();
-        wire.is_none_or(|w| w.room_for_loop())
+        wire.is_none_or(|w| w.room_for_loop(&self.engine))
     }
 
     fn lent_fd(&self) -> Option<std::os::fd::RawFd> {
@@ -1581,7 +1583,7 @@ fn frame(kind: Kind, call_id: u64, serde: u8, flags: u8, meta: &str, payload: By
 /// Sends an answer, then waits while the connection has too much unsent (back-pressure).
 fn respond(engine: &Engine, wire: &Wire, call_id: u64, serde: u8, flags: u8, payload: Bytes) {
     wire.send(engine, answer(wire, call_id, serde, flags, payload));
-    wire.wait_room(None);
+    wire.wait_room(engine, None);
 }
 
 /// The frame that answers a call: the result, or a `too-large` error when the caller would

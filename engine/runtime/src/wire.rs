@@ -49,6 +49,13 @@ struct State {
     /// raised once there is.
     loop_waits: bool,
     notifier: Option<Arc<Notifier>>,
+    /// The engine stopped reading this connection (a client whose callbacks are behind, see
+    /// [`Wire::pause_reading`]); whoever starts waiting for something only reading brings (room
+    /// to send: the peer may be held back by us; a member joining) has it read again.
+    reading_paused: bool,
+    /// Threads waiting for something only reading this connection brings (see
+    /// [`Wire::need_reading`]).
+    need_reading: usize,
 }
 
 /// See the module documentation.
@@ -75,6 +82,8 @@ impl Wire {
                 corked_len: 0,
                 loop_waits: false,
                 notifier: None,
+                reading_paused: false,
+                need_reading: 0,
             }),
             room: Condvar::new(),
         }
@@ -178,11 +187,12 @@ impl Wire {
     /// the engine to write them (a peer reading slower than this side sends), waits until they
     /// are down to half that, or the connection closed. Returns at once otherwise.
     /// Gives up at `until` (false).
-    pub(crate) fn wait_room(&self, until: Option<Instant>) -> bool {
+    pub(crate) fn wait_room(&self, engine: &Engine, until: Option<Instant>) -> bool {
         let mut s = self.lock();
         if s.pending <= SEND_HIGH {
             return true;
         }
+        self.resume_reading(&mut s, engine);
         s.waiting += 1;
         let mut room = true;
         while s.pending > SEND_LOW && !s.closed {
@@ -215,13 +225,44 @@ impl Wire {
     /// more than `SEND_HIGH` bytes wait to be written, or the connection closed). Otherwise
     /// false, and the notifier given to [`Wire::watch`] is raised once they are down to
     /// `SEND_LOW` (or the connection closed): the loop asks again then.
-    pub(crate) fn room_for_loop(&self) -> bool {
+    pub(crate) fn room_for_loop(&self, engine: &Engine) -> bool {
         let mut s = self.lock();
         if s.pending <= SEND_HIGH || s.closed || s.notifier.is_none() {
             return true;
         }
+        self.resume_reading(&mut s, engine);
         s.loop_waits = true;
         false
+    }
+
+    /// Someone waits for what only reading brings: the engine must read again if it paused.
+    fn resume_reading(&self, s: &mut State, engine: &Engine) {
+        if std::mem::take(&mut s.reading_paused) {
+            engine.send(Command::Recheck { conn: self.conn });
+        }
+    }
+
+    /// Counts a thread waiting for something only reading this connection brings (a member
+    /// joining) while the returned guard lives; reading resumes if it was paused.
+    pub(crate) fn need_reading<'a>(&'a self, engine: &Engine) -> NeedReading<'a> {
+        let mut s = self.lock();
+        s.need_reading += 1;
+        self.resume_reading(&mut s, engine);
+        NeedReading(self)
+    }
+
+    /// For the engine, about to stop reading this connection: true (and paused) unless a
+    /// sender waits for room on it, or a thread for what only reading brings.
+    pub(crate) fn pause_reading(&self) -> bool {
+        let mut s = self.lock();
+        let idle = s.pending <= SEND_HIGH && s.waiting == 0 && !s.loop_waits && s.need_reading == 0;
+        s.reading_paused = idle;
+        idle
+    }
+
+    /// The engine reads this connection again.
+    pub(crate) fn reading_resumed(&self) {
+        self.lock().reading_paused = false;
     }
 
     /// Raises the loop's notifier if it waits and there is room (or the connection closed).
@@ -282,5 +323,15 @@ impl Wire {
         Self::tell_loop(&mut s);
         drop(s);
         self.room.notify_all();
+    }
+}
+
+/// See [`Wire::need_reading`].
+pub(crate) struct NeedReading<'a>(&'a Wire);
+
+impl Drop for NeedReading<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.need_reading = s.need_reading.saturating_sub(1);
     }
 }
