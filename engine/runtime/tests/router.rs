@@ -451,3 +451,60 @@ fn an_evicted_receiver_gets_its_relayed_frame_ended_then_its_goodbye() {
         r.stop();
     }
 }
+
+/// A worker whose callbacks run nothing yet: past its 64 MiB of waiting calls it stops
+/// reading, the Router queues at most about 16 MiB for it and then stops reading the sender,
+/// whose sends wait. Others keep going meanwhile (a newcomer is not held back for joining),
+/// and everything arrives once the worker catches up.
+#[test]
+fn a_worker_behind_holds_its_sender_back_through_the_router() {
+    const CHUNKS: usize = 200;
+    for engine in backends() {
+        let (_r, addr, _) = tcp_router(&engine);
+        let stuck = client(&engine, &addr, "stuck", &["sink"]);
+        let _w = worker(&engine, &addr, "w");
+        let sender = client(&engine, &addr, "sender", &[]);
+        wait_for(&sender, &["stuck", "w"]);
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let flood = {
+            let (sender, sent) = (sender.clone(), sent.clone());
+            std::thread::spawn(move || {
+                let chunk = Bytes::from(vec![7u8; 1 << 20]);
+                for _ in 0..CHUNKS {
+                    // Waits while more than 16 MiB of its own are unsent.
+                    sender
+                        .send(Some("stuck"), "sink", 0, 0, chunk.clone())
+                        .unwrap();
+                    sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            })
+        };
+        // 64 MiB waiting in the worker, 16 MiB in the Router, the kernel's buffers and the
+        // sender's own 16 MiB: well under the 200 MiB.
+        std::thread::sleep(Duration::from_secs(2));
+        let so_far = sent.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            so_far < CHUNKS * 3 / 4,
+            "{}: the sender was not held back ({so_far} sent)",
+            engine.backend()
+        );
+        // Another client joins and calls another worker meanwhile.
+        let newcomer = client(&engine, &addr, "newcomer", &[]);
+        wait_for(&newcomer, &["w"]);
+        let t = Instant::now();
+        assert_eq!(who(&newcomer, Some("w")), "w");
+        assert!(t.elapsed() < Duration::from_secs(2), "the newcomer waited");
+        // The worker catches up: every chunk arrives.
+        let mut got = 0;
+        while got < CHUNKS {
+            match stuck.next_call(Some(Duration::from_secs(20))) {
+                Next::Item(call) => {
+                    assert_eq!(call.payload.as_slice().len(), 1 << 20);
+                    got += 1;
+                }
+                other => panic!("{}: chunk {got} missing: {other:?}", engine.backend()),
+            }
+        }
+        flood.join().unwrap();
+    }
+}
