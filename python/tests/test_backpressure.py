@@ -326,21 +326,46 @@ def rss_mib(pid: int) -> float:
     return int(line.split()[1]) / 1024
 
 
+@contextmanager
+def routed(*workers: tuple[str, ...]) -> Iterator[tuple[int, list[subprocess.Popen]]]:
+    """A Router, then each ``(script, *args)`` of ``workers`` (a worker Client printing
+    ``connected``, run with the Router's port and ``args``), in child processes: yields the
+    port and the processes, the Router first."""
+    procs = [subprocess.Popen([sys.executable, "-c", ROUTER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)]
+    try:
+        port = int(procs[0].stdout.readline())
+        for script, *args in workers:
+            proc = subprocess.Popen([sys.executable, "-c", script, str(port), *args],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            assert proc.stdout.readline().strip() == "connected"
+        yield port, procs
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGCONT)
+            proc.stdin.close()
+            proc.kill()
+            proc.wait(10)
+
+
+@contextmanager
+def connected(port: int, name: str, *members: str) -> Iterator[object]:
+    """A Client named ``name`` connected to the Router on ``port``, once ``members`` are."""
+    client = Client(app_name=name, host="127.0.0.1", port=port)
+    try:
+        conn = client.connect()
+        conn.wait_for_members(*members, timeout=10)
+        yield conn
+    finally:
+        client.stop()
+
+
 def test_a_router_holds_back_a_sender_whose_receiver_is_frozen():
     # The Router queues at most about 16 MiB for a peer that reads nothing; then it stops
     # reading the sender, whose own sends wait in turn. Nothing is lost once the peer reads.
-    router = subprocess.Popen([sys.executable, "-c", ROUTER], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    worker = None
-    client = None
-    try:
-        port = int(router.stdout.readline())
-        worker = subprocess.Popen([sys.executable, "-c", ROUTED_SINK, str(port)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert worker.stdout.readline().strip() == "connected"
-        client = Client(app_name="rsink-sender", host="127.0.0.1", port=port)
-        conn = client.connect()
-        conn.wait_for_members("rsink-worker", timeout=10)
+    with routed((ROUTED_SINK,)) as (port, (router, worker)), \
+            connected(port, "rsink-sender", "rsink-worker") as conn:
         before = rss_mib(router.pid)
         worker.send_signal(signal.SIGSTOP)
         chunks = 200
@@ -360,15 +385,6 @@ def test_a_router_holds_back_a_sender_whose_receiver_is_frozen():
         assert not sending.is_alive()
         summary = conn.rpc(timeout=60, receiver="rsink-worker").rsummary()
         assert tuple(summary) == all_of(chunks)
-    finally:
-        if client is not None:
-            client.stop()
-        for proc in (worker, router):
-            if proc is not None:
-                proc.send_signal(signal.SIGCONT)
-                proc.stdin.close()
-                proc.kill()
-                proc.wait(10)
 
 
 SLOW_ROUTED_WORKER = textwrap.dedent(
@@ -419,33 +435,14 @@ def test_a_slow_worker_behind_a_router_holds_its_senders_back():
     # The worker's callbacks fall behind: it stops reading (its callbacks' own calls still get
     # their answers), the Router then stops reading the sender, whose sends wait. Every
     # process stays bounded; nothing is lost.
-    router = subprocess.Popen([sys.executable, "-c", ROUTER], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    procs = [router]
-    client = None
-    try:
-        port = int(router.stdout.readline())
-        for script in (SLOW_ROUTED_WORKER, PONG_WORKER):
-            proc = subprocess.Popen([sys.executable, "-c", script, str(port)],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            procs.append(proc)
-            assert proc.stdout.readline().strip() == "connected"
-        client = Client(app_name="slow-rsink-sender", host="127.0.0.1", port=port)
-        conn = client.connect()
-        conn.wait_for_members("slow-rsink", "pong-worker", timeout=10)
+    with routed((SLOW_ROUTED_WORKER,), (PONG_WORKER,)) as (port, procs), \
+            connected(port, "slow-rsink-sender", "slow-rsink", "pong-worker") as conn:
         conn.stream_nowait(receiver="slow-rsink", serde=SerdeFormat.OPAQUE).slow_rsink(
             distinct_chunks())
         count, first, last, answers, status = conn.rpc(timeout=60, receiver="slow-rsink") \
             .slow_rsummary()
-        with open(f"/proc/{router.pid}/status") as f:
+        with open(f"/proc/{procs[0].pid}/status") as f:
             router_peak = peak_rss_mib(f.read())
-    finally:
-        if client is not None:
-            client.stop()
-        for proc in procs:
-            proc.stdin.close()
-            proc.kill()
-            proc.wait(10)
     assert (count, first, last) == all_of(CHUNKS)
     assert answers == [-n for n in range(50, CHUNKS + 1, 50)]
     # Without back-pressure the worker would hold most of the 400 MiB at some point.
@@ -570,20 +567,9 @@ def test_workers_flooding_each_other_through_a_router_never_wait_for_ever():
     # Two workers whose callbacks fall behind while each sends to the other: a worker that
     # stopped reading (its callbacks behind) reads again as soon as one of its senders waits
     # for room, else each would wait for the other for ever.
-    router = subprocess.Popen([sys.executable, "-c", ROUTER], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    procs = [router]
-    client = None
-    try:
-        port = int(router.stdout.readline())
-        for me, other in (("ping-w", "pong-w"), ("pong-w", "ping-w")):
-            proc = subprocess.Popen([sys.executable, "-c", PING_PONG_WORKER, str(port), me, other],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            procs.append(proc)
-            assert proc.stdout.readline().strip() == "connected"
-        client = Client(app_name="ping-pong-sender", host="127.0.0.1", port=port)
-        conn = client.connect()
-        conn.wait_for_members("ping-w", "pong-w", timeout=10)
+    workers = ((PING_PONG_WORKER, "ping-w", "pong-w"), (PING_PONG_WORKER, "pong-w", "ping-w"))
+    with routed(*workers) as (port, _), \
+            connected(port, "ping-pong-sender", "ping-w", "pong-w") as conn:
         send = conn.rpc_nowait(receiver="ping-w", serde=SerdeFormat.PICKLE).relay_on
         # ping -> pong -> ping -> pong -> ping; the sends themselves wait while ping is behind.
         sending = threading.Thread(
@@ -596,11 +582,4 @@ def test_workers_flooding_each_other_through_a_router_never_wait_for_ever():
         while relayed < 400 and time.monotonic() < deadline:
             relayed = conn.rpc(timeout=30, receiver="ping-w").relayed()
             time.sleep(0.2)
-    finally:
-        if client is not None:
-            client.stop()
-        for proc in procs:
-            proc.stdin.close()
-            proc.kill()
-            proc.wait(10)
     assert relayed == 400
