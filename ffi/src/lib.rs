@@ -763,6 +763,16 @@ impl Client {
         self.inner.abandon(call_id);
     }
 
+    /// An event loop waits for members (until `unwant_members`): the connection is read even
+    /// while the callbacks are behind.
+    fn want_members(&self) {
+        self.inner.want_members();
+    }
+
+    fn unwant_members(&self) {
+        self.inner.unwant_members();
+    }
+
     /// Waits until every named peer is connected; returns the names still missing on timeout.
     #[pyo3(signature = (names, timeout=None))]
     fn wait_for_members(

@@ -666,14 +666,25 @@ class AsyncConnection(_PeerView):
         limit = _deadline(timeout)
         end = None if limit is None else loop.time() + limit
         me = self._client.app_name
-        while True:
-            present = set(self.members) | {me}
-            missing = [n for n in names if n not in present]
-            if not missing:
-                return
-            if end is not None and loop.time() >= end:
-                raise TimeoutError(f"members not connected after {timeout} s: {', '.join(missing)}")
-            await asyncio.sleep(0.02 if end is None else max(0.0, min(0.02, end - loop.time())))
+        native = self._native
+        wanted = False
+        try:
+            while True:
+                present = set(self.members) | {me}
+                missing = [n for n in names if n not in present]
+                if not missing:
+                    return
+                if end is not None and loop.time() >= end:
+                    raise TimeoutError(
+                        f"members not connected after {timeout} s: {', '.join(missing)}")
+                if not wanted:
+                    # Members are heard of by reading: read even while callbacks are behind.
+                    native.want_members()
+                    wanted = True
+                await asyncio.sleep(0.02 if end is None else max(0.0, min(0.02, end - loop.time())))
+        finally:
+            if wanted:
+                native.unwant_members()
 
     # -- the calls themselves ---------------------------------------------------------------
 

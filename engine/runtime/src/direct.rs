@@ -716,6 +716,8 @@ impl Direct {
         alarm: Option<&sys::Alarm>,
         fresh: bool,
     ) -> Result<bool, Turn> {
+        // Past `until` the wait below would not look at the socket at all.
+        let fresh = fresh && until.is_none_or(|t| Instant::now() < t);
         if !fresh {
             if rest.capacity() - rest.len() < READ_ROOM {
                 rest.reserve(READ_ROOM);

@@ -1074,6 +1074,17 @@ impl Client {
         Ok(to)
     }
 
+    /// For an event loop that waits for members by looking at them now and then: while it does
+    /// (until [`Client::unwant_members`]), this client reads its connection even when its
+    /// callbacks are behind, since members are heard of by reading.
+    pub fn want_members(&self) {
+        self.shared.wire.want_reading(&self.engine);
+    }
+
+    pub fn unwant_members(&self) {
+        self.shared.wire.unwant_reading();
+    }
+
     /// Waits until every named peer is connected; returns the missing ones on timeout.
     pub fn wait_for_members(
         &self,

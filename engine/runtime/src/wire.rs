@@ -245,10 +245,20 @@ impl Wire {
     /// Counts a thread waiting for something only reading this connection brings (a member
     /// joining) while the returned guard lives; reading resumes if it was paused.
     pub(crate) fn need_reading<'a>(&'a self, engine: &Engine) -> NeedReading<'a> {
+        self.want_reading(engine);
+        NeedReading(self)
+    }
+
+    /// [`Wire::need_reading`] without a guard: each call needs its [`Wire::unwant_reading`].
+    pub(crate) fn want_reading(&self, engine: &Engine) {
         let mut s = self.lock();
         s.need_reading += 1;
         self.resume_reading(&mut s, engine);
-        NeedReading(self)
+    }
+
+    pub(crate) fn unwant_reading(&self) {
+        let mut s = self.lock();
+        s.need_reading = s.need_reading.saturating_sub(1);
     }
 
     /// For the engine, about to stop reading this connection: true (and paused) unless a
@@ -331,7 +341,6 @@ pub(crate) struct NeedReading<'a>(&'a Wire);
 
 impl Drop for NeedReading<'_> {
     fn drop(&mut self) {
-        let mut s = self.0.lock();
-        s.need_reading = s.need_reading.saturating_sub(1);
+        self.0.unwant_reading();
     }
 }
