@@ -317,4 +317,23 @@ mod tests {
         assert!(slot.is_filled());
         assert_eq!(slot.wait_blocking(None), Some(Err(CallError::Timeout)));
     }
+
+    #[test]
+    fn a_call_opened_while_paused_asks_for_reading_once() {
+        let t = CallTable::default();
+        assert!(
+            t.pause_if_idle(),
+            "no call waits: the engine may stop reading"
+        );
+        let (a, _slot) = t.open();
+        assert!(t.take_resume(), "opened while paused: read again");
+        assert!(!t.take_resume(), "asked once");
+        assert!(!t.pause_if_idle(), "a call waits for its answer");
+        t.abandon(a);
+        // Reading resumed on its own: a call opened now asks for nothing.
+        assert!(t.pause_if_idle());
+        t.unpause();
+        let (_b, _slot) = t.open();
+        assert!(!t.take_resume());
+    }
 }

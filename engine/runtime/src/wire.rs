@@ -344,3 +344,28 @@ impl Drop for NeedReading<'_> {
         self.0.unwant_reading();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use daffi_driver::Backend;
+
+    #[test]
+    fn reading_pauses_only_while_nobody_needs_it() {
+        let engine = Engine::get(Backend::Poll).unwrap();
+        // Never written to: no descriptor needed.
+        let wire = Wire::new(u64::MAX, -1);
+        assert!(wire.pause_reading(), "idle: the engine may stop reading");
+        {
+            let _members = wire.need_reading(&engine);
+            assert!(!wire.lock().reading_paused, "a member wait resumed reading");
+            assert!(
+                !wire.pause_reading(),
+                "not while someone waits for a member"
+            );
+        }
+        assert!(wire.pause_reading(), "the wait is over");
+        wire.reading_resumed();
+        assert!(!wire.lock().reading_paused);
+    }
+}
