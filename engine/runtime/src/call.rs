@@ -1,7 +1,7 @@
 //! Calls in flight: the slot a caller waits on and the table that finds it again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -161,11 +161,6 @@ impl Slot {
 pub struct CallTable {
     next: AtomicU64,
     pending: Mutex<HashMap<u64, Arc<Slot>>>,
-    /// Set (under `pending`'s lock) when the engine stopped reading the connection, which it
-    /// does only while no call waits for an answer (see [`CallTable::pause_if_idle`]).
-    paused: AtomicBool,
-    /// A call was opened while `paused`: the engine must read again to get its answer.
-    resume: AtomicBool,
 }
 
 impl CallTable {
@@ -189,31 +184,7 @@ impl CallTable {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, slot.clone());
-        if self.paused.swap(false, Ordering::SeqCst) {
-            self.resume.store(true, Ordering::SeqCst);
-        }
         (id, slot)
-    }
-
-    /// For the engine, about to stop reading the connection these calls are answered on: true
-    /// (and paused) when no call waits for an answer, else false. A call opened from now on
-    /// makes [`CallTable::take_resume`] true, so the engine is told to read again.
-    pub(crate) fn pause_if_idle(&self) -> bool {
-        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let idle = p.is_empty();
-        self.paused.store(idle, Ordering::SeqCst);
-        idle
-    }
-
-    /// The engine reads the connection again.
-    pub(crate) fn unpause(&self) {
-        self.paused.store(false, Ordering::SeqCst);
-    }
-
-    /// Whether a call opened while the engine was not reading (once; see
-    /// [`CallTable::pause_if_idle`]).
-    pub(crate) fn take_resume(&self) -> bool {
-        self.resume.swap(false, Ordering::SeqCst)
     }
 
     /// Completes call `id`; an answer for a call nobody waits for any more is dropped.
@@ -316,24 +287,5 @@ mod tests {
         slot.fill(Err(CallError::Timeout));
         assert!(slot.is_filled());
         assert_eq!(slot.wait_blocking(None), Some(Err(CallError::Timeout)));
-    }
-
-    #[test]
-    fn a_call_opened_while_paused_asks_for_reading_once() {
-        let t = CallTable::default();
-        assert!(
-            t.pause_if_idle(),
-            "no call waits: the engine may stop reading"
-        );
-        let (a, _slot) = t.open();
-        assert!(t.take_resume(), "opened while paused: read again");
-        assert!(!t.take_resume(), "asked once");
-        assert!(!t.pause_if_idle(), "a call waits for its answer");
-        t.abandon(a);
-        // Reading resumed on its own: a call opened now asks for nothing.
-        assert!(t.pause_if_idle());
-        t.unpause();
-        let (_b, _slot) = t.open();
-        assert!(!t.take_resume());
     }
 }

@@ -829,11 +829,10 @@ impl Loop {
             // callback may be the one waiting). A wait that starts meanwhile has the engine
             // told (`Recheck`).
             Owner::Client(cl) => {
-                let paused = cl.callee.calls.throttle()
-                    && c.wire.pause_reading()
-                    && cl.calls.pause_if_idle();
+                // In this order: a call opened after the check below finds the wire paused.
+                let paused =
+                    cl.callee.calls.throttle() && c.wire.pause_reading() && cl.calls.is_empty();
                 if !paused {
-                    cl.calls.unpause();
                     c.wire.reading_resumed();
                 }
                 paused
@@ -1580,12 +1579,7 @@ impl Loop {
         if from == to {
             return;
         }
-        // The connection relaying a payload into `to` is only held back by what may go now:
-        // the frames held behind that payload wait for it.
-        let relaying = matches!(
-            self.conns.get(&from).and_then(|c| c.relay.as_ref()),
-            Some(Relay::Stream { to: t, .. }) if *t == to
-        );
+        let relaying = self.relays_into(from, to);
         let Some(d) = self.conns.get_mut(&to) else {
             return;
         };
@@ -1601,30 +1595,35 @@ impl Loop {
     /// Reads again the connections that `id`'s queue held back, once it is down to
     /// `ROUTE_LOW` for them (or `id` is shut or gone: nothing more goes to it).
     fn release_held_back(&mut self, id: u64) {
-        let Some(d) = self.conns.get(&id) else {
+        let Some(d) = self.conns.get_mut(&id) else {
             return;
         };
         if d.held_back.is_empty() {
             return;
         }
-        let gone = d.shut;
-        let (total, sendable) = (d.unsent(false), d.unsent(true));
-        let mut released = Vec::new();
-        let held: Vec<u64> = d.held_back.clone();
-        for from in held {
-            let relaying = matches!(
-                self.conns.get(&from).and_then(|c| c.relay.as_ref()),
-                Some(Relay::Stream { to, .. }) if *to == id
-            );
-            let left = if relaying { sendable } else { total };
-            if gone || left <= ROUTE_LOW {
-                released.push(from);
-            }
-        }
+        let held = std::mem::take(&mut d.held_back);
+        let (gone, total, sendable) = (d.shut, d.unsent(false), d.unsent(true));
+        let (released, kept): (Vec<u64>, Vec<u64>) = held.into_iter().partition(|&from| {
+            let left = if self.relays_into(from, id) {
+                sendable
+            } else {
+                total
+            };
+            gone || left <= ROUTE_LOW
+        });
         if let Some(d) = self.conns.get_mut(&id) {
-            d.held_back.retain(|f| !released.contains(f));
+            d.held_back = kept;
         }
         self.release(&released);
+    }
+
+    /// Whether `from` is relaying a payload into `to`: it is held back only by what may go
+    /// now there, never by the frames waiting behind its own payload.
+    fn relays_into(&self, from: u64, to: u64) -> bool {
+        matches!(
+            self.conns.get(&from).and_then(|c| c.relay.as_ref()),
+            Some(Relay::Stream { to: t, .. }) if *t == to
+        )
     }
 
     fn release(&mut self, released: &[u64]) {

@@ -990,12 +990,9 @@ impl Client {
             self.shared.calls.abandon(call_id);
             return Err(CallError::Disconnected(self.close_reason()));
         }
-        if self.shared.calls.take_resume() {
-            // The engine stopped reading while its callbacks were behind: this answer needs it.
-            self.engine.send(Command::Recheck {
-                conn: self.shared.conn,
-            });
-        }
+        // The engine may have stopped reading while the callbacks were behind: the answer
+        // needs it.
+        self.shared.wire.call_opened(&self.engine);
         let f = frame(
             Kind::Request,
             call_id,
@@ -1050,13 +1047,6 @@ impl Client {
     /// 8 MiB, the connection closed, or `until` passed (then false).
     pub fn wait_room(&self, until: Option<Instant>) -> bool {
         self.shared.wire.wait_room(&self.engine, until)
-    }
-
-    /// Back-pressure for a watched client's event loop, which must not block: true when it
-    /// may send on; false while more than 16 MiB wait to be written, and then the node's
-    /// notifier is raised once they are down to 8 MiB (or the connection closed).
-    pub fn has_room(&self) -> bool {
-        self.shared.wire.room_for_loop(&self.engine)
     }
 
     /// Sends a call that wants no answer; returns the receiver's name once the call is queued
@@ -1414,7 +1404,7 @@ impl Node for Client {
     }
 
     fn room_for(&self, _conn: u64) -> bool {
-        self.has_room()
+        self.shared.wire.room_for_loop(&self.engine)
     }
 
     fn watch(&self, n: Arc<Notifier>) {

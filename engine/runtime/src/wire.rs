@@ -236,10 +236,20 @@ impl Wire {
     }
 
     /// Someone waits for what only reading brings: the engine must read again if it paused.
-    fn resume_reading(&self, s: &mut State, engine: &Engine) {
-        if std::mem::take(&mut s.reading_paused) {
+    /// Returns whether it had.
+    fn resume_reading(&self, s: &mut State, engine: &Engine) -> bool {
+        let paused = std::mem::take(&mut s.reading_paused);
+        if paused {
             engine.send(Command::Recheck { conn: self.conn });
         }
+        paused
+    }
+
+    /// A call was just opened (registered, so the engine's check for calls waiting, which
+    /// follows its [`Wire::pause_reading`], sees it): its answer comes by reading, so the
+    /// engine reads again if it had paused. True when it had.
+    pub(crate) fn call_opened(&self, engine: &Engine) -> bool {
+        self.resume_reading(&mut self.lock(), engine)
     }
 
     /// Counts a thread waiting for something only reading this connection brings (a member
@@ -262,7 +272,9 @@ impl Wire {
     }
 
     /// For the engine, about to stop reading this connection: true (and paused) unless a
-    /// sender waits for room on it, or a thread for what only reading brings.
+    /// sender waits for room on it, or a thread for what only reading brings. The engine then
+    /// checks that no call waits for an answer (see [`Wire::call_opened`]), else calls
+    /// [`Wire::reading_resumed`].
     pub(crate) fn pause_reading(&self) -> bool {
         let mut s = self.lock();
         let idle = s.pending <= SEND_HIGH && s.waiting == 0 && !s.loop_waits && s.need_reading == 0;
@@ -367,5 +379,26 @@ mod tests {
         assert!(wire.pause_reading(), "the wait is over");
         wire.reading_resumed();
         assert!(!wire.lock().reading_paused);
+    }
+
+    #[test]
+    fn a_call_opened_while_paused_asks_for_reading_once() {
+        let engine = Engine::get(Backend::Poll).unwrap();
+        let wire = Wire::new(u64::MAX, -1);
+        let t = crate::call::CallTable::default();
+        assert!(
+            wire.pause_reading() && t.is_empty(),
+            "no call waits: the engine may stop reading"
+        );
+        let (a, _slot) = t.open();
+        assert!(wire.call_opened(&engine), "opened while paused: read again");
+        assert!(!wire.call_opened(&engine), "asked once");
+        assert!(!t.is_empty(), "a call waits for its answer");
+        t.abandon(a);
+        // Reading resumed on its own: a call opened now asks for nothing.
+        assert!(wire.pause_reading() && t.is_empty());
+        wire.reading_resumed();
+        let (_b, _slot) = t.open();
+        assert!(!wire.call_opened(&engine));
     }
 }
