@@ -23,6 +23,7 @@
 
 use std::io;
 use std::os::fd::{OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -60,6 +61,22 @@ pub enum Op {
         skip: usize,
         zero_copy: bool,
     },
+    /// Move up to `len` bytes that arrive on socket `fd` into `pipe`, without copying them to
+    /// user space; completes once some moved (or at end of stream, or on an error). Only where
+    /// [`Driver::splice`] says so, and only into an empty pipe: a full one would wait for
+    /// room, not for the socket. Counts as the descriptor's receive.
+    SpliceIn {
+        fd: RawFd,
+        pipe: Arc<sys::Pipe>,
+        len: usize,
+    },
+    /// Move up to `len` bytes from `pipe` (which holds at least that many) to socket `fd`;
+    /// completes once some moved. Counts as the descriptor's send.
+    SpliceOut {
+        fd: RawFd,
+        pipe: Arc<sys::Pipe>,
+        len: usize,
+    },
 }
 
 /// The result of an operation, with its buffers.
@@ -90,6 +107,11 @@ pub enum Outcome {
     Sent {
         bufs: Vec<Bytes>,
         skip: usize,
+        res: io::Result<usize>,
+    },
+    /// Bytes moved by [`Op::SpliceIn`] (`Ok(0)`: end of stream) or [`Op::SpliceOut`].
+    Spliced {
+        pipe: Arc<sys::Pipe>,
         res: io::Result<usize>,
     },
 }
@@ -141,6 +163,10 @@ pub trait Driver {
     fn recycle(&mut self, _buf: PoolBuf) {}
     /// Whether [`Op::Send`]'s `zero_copy` does anything here.
     fn zero_copy_send(&self) -> bool {
+        false
+    }
+    /// Whether [`Op::SpliceIn`] and [`Op::SpliceOut`] are available (Linux).
+    fn splice(&self) -> bool {
         false
     }
     /// Another thread receives on `fd` for a while (`lent`), or no longer: meanwhile the driver
@@ -243,6 +269,9 @@ impl Driver for AnyDriver {
     }
     fn zero_copy_send(&self) -> bool {
         dispatch!(self, d => d.zero_copy_send())
+    }
+    fn splice(&self) -> bool {
+        dispatch!(self, d => d.splice())
     }
     fn lend(&mut self, fd: RawFd, lent: bool) {
         dispatch!(self, d => d.lend(fd, lent))

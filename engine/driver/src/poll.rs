@@ -25,6 +25,15 @@ struct Parked {
     accept: Option<Token>,
     recv: Option<(Token, RecvBuf, usize)>,
     send: Option<(Token, Vec<Bytes>, usize)>,
+    splice_in: Option<(Token, Arc<sys::Pipe>, usize)>,
+    splice_out: Option<(Token, Arc<sys::Pipe>, usize)>,
+}
+
+/// Which way a splice goes: from the socket into the pipe, or out of the pipe to the socket.
+#[derive(Debug, Clone, Copy)]
+enum Way {
+    In,
+    Out,
 }
 
 /// The mio-based driver.
@@ -161,6 +170,30 @@ impl Driver {
         }
     }
 
+    fn try_splice(&mut self, fd: RawFd, way: Way) {
+        let Some(p) = self.fds.get_mut(&fd) else {
+            return;
+        };
+        let slot = match way {
+            Way::In => &mut p.splice_in,
+            Way::Out => &mut p.splice_out,
+        };
+        let Some((token, pipe, len)) = slot.take() else {
+            return;
+        };
+        let res = match way {
+            Way::In => pipe.fill_from(fd, len),
+            Way::Out => pipe.drain_to(fd, len),
+        };
+        match res {
+            Err(e) if would_block(&e) => *slot = Some((token, pipe, len)),
+            res => self.ready.push_back(Completion {
+                token,
+                outcome: Outcome::Spliced { pipe, res },
+            }),
+        }
+    }
+
     fn fail(&mut self, token: Token, op: Op, e: io::Error) {
         let outcome = match op {
             Op::Accept { .. } => Outcome::Accepted {
@@ -178,6 +211,9 @@ impl Driver {
                 skip,
                 res: Err(e),
             },
+            Op::SpliceIn { pipe, .. } | Op::SpliceOut { pipe, .. } => {
+                Outcome::Spliced { pipe, res: Err(e) }
+            }
         };
         self.ready.push_back(Completion { token, outcome });
     }
@@ -186,7 +222,11 @@ impl Driver {
 impl crate::Driver for Driver {
     fn submit(&mut self, token: Token, op: Op) {
         let fd = match &op {
-            Op::Accept { fd } | Op::Recv { fd, .. } | Op::Send { fd, .. } => *fd,
+            Op::Accept { fd }
+            | Op::Recv { fd, .. }
+            | Op::Send { fd, .. }
+            | Op::SpliceIn { fd, .. }
+            | Op::SpliceOut { fd, .. } => *fd,
             Op::RecvPooled { .. } => {
                 let e = io::Error::new(io::ErrorKind::Unsupported, "no pooled receives on poll");
                 return self.fail(token, op, e);
@@ -213,6 +253,22 @@ impl crate::Driver for Driver {
                 p.send = Some((token, bufs, skip));
                 self.try_send(fd);
             }
+            Op::SpliceIn { pipe, len, .. } => {
+                debug_assert!(
+                    p.recv.is_none() && p.splice_in.is_none(),
+                    "two receives on one descriptor"
+                );
+                p.splice_in = Some((token, pipe, len));
+                self.try_splice(fd, Way::In);
+            }
+            Op::SpliceOut { pipe, len, .. } => {
+                debug_assert!(
+                    p.send.is_none() && p.splice_out.is_none(),
+                    "two sends on one descriptor"
+                );
+                p.splice_out = Some((token, pipe, len));
+                self.try_splice(fd, Way::Out);
+            }
         }
     }
 
@@ -235,13 +291,24 @@ impl crate::Driver for Driver {
         let Some(p) = self.fds.get_mut(&fd) else {
             return;
         };
+        let cancelled = || Err(io::Error::from_raw_os_error(libc::ECANCELED));
         if p.recv.as_ref().is_some_and(|(t, _, _)| *t == token) {
             let (token, buf, _) = p.recv.take().expect("checked above");
             self.ready.push_back(Completion {
                 token,
                 outcome: Outcome::Recv {
                     buf,
-                    res: Err(io::Error::from_raw_os_error(libc::ECANCELED)),
+                    res: cancelled(),
+                },
+            });
+        }
+        if p.splice_in.as_ref().is_some_and(|(t, _, _)| *t == token) {
+            let (token, pipe, _) = p.splice_in.take().expect("checked above");
+            self.ready.push_back(Completion {
+                token,
+                outcome: Outcome::Spliced {
+                    pipe,
+                    res: cancelled(),
                 },
             });
         }
@@ -255,7 +322,7 @@ impl crate::Driver for Driver {
             return;
         }
         debug_assert!(
-            p.recv.is_none(),
+            p.recv.is_none() && p.splice_in.is_none(),
             "lending a descriptor with a receive parked"
         );
         let interest = if lent {
@@ -277,7 +344,10 @@ impl crate::Driver for Driver {
         let raw = fd.as_raw_fd();
         if let Some(p) = self.fds.remove(&raw) {
             debug_assert!(
-                p.recv.is_none() && p.send.is_none(),
+                p.recv.is_none()
+                    && p.send.is_none()
+                    && p.splice_in.is_none()
+                    && p.splice_out.is_none(),
                 "closing a descriptor with operations"
             );
             if p.registered {
@@ -315,13 +385,19 @@ impl crate::Driver for Driver {
             if readable {
                 self.try_accept(fd);
                 self.try_recv(fd);
+                self.try_splice(fd, Way::In);
             }
             if writable {
                 self.try_send(fd);
+                self.try_splice(fd, Way::Out);
             }
         }
         out.extend(self.ready.drain(..));
         Ok(())
+    }
+
+    fn splice(&self) -> bool {
+        cfg!(target_os = "linux")
     }
 
     fn waker(&self) -> Arc<dyn Wake> {

@@ -404,3 +404,105 @@ pub fn kernel_version() -> Option<(u32, u32)> {
         .filter(|p| !p.is_empty());
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
+
+/// A kernel pipe through which a Router passes a payload from one socket to another without it
+/// entering user space (`splice(2)`): the pages the sender's kernel filled are handed on by
+/// reference. Both ends are non-blocking. Linux only: elsewhere [`Pipe::new`] fails.
+#[derive(Debug)]
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+}
+
+impl Pipe {
+    /// A pipe that holds up to `size` bytes, or its default size where the system's limits
+    /// (`/proc/sys/fs/pipe-max-size`, the per-user pipe budget) refuse more.
+    #[cfg(not(target_os = "linux"))]
+    pub fn new(_size: usize) -> io::Result<Pipe> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "splice is Linux only",
+        ))
+    }
+
+    /// A pipe that holds up to `size` bytes, or its default size where the system's limits
+    /// (`/proc/sys/fs/pipe-max-size`, the per-user pipe budget) refuse more.
+    #[cfg(target_os = "linux")]
+    pub fn new(size: usize) -> io::Result<Pipe> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two descriptors into the two-element array it is given.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors are fresh and owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+        // SAFETY: F_SETPIPE_SZ and F_GETPIPE_SZ take an int (or nothing) and touch no memory.
+        let capacity = unsafe {
+            match libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size) {
+                n if n > 0 => n,
+                _ => libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ),
+            }
+        };
+        if capacity <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Pipe {
+            read,
+            write,
+            capacity: capacity as usize,
+        })
+    }
+
+    /// The most bytes the pipe holds (fewer when the bytes come in many small pieces).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Moves up to `len` bytes that arrived on socket `fd` into the pipe: `Ok(0)` is the end of
+    /// the stream, `WouldBlock` that nothing arrived (or the pipe is full).
+    pub fn fill_from(&self, fd: RawFd, len: usize) -> io::Result<usize> {
+        splice(fd, self.write.as_raw_fd(), len)
+    }
+
+    /// Moves up to `len` bytes from the pipe to socket `fd`: `WouldBlock` when the socket has
+    /// no room (or the pipe is empty).
+    pub fn drain_to(&self, fd: RawFd, len: usize) -> io::Result<usize> {
+        splice(self.read.as_raw_fd(), fd, len)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn splice(_from: RawFd, _to: RawFd, _len: usize) -> io::Result<usize> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "splice is Linux only",
+    ))
+}
+
+#[cfg(target_os = "linux")]
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    loop {
+        // SAFETY: splice between two descriptors without offsets (both are a socket or a pipe)
+        // touches no user memory.
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}

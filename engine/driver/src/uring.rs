@@ -52,10 +52,27 @@ enum InFlight {
         _iov: Vec<libc::iovec>,
         _msg: Box<libc::msghdr>,
     },
+    /// A splice that would have blocked, waiting for its socket to be ready (`POLL_ADD`): it
+    /// is tried again then, on this thread. io_uring's own `SPLICE` would block a kernel worker
+    /// thread instead.
+    Splice {
+        token: Token,
+        way: Way,
+        fd: RawFd,
+        pipe: Arc<crate::sys::Pipe>,
+        len: usize,
+    },
     Wake {
         _buf: Box<u64>,
     },
     Cancel,
+}
+
+/// Which way a splice goes: from the socket into the pipe, or out of the pipe to the socket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Way {
+    In,
+    Out,
 }
 
 /// `IORING_ENTER_GETEVENTS`: the enter reaps completions (and runs deferred task work).
@@ -206,6 +223,7 @@ impl Driver {
             (opcode::SendMsg::CODE, "sendmsg"),
             (opcode::Read::CODE, "read"),
             (opcode::AsyncCancel::CODE, "async cancel"),
+            (opcode::PollAdd::CODE, "poll add"),
         ] {
             if !probe.is_supported(code) {
                 return Err(io::Error::new(
@@ -307,6 +325,48 @@ impl Driver {
             .user_data(key as u64);
         self.push(sqe);
         self.wake_armed = true;
+    }
+
+    /// Tries a splice now; if the socket is not ready, waits for it with a `POLL_ADD`.
+    fn try_splice(
+        &mut self,
+        token: Token,
+        way: Way,
+        fd: RawFd,
+        pipe: Arc<crate::sys::Pipe>,
+        len: usize,
+        out: &mut Vec<Completion>,
+    ) {
+        let res = match way {
+            Way::In => pipe.fill_from(fd, len),
+            Way::Out => pipe.drain_to(fd, len),
+        };
+        match res {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mask = match way {
+                    Way::In => libc::POLLIN,
+                    Way::Out => libc::POLLOUT,
+                };
+                let key = self.ops.insert(InFlight::Splice {
+                    token,
+                    way,
+                    fd,
+                    pipe,
+                    len,
+                });
+                if way == Way::In {
+                    self.recvs.insert(token, key);
+                }
+                let sqe = opcode::PollAdd::new(types::Fd(fd), mask as u32)
+                    .build()
+                    .user_data(key as u64);
+                self.push(sqe);
+            }
+            res => out.push(Completion {
+                token,
+                outcome: Outcome::Spliced { pipe, res },
+            }),
+        }
     }
 
     fn complete(&mut self, key: usize, res: i32, flags: u32, out: &mut Vec<Completion>) {
@@ -421,6 +481,33 @@ impl Driver {
                     outcome: Outcome::Sent { bufs, skip, res },
                 });
             }
+            InFlight::Splice { .. } => {
+                let InFlight::Splice {
+                    token,
+                    way,
+                    fd,
+                    pipe,
+                    len,
+                } = self.ops.remove(key)
+                else {
+                    unreachable!()
+                };
+                if way == Way::In {
+                    self.recvs.remove(&token);
+                }
+                if res < 0 {
+                    // Cancelled (`cancel_recv`) or a bad descriptor.
+                    out.push(Completion {
+                        token,
+                        outcome: Outcome::Spliced {
+                            pipe,
+                            res: Err(err()),
+                        },
+                    });
+                } else {
+                    self.try_splice(token, way, fd, pipe, len, out);
+                }
+            }
             InFlight::Wake { .. } => {
                 self.ops.remove(key);
                 self.wake_armed = false;
@@ -510,6 +597,16 @@ impl crate::Driver for Driver {
                 };
                 self.push(sqe.user_data(key as u64));
             }
+            Op::SpliceIn { fd, pipe, len } => {
+                let mut done = Vec::new();
+                self.try_splice(token, Way::In, fd, pipe, len, &mut done);
+                self.backlog.append(&mut done);
+            }
+            Op::SpliceOut { fd, pipe, len } => {
+                let mut done = Vec::new();
+                self.try_splice(token, Way::Out, fd, pipe, len, &mut done);
+                self.backlog.append(&mut done);
+            }
         }
     }
 
@@ -529,6 +626,10 @@ impl crate::Driver for Driver {
 
     fn zero_copy_send(&self) -> bool {
         self.zero_copy
+    }
+
+    fn splice(&self) -> bool {
+        true
     }
 
     fn cancel_recv(&mut self, token: Token, _fd: RawFd) {

@@ -443,3 +443,125 @@ fn pooled_receives_deliver_everything_in_order() {
         assert_eq!(tail, b"tail");
     }
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn splice_passes_a_stream_through_a_pipe_in_order() {
+    const TOTAL: usize = 12 << 20;
+    for mut d in drivers() {
+        assert!(
+            d.splice(),
+            "{}: splice should be available on Linux",
+            d.name()
+        );
+        let mut pending = Vec::new();
+        let (l1, from, mut writer) = pair(&mut d, &mut pending);
+        let (l2, to, mut reader) = pair(&mut d, &mut pending);
+        let pipe = Arc::new(sys::Pipe::new(1 << 20).unwrap());
+        let expected: Vec<u8> = (0..TOTAL).map(|i| (i * 7 % 251) as u8).collect();
+        let sent = expected.clone();
+        let w = std::thread::spawn(move || {
+            // Late and in bursts: the first splice in waits for the socket to be readable.
+            std::thread::sleep(Duration::from_millis(50));
+            for part in sent.chunks(300_000) {
+                writer.write_all(part).unwrap();
+            }
+        });
+        let r = std::thread::spawn(move || {
+            // Slow to start: splices out fill the socket and wait for it to be writable.
+            std::thread::sleep(Duration::from_millis(100));
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).unwrap();
+            got
+        });
+        let mut moved = 0;
+        while moved < TOTAL {
+            d.submit(
+                7,
+                Op::SpliceIn {
+                    fd: from.as_raw_fd(),
+                    pipe: pipe.clone(),
+                    len: pipe.capacity(),
+                },
+            );
+            let Outcome::Spliced { res, .. } = wait_for(&mut d, &mut pending, 7).outcome else {
+                panic!("not a splice")
+            };
+            let mut n = res.unwrap();
+            assert!(n > 0, "{}: end of stream after {moved} bytes", d.name());
+            moved += n;
+            while n > 0 {
+                d.submit(
+                    8,
+                    Op::SpliceOut {
+                        fd: to.as_raw_fd(),
+                        pipe: pipe.clone(),
+                        len: n,
+                    },
+                );
+                let Outcome::Spliced { res, .. } = wait_for(&mut d, &mut pending, 8).outcome else {
+                    panic!("not a splice")
+                };
+                let m = res.unwrap();
+                assert!(m > 0 && m <= n, "{}: spliced out {m} of {n}", d.name());
+                n -= m;
+            }
+        }
+        w.join().unwrap();
+        // End of stream from the writer reaches the splice in as 0.
+        d.submit(
+            7,
+            Op::SpliceIn {
+                fd: from.as_raw_fd(),
+                pipe: pipe.clone(),
+                len: pipe.capacity(),
+            },
+        );
+        let Outcome::Spliced { res, .. } = wait_for(&mut d, &mut pending, 7).outcome else {
+            panic!("not a splice")
+        };
+        assert_eq!(res.unwrap(), 0, "{}: end of stream", d.name());
+        sys::shutdown(to.as_raw_fd());
+        assert!(
+            r.join().unwrap() == expected,
+            "{}: spliced bytes differ",
+            d.name()
+        );
+        for fd in [from, to, l1, l2] {
+            d.close(fd);
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_waiting_splice_in_can_be_cancelled() {
+    for mut d in drivers() {
+        let mut pending = Vec::new();
+        let (listener, server, _client) = pair(&mut d, &mut pending);
+        let pipe = Arc::new(sys::Pipe::new(1 << 16).unwrap());
+        d.submit(
+            9,
+            Op::SpliceIn {
+                fd: server.as_raw_fd(),
+                pipe,
+                len: 1 << 16,
+            },
+        );
+        d.wait(&mut pending, Some(Duration::from_millis(20)))
+            .unwrap();
+        assert!(
+            pending.iter().all(|c| c.token != 9),
+            "{}: a splice in with nothing to read completed",
+            d.name()
+        );
+        d.cancel_recv(9, server.as_raw_fd());
+        let Outcome::Spliced { res, .. } = wait_for(&mut d, &mut pending, 9).outcome else {
+            panic!("not a splice")
+        };
+        let e = res.unwrap_err();
+        assert!(daffi_driver::cancelled(&e), "{}: {e}", d.name());
+        d.close(server);
+        d.close(listener);
+    }
+}
