@@ -20,6 +20,8 @@ step "Rust tests"
 cargo test -q
 step "Rust tests, driver without the io-uring feature"
 cargo test -q -p daffi-driver --no-default-features
+step "Rust Router tests, large payloads relayed through memory (no splice)"
+DAFFI_SPLICE=0 cargo test -q -p daffi-runtime --test router
 
 uring_ok=$(.venv/bin/python -c 'import daffi._native as n
 try:

@@ -62,9 +62,10 @@ pub enum Op {
         zero_copy: bool,
     },
     /// Move up to `len` bytes that arrive on socket `fd` into `pipe`, without copying them to
-    /// user space; completes once some moved (or at end of stream, or on an error). Only where
-    /// [`Driver::splice`] says so, and only into an empty pipe: a full one would wait for
-    /// room, not for the socket. Counts as the descriptor's receive.
+    /// user space; completes once some moved (or at end of stream, or on an error). When bytes
+    /// wait but the pipe has no room for them, it completes at once with `StorageFull`
+    /// (`ENOSPC`): submit it again once the pipe was drained. Only where [`Driver::splice`]
+    /// says so. Counts as the descriptor's receive.
     SpliceIn {
         fd: RawFd,
         pipe: Arc<sys::Pipe>,
@@ -120,6 +121,11 @@ pub enum Outcome {
 /// ([`Driver::cancel_recv`]) or the pool ran dry for a moment.
 pub fn pooled_restart(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ECANCELED | libc::ENOBUFS))
+}
+
+/// Whether an [`Op::SpliceIn`] ended with `e` because its pipe had no room.
+pub fn pipe_full(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOSPC)
 }
 
 /// Whether an operation ended with `e` because it was cancelled.

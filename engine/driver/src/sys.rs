@@ -462,9 +462,15 @@ impl Pipe {
     }
 
     /// Moves up to `len` bytes that arrived on socket `fd` into the pipe: `Ok(0)` is the end of
-    /// the stream, `WouldBlock` that nothing arrived (or the pipe is full).
+    /// the stream, `WouldBlock` that nothing arrived, `StorageFull` (`ENOSPC`) that the pipe
+    /// has no room for the bytes waiting.
     pub fn fill_from(&self, fd: RawFd, len: usize) -> io::Result<usize> {
-        splice(fd, self.write.as_raw_fd(), len)
+        match splice(fd, self.write.as_raw_fd(), len) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && unread(fd) > 0 => {
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            }
+            r => r,
+        }
     }
 
     /// Moves up to `len` bytes from the pipe to socket `fd`: `WouldBlock` when the socket has
@@ -472,6 +478,14 @@ impl Pipe {
     pub fn drain_to(&self, fd: RawFd, len: usize) -> io::Result<usize> {
         splice(self.read.as_raw_fd(), fd, len)
     }
+}
+
+/// Bytes waiting to be read on socket `fd` (0 when unknown).
+fn unread(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int into the live local it is given.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+    if r < 0 { 0 } else { n.max(0) as usize }
 }
 
 #[cfg(not(target_os = "linux"))]

@@ -119,7 +119,7 @@ pub struct Connection {
     local: Local,
     peer: Option<Peer>,
     reader: FrameReader,
-    out: VecDeque<Bytes>,
+    out: VecDeque<Out>,
     events: VecDeque<Event>,
     /// Requests carry `peer \0 function` in their meta (see [`Event::Request`]).
     routed: bool,
@@ -138,6 +138,23 @@ const BUF_WEIGHT: usize = 64;
 
 fn weight(b: &Bytes) -> usize {
     b.len() + BUF_WEIGHT
+}
+
+/// What is queued to be sent: bytes, or a stretch of a streamed payload that the runtime moves
+/// from elsewhere (see [`Connection::stream_spliced`]).
+#[derive(Debug)]
+enum Out {
+    Bytes(Bytes),
+    Spliced(u64),
+}
+
+impl Out {
+    fn weight(&self) -> usize {
+        match self {
+            Out::Bytes(b) => weight(b),
+            Out::Spliced(n) => usize::try_from(*n).unwrap_or(usize::MAX) + BUF_WEIGHT,
+        }
+    }
 }
 
 impl Connection {
@@ -207,7 +224,7 @@ impl Connection {
 
     fn push_out(&mut self, b: Bytes) {
         self.out_weight += weight(&b);
-        self.out.push_back(b);
+        self.out.push_back(Out::Bytes(b));
     }
 
     /// A frame never interrupts one that is being streamed out: it waits for its end.
@@ -558,10 +575,12 @@ impl Connection {
         );
         // `push` wrote a header for an empty payload: patch in the real length (the weight
         // stays the same).
-        let head = self.out.pop_back().expect("just pushed");
+        let Some(Out::Bytes(head)) = self.out.pop_back() else {
+            unreachable!("the header was just pushed")
+        };
         let mut head = head.to_vec();
         head[24..32].copy_from_slice(&len.to_le_bytes());
-        self.out.push_back(Bytes::from(head));
+        self.out.push_back(Out::Bytes(Bytes::from(head)));
         self.streaming = Some(len);
     }
 
@@ -579,6 +598,23 @@ impl Connection {
         *left -= data.len() as u64;
         if !data.is_empty() {
             self.push_out(data);
+        }
+    }
+
+    /// The next `n` bytes of the payload being streamed out do not pass through here: the
+    /// runtime moves them to the socket itself (a Router splicing them from the sender's
+    /// socket) when [`Connection::take_spliced`] says their turn came. Extra bytes are not
+    /// counted.
+    pub fn stream_spliced(&mut self, n: u64) {
+        let Some(left) = self.streaming.as_mut() else {
+            return;
+        };
+        let n = n.min(*left);
+        *left -= n;
+        if n > 0 {
+            let item = Out::Spliced(n);
+            self.out_weight += item.weight();
+            self.out.push_back(item);
         }
     }
 
@@ -606,18 +642,43 @@ impl Connection {
             Some(_) => self.streaming = None,
         }
         self.push_out(Bytes::from(vec![status]));
-        self.out.append(&mut self.held);
+        self.out.extend(self.held.drain(..).map(Out::Bytes));
         self.out_weight += std::mem::take(&mut self.held_weight);
     }
 
-    /// Moves up to `max` queued buffers to `out`, in order. Returns how many were moved.
+    /// Moves up to `max` queued buffers to `out`, in order, stopping at bytes the runtime
+    /// sends itself (see [`Connection::take_spliced`]). Returns how many were moved.
     pub fn poll_transmit(&mut self, out: &mut Vec<Bytes>, max: usize) -> usize {
-        let n = self.out.len().min(max);
-        for b in self.out.drain(..n) {
-            self.out_weight -= weight(&b);
-            out.push(b);
+        let mut n = 0;
+        while n < max {
+            match self.out.pop_front() {
+                Some(Out::Bytes(b)) => {
+                    self.out_weight -= weight(&b);
+                    out.push(b);
+                    n += 1;
+                }
+                Some(other) => {
+                    self.out.push_front(other);
+                    break;
+                }
+                None => break,
+            }
         }
         n
+    }
+
+    /// When the next bytes to send are ones the runtime moves itself ([`Connection::stream_spliced`]):
+    /// how many. They count as sent from here on.
+    pub fn take_spliced(&mut self) -> Option<u64> {
+        match self.out.front() {
+            Some(Out::Spliced(n)) => {
+                let n = *n;
+                let item = self.out.pop_front().expect("just looked");
+                self.out_weight -= item.weight();
+                Some(n)
+            }
+            _ => None,
+        }
     }
 
     pub fn has_transmit(&self) -> bool {
@@ -809,6 +870,46 @@ mod tests {
             Event::Aborted { kind: Kind::Response, call_id: 10, payload: Payload::Inline(p) }
                 if p.len() == 4000 && p[..1000].iter().all(|b| *b == 1) && p[1000..].iter().all(|b| *b == 0)
         ));
+    }
+
+    #[test]
+    fn spliced_stretches_keep_their_place_in_the_stream() {
+        let mut client = Connection::new(Role::Client, local("cli", &[], 1 << 20));
+        let mut server = Connection::new(Role::Server, local("svc", &["f"], 1 << 20));
+        pump(&mut client, &mut server, 64);
+        pump(&mut server, &mut client, 64);
+        events(&mut client);
+        server.begin_stream(Kind::Response, 9, 0, 0, "", 10);
+        server.stream_data(Bytes::from_static(b"ab"));
+        server.stream_spliced(5);
+        server.send_error(8, error_code::REMOTE, Bytes::from_static(b"held"));
+        server.stream_data(Bytes::from_static(b"hij"));
+        // Only what the frame still lacks counts.
+        server.stream_spliced(7);
+        server.end_stream();
+        let before = server.queued(true);
+        // The runtime sends the bytes queued before the stretch, then the stretch itself
+        // (here: "cdefg" from elsewhere), then the rest.
+        let mut wire = Vec::new();
+        let mut bufs = Vec::new();
+        while server.poll_transmit(&mut bufs, 16) > 0 {}
+        assert_eq!(server.take_spliced(), Some(5));
+        assert!(server.queued(true) < before - 5);
+        wire.extend(bufs.drain(..).flat_map(|b| b.to_vec()));
+        wire.extend_from_slice(b"cdefg");
+        while server.poll_transmit(&mut bufs, 16) > 0 {}
+        assert_eq!(server.take_spliced(), None);
+        assert!(!server.has_transmit());
+        wire.extend(bufs.drain(..).flat_map(|b| b.to_vec()));
+        let mut t = client.recv_target();
+        t.buf.extend_from_slice(&wire);
+        client.recv_done(t.buf).unwrap();
+        let ev = events(&mut client);
+        assert!(
+            matches!(&ev[0], Event::Response { call_id: 9, payload: Payload::Inline(p), .. } if p == b"abcdefghij"),
+            "{ev:?}"
+        );
+        assert!(matches!(&ev[1], Event::Error { call_id: 8, .. }), "{ev:?}");
     }
 
     #[test]

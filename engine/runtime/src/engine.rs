@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_queue::SegQueue;
+use daffi_driver::sys::Pipe;
 use daffi_driver::{
     AnyDriver, Backend, Body, Completion, Driver, Op, Outcome, PoolBuf, RecvBuf, Wake, sys,
 };
@@ -285,6 +286,23 @@ fn token(id: u64, op: u64) -> u64 {
 
 /// A Router passes a large payload on in pieces of this size, as they arrive.
 const RELAY_CHUNK: usize = 1 << 20;
+/// A Router relays payloads of at least this many bytes with `splice(2)` where the driver can
+/// (Linux): from the sender's socket into a pipe of the receiver's connection (of
+/// `RELAY_CHUNK` bytes), then from the pipe to the receiver's socket, without the bytes
+/// entering user space. `DAFFI_SPLICE=0` turns it off.
+const SPLICE_MIN: u64 = 256 * 1024;
+
+/// Whether a Router splices large payloads (see `SPLICE_MIN`).
+fn splice_wanted(driver: &AnyDriver) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    driver.splice()
+        && *ON.get_or_init(|| {
+            !matches!(
+                std::env::var("DAFFI_SPLICE").as_deref(),
+                Ok("0" | "never" | "off")
+            )
+        })
+}
 /// A Router stops reading a connection whose frames go to a peer with more than this queued
 /// for it (not yet written to its socket: it reads slower than they come), until that queue is
 /// down to `ROUTE_LOW`. A Router's memory stays bounded by about this much per peer.
@@ -417,6 +435,16 @@ struct Conn {
     held_back: Vec<u64>,
     /// On a Router: how many peers' queues keep this connection from being read.
     waits_for: usize,
+    /// On a Router: the pipe through which large payloads relayed to this connection pass
+    /// (see `Relay::Stream`), made for the first one.
+    pipe: Option<Arc<Pipe>>,
+    /// Bytes in that pipe not written to the socket yet.
+    piped: usize,
+    /// The pipe had no room for what a sender's socket held (many small pieces fill it before
+    /// its byte capacity): nothing more goes in until some came out.
+    pipe_full: bool,
+    /// Bytes of the spliced stretch being written (see `Connection::take_spliced`).
+    splicing_out: usize,
 }
 
 /// Who would receive on a connection in the engine's place (see [`Conn::lend_wanted`]).
@@ -485,6 +513,28 @@ impl Conn {
         self.proto.queued(sendable) + self.in_flight
     }
 
+    /// This connection's pipe for spliced relays, made the first time (`None`: the system
+    /// refused one; the payload then goes through memory).
+    fn pipe(&mut self) -> Option<Arc<Pipe>> {
+        if self.pipe.is_none() {
+            match Pipe::new(RELAY_CHUNK) {
+                Ok(p) => self.pipe = Some(Arc::new(p)),
+                Err(e) => tracing::debug!("no pipe to splice through ({e}): relaying in memory"),
+            }
+        }
+        self.pipe.clone()
+    }
+
+    /// Where the large payload arriving on this connection goes through a pipe: its receiver.
+    fn splices_to(&self) -> Option<u64> {
+        match self.relay {
+            Some(Relay::Stream {
+                to, splice: true, ..
+            }) if self.proto.body_wanted().is_some() => Some(to),
+            _ => None,
+        }
+    }
+
     /// The send of `bufs` less its first `skip` bytes; zero-copy when large enough on a
     /// connection that sends so.
     fn send_op(&self, bufs: Vec<Bytes>, skip: usize) -> Op {
@@ -503,7 +553,12 @@ impl Conn {
 enum Relay {
     /// Passed on to connection `to`, piece by piece, in a streamed frame (`begin_stream`).
     /// `request`: the call id it has there, when it is a request that wants an answer.
-    Stream { to: u64, request: Option<u64> },
+    /// `splice`: the pieces go through `to`'s pipe (see `SPLICE_MIN`), else through memory.
+    Stream {
+        to: u64,
+        request: Option<u64>,
+        splice: bool,
+    },
     /// Received whole, then queued to `to`, because `to` was already streaming a payload.
     Whole {
         to: u64,
@@ -749,6 +804,10 @@ impl Loop {
             in_flight: 0,
             held_back: Vec::new(),
             waits_for: 0,
+            pipe: None,
+            piped: 0,
+            pipe_full: false,
+            splicing_out: 0,
         };
         self.conns.insert(id, c);
         if let Some(c) = self.conns.get_mut(&id) {
@@ -838,7 +897,9 @@ impl Loop {
                 paused
             }
         };
-        let large = c.proto.body_wanted().is_some_and(|w| w >= TARGETED_RECV);
+        let splices_to = c.splices_to();
+        let large =
+            c.proto.body_wanted().is_some_and(|w| w >= TARGETED_RECV) || splices_to.is_some();
         if c.pooled {
             // Small frames keep arriving through the pool; a large payload is worth a targeted
             // receive once the pooled one has ended, and a throttled connection none.
@@ -850,6 +911,21 @@ impl Loop {
         }
         if c.recv_busy || c.shut || c.throttled {
             return;
+        }
+        if let Some(to) = splices_to {
+            return self.splice_in(id, to);
+        }
+        if c.body.is_none() && c.relay.is_some() {
+            // A relay that stopped splicing (its receiver left) goes on through memory.
+            if let Some(want) = c.proto.body_wanted() {
+                let size = want.min(RELAY_CHUNK as u64) as usize;
+                match alloc_heap(size) {
+                    Some(b) => c.body = Some(b),
+                    None => {
+                        return self.protocol_error(id, format!("cannot allocate {size} bytes"));
+                    }
+                }
+            }
         }
         if !large && self.driver.pooled_recv() {
             c.recv_busy = true;
@@ -924,6 +1000,26 @@ impl Loop {
             bufs.extend(frame);
         }
         c.proto.poll_transmit(&mut bufs, 64);
+        if bufs.is_empty() {
+            // The next bytes are a stretch of a payload spliced into this connection's pipe.
+            let Some(n) = c.proto.take_spliced() else {
+                return;
+            };
+            let Some(pipe) = c.pipe.clone() else {
+                return self.close(id, "spliced bytes without a pipe".into(), false);
+            };
+            c.splicing_out = n as usize;
+            c.send_busy = true;
+            c.in_flight = n as usize;
+            let fd = c.fd.as_raw_fd();
+            let op = Op::SpliceOut {
+                fd,
+                pipe,
+                len: n as usize,
+            };
+            self.driver.submit(token(id, SEND), op);
+            return;
+        }
         c.send_busy = true;
         c.in_flight = sys::total_len(&bufs) - skip;
         self.driver.submit(token(id, SEND), c.send_op(bufs, skip));
@@ -936,6 +1032,159 @@ impl Loop {
             Outcome::Recv { buf, res } => self.received(id, buf, res),
             Outcome::Pooled { buf, res, more } => self.received_pooled(id, buf, res, more),
             Outcome::Sent { bufs, skip, res } => self.sent(id, bufs, skip, res),
+            Outcome::Spliced { res, .. } if c.token & 3 == RECV => self.spliced_in(id, res),
+            Outcome::Spliced { res, .. } => self.spliced_out(id, res),
+        }
+    }
+
+    /// Connection `id`'s relayed payload goes on through `to`'s pipe: moves the next piece
+    /// into it while it has room (`spliced_out` calls again when it has more).
+    fn splice_in(&mut self, id: u64, to: u64) {
+        let (pipe, room) = match self.conns.get(&to) {
+            Some(d) if d.pipe_full && d.piped > 0 => return,
+            Some(d) => match &d.pipe {
+                Some(p) => (p.clone(), p.capacity().saturating_sub(d.piped)),
+                None => return,
+            },
+            None => return,
+        };
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let Some(want) = c.proto.body_wanted() else {
+            return;
+        };
+        // In pieces of at least half the pipe (or what is left): fewer, larger splices, while
+        // the other half is being written out.
+        let (pipe_half, want) = (pipe.capacity() as u64 / 2, want);
+        if (room as u64) < want.min(pipe_half.max(1)) {
+            return;
+        }
+        let len = want.min(room as u64) as usize;
+        c.recv_busy = true;
+        let fd = c.fd.as_raw_fd();
+        self.driver
+            .submit(token(id, RECV), Op::SpliceIn { fd, pipe, len });
+    }
+
+    /// `n` more bytes of connection `id`'s relayed payload are in its receiver's pipe.
+    fn spliced_in(&mut self, id: u64, res: io::Result<usize>) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        c.recv_busy = false;
+        c.cancelling = false;
+        let n = match res {
+            Ok(0) => {
+                self.peer_closed(id);
+                return self.maybe_finish(id);
+            }
+            Ok(n) => n,
+            Err(e) if daffi_driver::cancelled(&e) && !c.shut => {
+                self.start_recv(id);
+                return self.maybe_finish(id);
+            }
+            Err(e) if daffi_driver::pipe_full(&e) && !c.shut => {
+                // The pipe is full: go on once some of it was written out (at once if it has
+                // been meanwhile).
+                if let Some(d) = c.splices_to().and_then(|to| self.conns.get_mut(&to)) {
+                    d.pipe_full = true;
+                }
+                self.start_recv(id);
+                return self.maybe_finish(id);
+            }
+            Err(e) => {
+                self.close(id, e.to_string(), false);
+                return self.maybe_finish(id);
+            }
+        };
+        c.relay_progress = Instant::now();
+        let to = match c.relay {
+            Some(Relay::Stream { to, .. }) => Some(to),
+            _ => None,
+        };
+        // The bytes are in `to`'s pipe: queued there in their place. If `to` is going away
+        // (its pipe with it) or the relay was dropped, they go with the pipe.
+        if let Some(d) = to.and_then(|to| self.conns.get_mut(&to)) {
+            if d.proto.is_streaming() && !d.shut {
+                d.piped += n;
+                d.proto.stream_spliced(n as u64);
+                self.dirty.push(to.expect("found by it"));
+            }
+        }
+        if let Some(to) = to {
+            self.hold_back(id, to);
+        }
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        match c.proto.body_received(n as u64) {
+            Err(e) => self.protocol_error(id, e.to_string()),
+            Ok(()) => {
+                if let Err(e) = self.after_parse(id) {
+                    self.protocol_error(id, e);
+                } else {
+                    self.dirty.push(id);
+                    self.start_recv(id);
+                }
+            }
+        }
+        self.maybe_finish(id);
+    }
+
+    /// Bytes of a spliced stretch were written from connection `id`'s pipe to its socket.
+    fn spliced_out(&mut self, id: u64, res: io::Result<usize>) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        match res {
+            Ok(n) if n > 0 => {
+                c.splicing_out -= n.min(c.splicing_out);
+                c.piped -= n.min(c.piped);
+                c.pipe_full = false;
+                if c.splicing_out > 0 && !c.shut {
+                    c.in_flight = c.splicing_out;
+                    let op = Op::SpliceOut {
+                        fd: c.fd.as_raw_fd(),
+                        pipe: c.pipe.clone().expect("a stretch in flight has its pipe"),
+                        len: c.splicing_out,
+                    };
+                    self.driver.submit(token(id, SEND), op);
+                } else {
+                    c.send_busy = false;
+                    c.in_flight = 0;
+                    c.splicing_out = 0;
+                    self.flush(id);
+                }
+                self.pipe_drained(id);
+                self.release_held_back(id);
+            }
+            Ok(_) => {
+                c.send_busy = false;
+                self.close(id, "send made no progress".into(), false);
+            }
+            Err(e) => {
+                c.send_busy = false;
+                c.in_flight = 0;
+                self.close(id, e.to_string(), false);
+            }
+        }
+        self.maybe_finish(id);
+    }
+
+    /// Connection `id`'s pipe has room again: the payload being spliced into it may go on.
+    fn pipe_drained(&mut self, id: u64) {
+        let from = self
+            .conns
+            .iter()
+            .find(|(_, c)| c.splices_to() == Some(id) && !c.recv_busy)
+            .map(|(k, _)| *k);
+        if let Some(from) = from {
+            if let Some(c) = self.conns.get_mut(&from) {
+                // Waiting for the receiver is no stall of the sender.
+                c.relay_progress = Instant::now();
+            }
+            self.start_recv(from);
         }
     }
 
@@ -1141,6 +1390,16 @@ impl Loop {
                     body.extend_from_slice(&data[..n]);
                     (RecvBuf::Body(body), n)
                 }
+                (Some(want), None) if c.relay.is_some() => {
+                    // Bytes of a spliced relay that came with a pooled receive (before it
+                    // ended): they go on through memory.
+                    let n = want.min(data.len() as u64) as usize;
+                    let Some(mut body) = alloc_heap(n) else {
+                        return self.protocol_error(id, format!("cannot allocate {n} bytes"));
+                    };
+                    body.extend_from_slice(&data[..n]);
+                    (RecvBuf::Body(body), n)
+                }
                 (_, body) => {
                     c.body = body;
                     let t = c.proto.recv_target();
@@ -1330,6 +1589,10 @@ impl Loop {
             // All of it is there: the frame (or its trailer byte) is next.
             return Ok(c.proto.body_len().is_none());
         };
+        if c.splices_to().is_some() {
+            // The kernel moves it (see `start_recv`).
+            return Ok(false);
+        }
         let size = match c.relay {
             Some(Relay::Whole { .. }) => want,
             _ => want.min(RELAY_CHUNK as u64),
@@ -1365,6 +1628,7 @@ impl Loop {
             table.route_answer(id, h.kind, h.call_id, h.payload_len, out)
         };
         let flags = h.flags.without_wire().0;
+        let splice = h.payload_len >= SPLICE_MIN && splice_wanted(&self.driver);
         let relay = match forward {
             None => Relay::Drop,
             Some(f) => match self.conns.get_mut(&f.to) {
@@ -1394,7 +1658,12 @@ impl Loop {
                         self.dirty.push(f.to);
                         let request =
                             (h.kind == Kind::Request && f.call_id != 0).then_some(f.call_id);
-                        Relay::Stream { to: f.to, request }
+                        let splice = splice && d.pipe().is_some();
+                        Relay::Stream {
+                            to: f.to,
+                            request,
+                            splice,
+                        }
                     }
                 }
                 _ => Relay::Drop,
@@ -1463,7 +1732,7 @@ impl Loop {
 
     fn finish_relay(&mut self, relay: Relay, aborted: bool, payload: Option<Payload>) {
         match relay {
-            Relay::Stream { to, request } => {
+            Relay::Stream { to, request, .. } => {
                 if let Some(d) = self.conns.get_mut(&to) {
                     if d.proto.is_streaming() {
                         if aborted {
@@ -1525,12 +1794,20 @@ impl Loop {
 
     /// Connection `gone` is closing: relays into it drop their payloads from now on.
     fn relays_lose(&mut self, gone: u64) {
-        for c in self.conns.values_mut() {
+        let mut waiting = Vec::new();
+        for (id, c) in self.conns.iter_mut() {
             if let Some(Relay::Stream { to, .. } | Relay::Whole { to, .. }) = c.relay {
                 if to == gone {
+                    if c.splices_to().is_some() && !c.recv_busy {
+                        waiting.push(*id);
+                    }
                     c.relay = Some(Relay::Drop);
                 }
             }
+        }
+        // Those that waited for its pipe to drain receive again, into memory.
+        for id in waiting {
+            self.start_recv(id);
         }
     }
 
@@ -2106,6 +2383,11 @@ impl Loop {
                 }
                 None if matches!(c.relay, Some(Relay::Stream { .. }))
                     && c.waits_for == 0
+                    // Waiting for its receiver to take what is in the pipe is no stall.
+                    && c
+                        .splices_to()
+                        .and_then(|to| self.conns.get(&to))
+                        .is_none_or(|d| d.piped == 0)
                     && now - c.relay_progress > RELAY_STALL =>
                 {
                     cut.push((*id, Some("a relayed payload stalled")))
