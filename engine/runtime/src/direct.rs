@@ -166,6 +166,12 @@ enum Turn {
 }
 
 impl Direct {
+    /// Threads reading this connection sleep at once instead of spinning (`true`), or spin
+    /// again (see [`crate::spin::routed_clients_spin`]).
+    pub(crate) fn set_quiet(&self, quiet: bool) {
+        self.spin.set_quiet(quiet);
+    }
+
     pub(crate) fn new(fd: RawFd, max_payload: u64) -> Direct {
         Direct {
             fd,

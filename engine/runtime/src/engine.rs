@@ -1942,12 +1942,16 @@ impl Loop {
                         }
                         // Through a Router, the connection is open once the list of the peers
                         // present arrived (the first `Joined`), so that calls can be routed.
-                        Owner::Client(cl) => cl.update(|st| {
-                            if !peer.router {
-                                st.phase = Phase::Open;
-                            }
-                            st.peer = Some(peer);
-                        }),
+                        Owner::Client(cl) => {
+                            cl.direct
+                                .set_quiet(peer.router && !crate::spin::routed_clients_spin());
+                            cl.update(|st| {
+                                if !peer.router {
+                                    st.phase = Phase::Open;
+                                }
+                                st.peer = Some(peer);
+                            })
+                        }
                     }
                 }
                 Event::Request {
