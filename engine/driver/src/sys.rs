@@ -480,6 +480,21 @@ impl Pipe {
     }
 }
 
+/// Blocks SIGPIPE for the calling thread. `splice(2)` into a socket whose peer is gone has no
+/// `MSG_NOSIGNAL`: the kernel raises SIGPIPE at the thread, which would end the whole process
+/// wherever the signal is not ignored (an embedding program, a Python started without its
+/// signal handlers). Blocked, the splice just fails with `EPIPE`. For the engine threads.
+pub fn block_sigpipe() {
+    // SAFETY: the set is a local initialised by sigemptyset before use; pthread_sigmask reads
+    // it and changes only this thread's mask (no old mask is asked for).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 /// Bytes waiting to be read on socket `fd` (0 when unknown).
 fn unread(fd: RawFd) -> usize {
     let mut n: libc::c_int = 0;

@@ -61,6 +61,9 @@ enum InFlight {
         fd: RawFd,
         pipe: Arc<crate::sys::Pipe>,
         len: usize,
+        /// `cancel_recv` asked for it: it ends with `ECANCELED` rather than waiting again, even
+        /// if its poll completed before the cancel reached it.
+        cancelled: bool,
     },
     Wake {
         _buf: Box<u64>,
@@ -353,6 +356,7 @@ impl Driver {
                     fd,
                     pipe,
                     len,
+                    cancelled: false,
                 });
                 if way == Way::In {
                     self.recvs.insert(token, key);
@@ -488,6 +492,7 @@ impl Driver {
                     fd,
                     pipe,
                     len,
+                    cancelled,
                 } = self.ops.remove(key)
                 else {
                     unreachable!()
@@ -495,14 +500,16 @@ impl Driver {
                 if way == Way::In {
                     self.recvs.remove(&token);
                 }
-                if res < 0 {
+                if res < 0 || cancelled {
                     // Cancelled (`cancel_recv`) or a bad descriptor.
+                    let e = if cancelled {
+                        io::Error::from_raw_os_error(libc::ECANCELED)
+                    } else {
+                        err()
+                    };
                     out.push(Completion {
                         token,
-                        outcome: Outcome::Spliced {
-                            pipe,
-                            res: Err(err()),
-                        },
+                        outcome: Outcome::Spliced { pipe, res: Err(e) },
                     });
                 } else {
                     self.try_splice(token, way, fd, pipe, len, out);
@@ -634,6 +641,9 @@ impl crate::Driver for Driver {
 
     fn cancel_recv(&mut self, token: Token, _fd: RawFd) {
         if let Some(&key) = self.recvs.get(&token) {
+            if let Some(InFlight::Splice { cancelled, .. }) = self.ops.get_mut(key) {
+                *cancelled = true;
+            }
             self.cancel(key);
         }
     }

@@ -229,6 +229,8 @@ impl Engine {
         std::thread::Builder::new()
             .name("daffi-engine".into())
             .spawn(move || {
+                // Relayed payloads are spliced into sockets, which may raise SIGPIPE.
+                sys::block_sigpipe();
                 // The driver is created on the thread that uses it (io_uring SINGLE_ISSUER).
                 let driver = match AnyDriver::new(backend) {
                     Ok(d) => d,
@@ -518,6 +520,11 @@ impl Conn {
     fn pipe(&mut self) -> Option<Arc<Pipe>> {
         if self.pipe.is_none() {
             match Pipe::new(RELAY_CHUNK) {
+                // A user past their pipe budget (`pipe-user-pages-soft`) gets pipes of a few
+                // pages: splicing through those costs more than copying.
+                Ok(p) if (p.capacity() as u64) < SPLICE_MIN => {
+                    tracing::debug!("pipes of {} bytes only: relaying in memory", p.capacity())
+                }
                 Ok(p) => self.pipe = Some(Arc::new(p)),
                 Err(e) => tracing::debug!("no pipe to splice through ({e}): relaying in memory"),
             }
@@ -1041,6 +1048,8 @@ impl Loop {
     /// into it while it has room (`spliced_out` calls again when it has more).
     fn splice_in(&mut self, id: u64, to: u64) {
         let (pipe, room) = match self.conns.get(&to) {
+            // A receiver going away: `relays_lose` turns the relay to memory (and drops it).
+            Some(d) if d.shut => return,
             Some(d) if d.pipe_full && d.piped > 0 => return,
             Some(d) => match &d.pipe {
                 Some(p) => (p.clone(), p.capacity().saturating_sub(d.piped)),
@@ -1154,9 +1163,13 @@ impl Loop {
                     c.send_busy = false;
                     c.in_flight = 0;
                     c.splicing_out = 0;
+                    if c.raw.is_empty() && !c.proto.has_transmit() {
+                        c.wire.engine_idle();
+                    }
                     self.flush(id);
                 }
                 self.pipe_drained(id);
+                self.release_pipe(id);
                 self.release_held_back(id);
             }
             Ok(_) => {
@@ -1170,6 +1183,28 @@ impl Loop {
             }
         }
         self.maybe_finish(id);
+    }
+
+    /// Gives connection `id`'s pipe back once nothing is in it or on its way to it: pipes count
+    /// against a per-user budget, so a Router with many peers keeps one only per payload in
+    /// flight.
+    fn release_pipe(&mut self, id: u64) {
+        let Some(c) = self.conns.get(&id) else {
+            return;
+        };
+        if c.pipe.is_none() || c.piped > 0 || c.splicing_out > 0 {
+            return;
+        }
+        let targeted = self
+            .conns
+            .values()
+            .any(|s| matches!(s.relay, Some(Relay::Stream { to, splice: true, .. }) if to == id));
+        if !targeted {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.pipe = None;
+                c.pipe_full = false;
+            }
+        }
     }
 
     /// Connection `id`'s pipe has room again: the payload being spliced into it may go on.
@@ -1743,6 +1778,7 @@ impl Loop {
                         self.dirty.push(to);
                     }
                 }
+                self.release_pipe(to);
                 if let (true, Some(call_id)) = (aborted, request) {
                     // The callee drops an aborted request: nobody is to wait for its answer.
                     for table in self.routes.values_mut() {

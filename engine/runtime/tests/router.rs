@@ -508,3 +508,51 @@ fn a_worker_behind_holds_its_sender_back_through_the_router() {
         flood.join().unwrap();
     }
 }
+
+/// A payload written in many small pieces (each its own segment: many small pieces fill a
+/// relay pipe before its byte count does) to a receiver that starts reading late arrives whole
+/// and in order, spliced or not.
+#[test]
+fn a_payload_in_small_pieces_to_a_late_reader_arrives_whole() {
+    use daffi_proto::frame::{Kind, encode_head};
+    use std::io::Write;
+    for engine in backends() {
+        let (r, _addr, port) = tcp_router(&engine);
+        let mut slow = raw::Peer::join(port, "slow", &["take"]);
+        let mut fast = raw::Peer::join(port, "fast", &[]);
+        // Each learns of the other.
+        assert_eq!(slow.frame().0.kind, Kind::Joined);
+        fast.0.set_nodelay(true).unwrap();
+        let len = 3 << 20;
+        let data: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || {
+            fast.0
+                .write_all(&encode_head(
+                    Kind::Request,
+                    1,
+                    0,
+                    0,
+                    "slow\0take",
+                    len as u64,
+                ))
+                .unwrap();
+            for piece in sent.chunks(700) {
+                fast.0.write_all(piece).unwrap();
+            }
+            fast
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let (h, meta, payload) = slow.frame();
+        assert_eq!((h.kind, meta.as_str()), (Kind::Request, "fast\0take"));
+        assert_eq!(payload.len(), len + 1, "{}", engine.backend());
+        assert!(
+            payload[..len] == data[..],
+            "{}: bytes differ",
+            engine.backend()
+        );
+        assert_eq!(payload[len], 0, "{}: marked lost", engine.backend());
+        drop(writer.join().unwrap());
+        r.stop();
+    }
+}
