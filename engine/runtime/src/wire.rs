@@ -17,6 +17,10 @@ use daffi_driver::sys;
 use crate::engine::{Command, Engine};
 use crate::notify::Notifier;
 
+/// A sending thread writes a frame itself until this many bytes went out (more only when one
+/// `sendmsg` took them), then leaves the rest to the engine: the engine thread takes this
+/// connection's lock too, and must not wait long for it.
+const DIRECT_BUDGET: usize = 4 << 20;
 /// The most bytes [`Wire::cork`] holds before sending them anyway.
 const CORK_MAX: usize = 256 * 1024;
 /// Back-pressure: a sending thread that finds more than this many bytes handed to the engine
@@ -116,8 +120,9 @@ impl Wire {
         // `engine_sending` is false only when nothing at all is pending: no frame queued, taken
         // or in flight. Only then may this thread write, and whatever it cannot finish goes to
         // the engine as the very next bytes of the stream. A large frame too: this thread
-        // writes while the socket takes it, on its own CPU, and the engine, woken only for the
-        // rest, goes on from there (on io_uring, 28 MiB echoes measured 14% faster so).
+        // writes the first `DIRECT_BUDGET` bytes (or what the socket takes) on its own CPU, and
+        // the engine, woken only for the rest, goes on from there (on io_uring, 28 MiB echoes
+        // measured 14% faster so).
         if !s.engine_sending {
             loop {
                 match sys::send(s.fd, &bufs, skip) {
@@ -125,6 +130,9 @@ impl Wire {
                         skip += n;
                         if skip == total {
                             return;
+                        }
+                        if skip >= DIRECT_BUDGET {
+                            break;
                         }
                     }
                     Ok(_) => break,
