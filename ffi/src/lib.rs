@@ -714,10 +714,14 @@ impl Client {
     ) -> PyResult<String> {
         let p = self::payload(py, payload)?;
         let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
-        let to = self
-            .inner
-            .send_with(receiver, name, serde, flags, p, defer)
-            .map_err(|e| call_error(py, e))?;
+        // Without the GIL unless held for a flush (the write may take a while: a thread writes
+        // up to a few MiB of a large frame itself).
+        let to = if defer {
+            self.inner.send_with(receiver, name, serde, flags, p, defer)
+        } else {
+            py.detach(|| self.inner.send_with(receiver, name, serde, flags, p, defer))
+        }
+        .map_err(|e| call_error(py, e))?;
         // Back-pressure: wait, without the GIL and in slices (for Ctrl+C), while too much is
         // unsent. An event loop's sends never wait.
         while !defer && !py.detach(|| self.inner.wait_room(Some(Instant::now() + SIGNAL_CHECK))) {

@@ -330,7 +330,19 @@ pub fn advise_huge(ptr: *mut u8, len: usize) {
 /// `sendmsg` of the unsent part of `bufs`, with `MSG_NOSIGNAL` (a closed peer is an error, not
 /// a signal).
 pub fn send(fd: RawFd, bufs: &[Bytes], skip: usize) -> io::Result<usize> {
-    let iov = crate::iovecs(bufs, skip, crate::MAX_IOV);
+    send_at_most(fd, bufs, skip, usize::MAX)
+}
+
+/// [`send`] of at most `max` bytes (`max` > 0).
+pub fn send_at_most(fd: RawFd, bufs: &[Bytes], skip: usize, max: usize) -> io::Result<usize> {
+    let mut iov = crate::iovecs(bufs, skip, crate::MAX_IOV);
+    let mut left = max;
+    iov.retain_mut(|v| {
+        let keep = left > 0;
+        v.iov_len = v.iov_len.min(left);
+        left -= v.iov_len;
+        keep
+    });
     // SAFETY: an all-zero msghdr is valid (no name, no control data).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = iov.as_ptr() as *mut libc::iovec;

@@ -643,3 +643,18 @@ fn a_splice_into_a_full_pipe_says_so_at_once() {
         }
     }
 }
+
+#[test]
+fn a_send_can_be_capped_in_bytes() {
+    let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let bufs: Vec<Bytes> = (0..3u8).map(|i| Bytes::from(vec![i; 1000])).collect();
+    // From byte 500 (in the first buffer), at most 1200 bytes: across a buffer boundary.
+    let n = sys::send_at_most(a.as_raw_fd(), &bufs, 500, 1200).unwrap();
+    assert_eq!(n, 1200);
+    let mut got = vec![0u8; n];
+    b.read_exact(&mut got).unwrap();
+    let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+    assert_eq!(got, all[500..1700]);
+    // Uncapped: the rest.
+    assert_eq!(sys::send(a.as_raw_fd(), &bufs, 1700).unwrap(), 1300);
+}

@@ -93,12 +93,18 @@ impl Slot {
     }
 
     /// Waits until filled or `deadline`; `None` means timed out. Spins a little first (see
-    /// [`crate::spin`]), with an estimate of this thread's waits for answers.
-    pub fn wait(&self, deadline: Option<Instant>) -> Option<Result<Reply, CallError>> {
+    /// [`crate::spin`]), with an estimate of this thread's waits for answers, unless `quiet`.
+    pub fn wait(&self, deadline: Option<Instant>, quiet: bool) -> Option<Result<Reply, CallError>> {
         thread_local! {
             static ANSWER_WAITS: Spin = Spin::default();
+            static QUIET: Spin = {
+                let s = Spin::default();
+                s.set_quiet(true);
+                s
+            };
         }
-        ANSWER_WAITS.with(|w| {
+        let waits = if quiet { &QUIET } else { &ANSWER_WAITS };
+        waits.with(|w| {
             w.wait(deadline, |sleep| {
                 if sleep {
                     self.wait_blocking(deadline)
@@ -245,7 +251,7 @@ mod tests {
         let (b, sb) = t.open();
         assert_ne!(a, b);
         assert_eq!(
-            sa.wait(Some(Instant::now() + Duration::from_millis(5))),
+            sa.wait(Some(Instant::now() + Duration::from_millis(5)), false),
             None
         );
         t.abandon(a);
@@ -256,7 +262,7 @@ mod tests {
             payload: Payload::Inline(b"x".to_vec()),
         };
         assert!(t.complete(b, Ok(reply)));
-        let got = sb.wait(None).unwrap().unwrap();
+        let got = sb.wait(None, true).unwrap().unwrap();
         assert_eq!(got.payload.as_slice(), b"x");
         assert!(t.is_empty());
     }

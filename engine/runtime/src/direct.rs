@@ -172,6 +172,11 @@ impl Direct {
         self.spin.set_quiet(quiet);
     }
 
+    /// Whether threads waiting on this connection's answers sleep at once (see `set_quiet`).
+    pub(crate) fn is_quiet(&self) -> bool {
+        self.spin.is_quiet()
+    }
+
     pub(crate) fn new(fd: RawFd, max_payload: u64) -> Direct {
         Direct {
             fd,

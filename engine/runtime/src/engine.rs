@@ -819,6 +819,7 @@ impl Loop {
         self.conns.insert(id, c);
         if let Some(c) = self.conns.get_mut(&id) {
             c.zero_copy = zero_copy_for(&self.driver, c.fd.as_raw_fd());
+            c.wire.set_zero_copy(c.zero_copy);
         }
         self.start_recv(id);
         self.dirty.push(id);

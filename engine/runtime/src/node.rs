@@ -1546,7 +1546,7 @@ impl PendingCall<'_> {
                 until,
             );
         }
-        self.slot.wait(until)
+        self.slot.wait(until, self.client.shared.direct.is_quiet())
     }
 }
 

@@ -58,6 +58,10 @@ impl Spin {
         self.quiet.store(quiet, Ordering::Relaxed);
     }
 
+    pub(crate) fn is_quiet(&self) -> bool {
+        self.quiet.load(Ordering::Relaxed)
+    }
+
     /// How long the next wait may spin before it sleeps (zero: sleep at once).
     pub(crate) fn budget(&self) -> Duration {
         let max = max_spin();
@@ -141,10 +145,13 @@ impl Spin {
 /// spinners would share fewer than three CPUs, and each hop would wait for a spinner to give
 /// its CPU up. With fewer than four CPUs the clients therefore sleep at once and leave the
 /// spinning to the Router (measured on 2 CPUs: 30% more sequential calls through a Router).
-/// `DAFFI_SPIN_US` still sets (or, with 0, forbids) everyone's spinning.
+/// An explicit `DAFFI_SPIN_US` applies to routed clients too (`0`: nobody spins).
 pub(crate) fn routed_clients_spin() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()) >= 4)
+    *ON.get_or_init(|| {
+        std::env::var_os("DAFFI_SPIN_US").is_some()
+            || std::thread::available_parallelism().map_or(1, |n| n.get()) >= 4
+    })
 }
 
 /// Threads of this process spinning right now.
