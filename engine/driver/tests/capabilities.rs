@@ -38,6 +38,21 @@ fn wait_for(d: &mut AnyDriver, pending: &mut Vec<Completion>, token: u64) -> Com
     }
 }
 
+/// Submits a splice and waits for its result.
+#[cfg(target_os = "linux")]
+fn splice(
+    d: &mut AnyDriver,
+    pending: &mut Vec<Completion>,
+    token: u64,
+    op: Op,
+) -> std::io::Result<usize> {
+    d.submit(token, op);
+    let Outcome::Spliced { res, .. } = wait_for(d, pending, token).outcome else {
+        panic!("{}: not a splice", d.name())
+    };
+    res
+}
+
 /// A listener, and a connected pair: (accepted server side, std client side).
 fn pair(d: &mut AnyDriver, pending: &mut Vec<Completion>) -> (OwnedFd, OwnedFd, TcpStream) {
     let (listener, addr) = sys::listen_tcp("127.0.0.1", 0).unwrap();
@@ -476,17 +491,12 @@ fn splice_passes_a_stream_through_a_pipe_in_order() {
         });
         let (mut moved, mut false_full) = (0, 0);
         while moved < TOTAL {
-            d.submit(
-                7,
-                Op::SpliceIn {
-                    fd: from.as_raw_fd(),
-                    pipe: pipe.clone(),
-                    len: pipe.capacity(),
-                },
-            );
-            let Outcome::Spliced { res, .. } = wait_for(&mut d, &mut pending, 7).outcome else {
-                panic!("not a splice")
+            let fill = Op::SpliceIn {
+                fd: from.as_raw_fd(),
+                pipe: pipe.clone(),
+                len: pipe.capacity(),
             };
+            let res = splice(&mut d, &mut pending, 7, fill);
             // Bytes that arrived between the splice finding none and the check for them read
             // as a full pipe: the pipe is empty here, so simply go again (a few times at most).
             let mut n = match res {
@@ -504,36 +514,25 @@ fn splice_passes_a_stream_through_a_pipe_in_order() {
             assert!(n > 0, "{}: end of stream after {moved} bytes", d.name());
             moved += n;
             while n > 0 {
-                d.submit(
-                    8,
-                    Op::SpliceOut {
-                        fd: to.as_raw_fd(),
-                        pipe: pipe.clone(),
-                        len: n,
-                    },
-                );
-                let Outcome::Spliced { res, .. } = wait_for(&mut d, &mut pending, 8).outcome else {
-                    panic!("not a splice")
+                let drain = Op::SpliceOut {
+                    fd: to.as_raw_fd(),
+                    pipe: pipe.clone(),
+                    len: n,
                 };
-                let m = res.unwrap();
+                let m = splice(&mut d, &mut pending, 8, drain).unwrap();
                 assert!(m > 0 && m <= n, "{}: spliced out {m} of {n}", d.name());
                 n -= m;
             }
         }
         w.join().unwrap();
         // End of stream from the writer reaches the splice in as 0.
-        d.submit(
-            7,
-            Op::SpliceIn {
-                fd: from.as_raw_fd(),
-                pipe: pipe.clone(),
-                len: pipe.capacity(),
-            },
-        );
-        let Outcome::Spliced { res, .. } = wait_for(&mut d, &mut pending, 7).outcome else {
-            panic!("not a splice")
+        let fill = Op::SpliceIn {
+            fd: from.as_raw_fd(),
+            pipe: pipe.clone(),
+            len: pipe.capacity(),
         };
-        assert_eq!(res.unwrap(), 0, "{}: end of stream", d.name());
+        let end = splice(&mut d, &mut pending, 7, fill).unwrap();
+        assert_eq!(end, 0, "{}: end of stream", d.name());
         sys::shutdown(to.as_raw_fd());
         assert!(
             r.join().unwrap() == expected,
@@ -592,18 +591,12 @@ fn a_splice_into_a_full_pipe_says_so_at_once() {
         client.write_all(&vec![5u8; total]).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         let splice_in = |d: &mut AnyDriver, pending: &mut Vec<Completion>| {
-            d.submit(
-                10,
-                Op::SpliceIn {
-                    fd: server.as_raw_fd(),
-                    pipe: pipe.clone(),
-                    len: total,
-                },
-            );
-            let Outcome::Spliced { res, .. } = wait_for(d, pending, 10).outcome else {
-                panic!("not a splice")
+            let fill = Op::SpliceIn {
+                fd: server.as_raw_fd(),
+                pipe: pipe.clone(),
+                len: total,
             };
-            res
+            splice(d, pending, 10, fill)
         };
         // Splices in until the pipe says it is full, which happens at once, not after a wait.
         let mut n = 0;
@@ -622,18 +615,12 @@ fn a_splice_into_a_full_pipe_says_so_at_once() {
             "{}: {n} of {total} bytes in the pipe",
             d.name()
         );
-        d.submit(
-            11,
-            Op::SpliceOut {
-                fd: to.as_raw_fd(),
-                pipe: pipe.clone(),
-                len: n,
-            },
-        );
-        let Outcome::Spliced { res, .. } = wait_for(&mut d, &mut pending, 11).outcome else {
-            panic!("not a splice")
+        let drain = Op::SpliceOut {
+            fd: to.as_raw_fd(),
+            pipe: pipe.clone(),
+            len: n,
         };
-        assert_eq!(res.unwrap(), n);
+        assert_eq!(splice(&mut d, &mut pending, 11, drain).unwrap(), n);
         let mut got = vec![0u8; n];
         reader.read_exact(&mut got).unwrap();
         assert!(got.iter().all(|b| *b == 5));
