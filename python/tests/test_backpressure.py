@@ -659,3 +659,73 @@ def call_in_thread(fn, *args) -> queue.Queue:
 
     threading.Thread(target=run, daemon=True).start()
     return out
+
+
+LATE_CALLING_WORKER = textwrap.dedent(
+    """
+    import sys
+    import time
+
+    from daffi import Client, callback
+
+    conn = None
+    got = []
+
+    @callback
+    def call_late(name):
+        # Runs first, while the chunks pile up behind it (one worker thread): the worker stops
+        # reading before `name` joins, then calls it by name.
+        time.sleep(1.5)
+        return conn.rpc(timeout=20, receiver=name).late_ping()
+
+    @callback
+    def lc_sink(chunk):
+        got.append(chunk[:8])
+
+    @callback
+    def lc_count():
+        return len(got)
+
+    client = Client(app_name="late-caller", host="127.0.0.1", port=int(sys.argv[1]), workers=1)
+    conn = client.connect()
+    print("connected", flush=True)
+    sys.stdin.read()
+    """
+)
+
+LATE_MEMBER = textwrap.dedent(
+    """
+    import sys
+
+    from daffi import Client, callback
+
+    @callback
+    def late_ping():
+        return "pong"
+
+    client = Client(app_name="late-member", host="127.0.0.1", port=int(sys.argv[1]))
+    client.connect()
+    print("connected", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def test_a_worker_behind_can_call_a_peer_that_joined_meanwhile():
+    with routed((LATE_CALLING_WORKER,)) as (port, _), \
+            connected(port, "late-flood", "late-caller") as conn:
+        calling = call_in_thread(conn.rpc(timeout=40, receiver="late-caller").call_late,
+                                 "late-member")
+        conn.stream_nowait(receiver="late-caller", serde=SerdeFormat.OPAQUE).lc_sink(
+            distinct_chunks(150))
+        time.sleep(0.3)
+        late = subprocess.Popen([sys.executable, "-c", LATE_MEMBER, str(port)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert late.stdout.readline().strip() == "connected"
+            assert calling.get(timeout=40) == "pong"
+        finally:
+            late.stdin.close()
+            late.kill()
+            late.wait(10)
+        assert conn.rpc(timeout=60, receiver="late-caller").lc_count() == 150

@@ -443,6 +443,10 @@ impl Node for Router {
     fn flush(&self) {}
 }
 
+/// How long a client that had stopped reading (its callbacks are behind) reads on for news of
+/// a call's receiver before the call fails for want of one (see `Client::route`).
+const CATCH_UP: Duration = Duration::from_secs(1);
+
 /// What every listening node (a [`Server`] or a [`Router`]) offers its binding.
 pub trait Listening {
     /// The bound address (with the real port when port 0 was asked for).
@@ -814,7 +818,38 @@ impl Client {
 
     /// Picks the receiver of one call (`receiver`, or the next peer exposing `name` in turn)
     /// and checks the payload against its limit.
+    /// Picks the receiver of a call. A client whose callbacks are behind stops reading (see
+    /// `Wire::pause_reading`) and so stops hearing of peers that join: before it fails a call for
+    /// want of a receiver, it reads again and gives the news up to [`CATCH_UP`] to arrive.
     fn route(&self, receiver: Option<&str>, name: &str, size: usize) -> Result<Route, CallError> {
+        let first = match self.route_now(receiver, name, size) {
+            Err(e) if self.shared.wire.is_reading_paused() => e,
+            r => return r,
+        };
+        let _reading = self.shared.wire.need_reading(&self.engine);
+        let until = Instant::now() + CATCH_UP;
+        let mut last = first;
+        loop {
+            let s = lock(&self.shared.state);
+            Self::check_open(&s)?;
+            let now = Instant::now();
+            if now >= until {
+                return Err(last);
+            }
+            drop(self.shared.changed.wait_timeout(s, until - now));
+            match self.route_now(receiver, name, size) {
+                Ok(r) => return Ok(r),
+                Err(e) => last = e,
+            }
+        }
+    }
+
+    fn route_now(
+        &self,
+        receiver: Option<&str>,
+        name: &str,
+        size: usize,
+    ) -> Result<Route, CallError> {
         let mut s = lock(&self.shared.state);
         Self::check_open(&s)?;
         let target = match receiver {

@@ -314,6 +314,11 @@ impl Wire {
         idle
     }
 
+    /// Whether the engine stopped reading this connection (see [`Wire::pause_reading`]).
+    pub(crate) fn is_reading_paused(&self) -> bool {
+        self.lock().reading_paused
+    }
+
     /// The engine reads this connection again.
     pub(crate) fn reading_resumed(&self) {
         self.lock().reading_paused = false;
