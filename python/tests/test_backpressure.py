@@ -675,7 +675,7 @@ LATE_CALLING_WORKER = textwrap.dedent(
     def call_late(name):
         # Runs first, while the chunks pile up behind it (one worker thread): the worker stops
         # reading before `name` joins, then calls it by name.
-        time.sleep(1.5)
+        time.sleep(4)
         return conn.rpc(timeout=20, receiver=name).late_ping()
 
     @callback
@@ -716,14 +716,19 @@ def test_a_worker_behind_can_call_a_peer_that_joined_meanwhile():
             connected(port, "late-flood", "late-caller") as conn:
         calling = call_in_thread(conn.rpc(timeout=40, receiver="late-caller").call_late,
                                  "late-member")
-        conn.stream_nowait(receiver="late-caller", serde=SerdeFormat.OPAQUE).lc_sink(
+        # More than the worker takes before it stops reading (64 MiB): the sender blocks until
+        # the callback is done, so it streams from a thread of its own.
+        streaming = call_in_thread(
+            conn.stream_nowait(receiver="late-caller", serde=SerdeFormat.OPAQUE).lc_sink,
             distinct_chunks(150))
-        time.sleep(0.3)
+        time.sleep(1)
+        # Joins while the worker does not read, well before the callback calls it.
         late = subprocess.Popen([sys.executable, "-c", LATE_MEMBER, str(port)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert late.stdout.readline().strip() == "connected"
             assert calling.get(timeout=40) == "pong"
+            assert streaming.get(timeout=40) is None
         finally:
             late.stdin.close()
             late.kill()

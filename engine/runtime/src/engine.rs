@@ -867,6 +867,8 @@ impl Loop {
             };
             if lent {
                 c.parked = true;
+                // Whoever reads now, reads: the connection is not paused.
+                c.wire.reading_resumed();
                 // Idle parks are taken back after a while; an event loop, which watches the
                 // socket all along, keeps it until it gives it back.
                 if !for_loop {

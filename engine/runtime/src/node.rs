@@ -818,49 +818,70 @@ impl Client {
 
     /// Picks the receiver of one call (`receiver`, or the next peer exposing `name` in turn)
     /// and checks the payload against its limit.
-    /// Picks the receiver of a call. A client whose callbacks are behind stops reading (see
-    /// `Wire::pause_reading`) and so stops hearing of peers that join: before it fails a call for
-    /// want of a receiver, it reads again and gives the news up to [`CATCH_UP`] to arrive.
-    fn route(&self, receiver: Option<&str>, name: &str, size: usize) -> Result<Route, CallError> {
-        let first = match self.route_now(receiver, name, size) {
-            Err(e) if self.shared.wire.is_reading_paused() => e,
-            r => return r,
-        };
-        let _reading = self.shared.wire.need_reading(&self.engine);
-        let until = Instant::now() + CATCH_UP;
-        let mut last = first;
-        loop {
-            let s = lock(&self.shared.state);
-            Self::check_open(&s)?;
-            let now = Instant::now();
-            if now >= until {
-                return Err(last);
-            }
-            drop(self.shared.changed.wait_timeout(s, until - now));
-            match self.route_now(receiver, name, size) {
-                Ok(r) => return Ok(r),
-                Err(e) => last = e,
-            }
-        }
-    }
-
-    fn route_now(
+    ///
+    /// A client whose callbacks are behind stops reading (see `Wire::pause_reading`) and so
+    /// stops hearing of peers that join. With `catch_up` (a thread that may wait, never an event
+    /// loop's), a call that finds no receiver while reading is paused has the connection read
+    /// again and gives the news up to [`CATCH_UP`] to arrive before it fails.
+    fn route(
         &self,
         receiver: Option<&str>,
         name: &str,
         size: usize,
+        catch_up: bool,
     ) -> Result<Route, CallError> {
+        match self.route_now(&mut lock(&self.shared.state), receiver, name, size) {
+            Ok(r) => return Ok(r),
+            Err((e, missing)) => {
+                if !(missing && catch_up && self.shared.wire.is_reading_paused()) {
+                    return Err(e);
+                }
+            }
+        }
+        let _reading = self.shared.wire.need_reading(&self.engine);
+        let until = Instant::now() + CATCH_UP;
         let mut s = lock(&self.shared.state);
-        Self::check_open(&s)?;
+        loop {
+            // Tried again under the lock the wait releases: no news can slip in between.
+            let missing = match self.route_now(&mut s, receiver, name, size) {
+                Ok(r) => return Ok(r),
+                Err((e, false)) => return Err(e),
+                Err((e, true)) => e,
+            };
+            let now = Instant::now();
+            if now >= until {
+                return Err(missing);
+            }
+            s = self
+                .shared
+                .changed
+                .wait_timeout(s, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// [`Client::route`] with what is known now; an error says whether a receiver was missing
+    /// (news of peers may help) or not.
+    fn route_now(
+        &self,
+        s: &mut ClientState,
+        receiver: Option<&str>,
+        name: &str,
+        size: usize,
+    ) -> Result<Route, (CallError, bool)> {
+        Self::check_open(s).map_err(|e| (e, false))?;
         let target = match receiver {
             Some(r) => {
-                self.check_target(&s, r, name)?;
+                // Anything but calling itself: the receiver, or its function, is not known.
+                self.check_target(s, r, name)
+                    .map_err(|e| (e, r != self.shared.name))?;
                 r.to_owned()
             }
             None => {
-                let mut candidates = Self::exposing(&s, name);
+                let mut candidates = Self::exposing(s, name);
                 if candidates.is_empty() {
-                    return Err(Self::nobody_exposes(&s, name));
+                    return Err((Self::nobody_exposes(s, name), true));
                 }
                 let turn = s.turns.entry(name.to_owned()).or_insert(0);
                 let i = *turn % candidates.len();
@@ -880,9 +901,10 @@ impl Client {
             None => (server.max_message_size, format!("{target:?}")),
         };
         if size > limit {
-            return Err(CallError::Transmission(format!(
+            let e = CallError::Transmission(format!(
                 "message of {size} bytes exceeds the limit of {limit} bytes of {whose}"
-            )));
+            ));
+            return Err((e, false));
         }
         let meta = if routed {
             format!("{target}\0{name}")
@@ -895,7 +917,7 @@ impl Client {
     /// The peer a call of `name` would go to now: `receiver` once checked, or the next peer
     /// exposing it in turn (a stream picks its receiver once for all its chunks).
     pub fn pick(&self, receiver: Option<&str>, name: &str) -> Result<String, CallError> {
-        self.route(receiver, name, 0).map(|r| r.target)
+        self.route(receiver, name, 0, false).map(|r| r.target)
     }
 
     /// The receivers of a `cast` of `name`: the named ones (each checked), or every peer that
@@ -1015,7 +1037,7 @@ impl Client {
         payload: Bytes,
         done: Option<Arc<Completions>>,
     ) -> Result<(u64, Arc<crate::call::Slot>, String), CallError> {
-        let route = self.route(receiver, name, payload.len())?;
+        let route = self.route(receiver, name, payload.len(), done.is_none())?;
         let (call_id, slot) = match done {
             Some(d) => self.shared.calls.open_hooked(d),
             None => self.shared.calls.open(),
@@ -1060,7 +1082,7 @@ impl Client {
         payload: Bytes,
         defer: bool,
     ) -> Result<String, CallError> {
-        let route = self.route(receiver, name, payload.len())?;
+        let route = self.route(receiver, name, payload.len(), !defer)?;
         let f = frame(
             Kind::Request,
             0,
