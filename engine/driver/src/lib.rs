@@ -123,6 +123,24 @@ pub fn pooled_restart(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ECANCELED | libc::ENOBUFS))
 }
 
+/// Which way a splice goes, for the drivers: from the socket into the pipe
+/// ([`Op::SpliceIn`]), or out of the pipe to the socket ([`Op::SpliceOut`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Way {
+    In,
+    Out,
+}
+
+impl Way {
+    /// One non-blocking splice of up to `len` bytes between socket `fd` and `pipe`.
+    pub(crate) fn splice(self, pipe: &sys::Pipe, fd: RawFd, len: usize) -> io::Result<usize> {
+        match self {
+            Way::In => pipe.fill_from(fd, len),
+            Way::Out => pipe.drain_to(fd, len),
+        }
+    }
+}
+
 /// Whether an [`Op::SpliceIn`] ended with `e` because its pipe had no room.
 pub fn pipe_full(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ENOSPC)

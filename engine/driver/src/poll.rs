@@ -15,7 +15,7 @@ use bytes::Bytes;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll};
 
-use crate::{Completion, Op, Outcome, RecvBuf, Token, Wake, sys};
+use crate::{Completion, Op, Outcome, RecvBuf, Token, Wake, Way, sys};
 
 const WAKE: mio::Token = mio::Token(usize::MAX);
 
@@ -27,13 +27,6 @@ struct Parked {
     send: Option<(Token, Vec<Bytes>, usize)>,
     splice_in: Option<(Token, Arc<sys::Pipe>, usize)>,
     splice_out: Option<(Token, Arc<sys::Pipe>, usize)>,
-}
-
-/// Which way a splice goes: from the socket into the pipe, or out of the pipe to the socket.
-#[derive(Debug, Clone, Copy)]
-enum Way {
-    In,
-    Out,
 }
 
 /// The mio-based driver.
@@ -181,11 +174,7 @@ impl Driver {
         let Some((token, pipe, len)) = slot.take() else {
             return;
         };
-        let res = match way {
-            Way::In => pipe.fill_from(fd, len),
-            Way::Out => pipe.drain_to(fd, len),
-        };
-        match res {
+        match way.splice(&pipe, fd, len) {
             Err(e) if would_block(&e) => *slot = Some((token, pipe, len)),
             res => self.ready.push_back(Completion {
                 token,

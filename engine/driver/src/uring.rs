@@ -21,7 +21,7 @@ use bytes::Bytes;
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
 use slab::Slab;
 
-use crate::{Completion, Op, Outcome, Pool, PoolBuf, RecvBuf, Token, Wake};
+use crate::{Completion, Op, Outcome, Pool, PoolBuf, RecvBuf, Token, Wake, Way};
 
 const ENTRIES: u32 = 1024;
 /// The provided-buffer ring for small frames: this many buffers (a power of two)...
@@ -69,13 +69,6 @@ enum InFlight {
         _buf: Box<u64>,
     },
     Cancel,
-}
-
-/// Which way a splice goes: from the socket into the pipe, or out of the pipe to the socket.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Way {
-    In,
-    Out,
 }
 
 /// `IORING_ENTER_GETEVENTS`: the enter reaps completions (and runs deferred task work).
@@ -340,11 +333,7 @@ impl Driver {
         len: usize,
         out: &mut Vec<Completion>,
     ) {
-        let res = match way {
-            Way::In => pipe.fill_from(fd, len),
-            Way::Out => pipe.drain_to(fd, len),
-        };
-        match res {
+        match way.splice(&pipe, fd, len) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 let mask = match way {
                     Way::In => libc::POLLIN,
@@ -528,6 +517,7 @@ impl Driver {
 
 impl crate::Driver for Driver {
     fn submit(&mut self, token: Token, op: Op) {
+        let is_in = matches!(op, Op::SpliceIn { .. });
         match op {
             Op::Accept { fd } => {
                 let key = self.ops.insert(InFlight::Accept { token });
@@ -604,14 +594,10 @@ impl crate::Driver for Driver {
                 };
                 self.push(sqe.user_data(key as u64));
             }
-            Op::SpliceIn { fd, pipe, len } => {
+            Op::SpliceIn { fd, pipe, len } | Op::SpliceOut { fd, pipe, len } => {
+                let way = if is_in { Way::In } else { Way::Out };
                 let mut done = Vec::new();
-                self.try_splice(token, Way::In, fd, pipe, len, &mut done);
-                self.backlog.append(&mut done);
-            }
-            Op::SpliceOut { fd, pipe, len } => {
-                let mut done = Vec::new();
-                self.try_splice(token, Way::Out, fd, pipe, len, &mut done);
+                self.try_splice(token, way, fd, pipe, len, &mut done);
                 self.backlog.append(&mut done);
             }
         }

@@ -97,14 +97,11 @@ impl Slot {
     pub fn wait(&self, deadline: Option<Instant>, quiet: bool) -> Option<Result<Reply, CallError>> {
         thread_local! {
             static ANSWER_WAITS: Spin = Spin::default();
-            static QUIET: Spin = {
-                let s = Spin::default();
-                s.set_quiet(true);
-                s
-            };
         }
-        let waits = if quiet { &QUIET } else { &ANSWER_WAITS };
-        waits.with(|w| {
+        if quiet {
+            return self.wait_blocking(deadline);
+        }
+        ANSWER_WAITS.with(|w| {
             w.wait(deadline, |sleep| {
                 if sleep {
                     self.wait_blocking(deadline)

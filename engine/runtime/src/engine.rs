@@ -532,6 +532,16 @@ impl Conn {
         self.pipe.clone()
     }
 
+    /// The write of the rest of the spliced stretch being sent (`splicing_out` bytes) from this
+    /// connection's pipe.
+    fn splice_out_op(&self) -> Option<Op> {
+        Some(Op::SpliceOut {
+            fd: self.fd.as_raw_fd(),
+            pipe: self.pipe.clone()?,
+            len: self.splicing_out,
+        })
+    }
+
     /// Where the large payload arriving on this connection goes through a pipe: its receiver.
     fn splices_to(&self) -> Option<u64> {
         match self.relay {
@@ -1015,18 +1025,12 @@ impl Loop {
             let Some(n) = c.proto.take_spliced() else {
                 return;
             };
-            let Some(pipe) = c.pipe.clone() else {
+            c.splicing_out = n as usize;
+            let Some(op) = c.splice_out_op() else {
                 return self.close(id, "spliced bytes without a pipe".into(), false);
             };
-            c.splicing_out = n as usize;
             c.send_busy = true;
-            c.in_flight = n as usize;
-            let fd = c.fd.as_raw_fd();
-            let op = Op::SpliceOut {
-                fd,
-                pipe,
-                len: n as usize,
-            };
+            c.in_flight = c.splicing_out;
             self.driver.submit(token(id, SEND), op);
             return;
         }
@@ -1068,7 +1072,7 @@ impl Loop {
         };
         // In pieces of at least half the pipe (or what is left): fewer, larger splices, while
         // the other half is being written out.
-        let (pipe_half, want) = (pipe.capacity() as u64 / 2, want);
+        let pipe_half = pipe.capacity() as u64 / 2;
         if (room as u64) < want.min(pipe_half.max(1)) {
             return;
         }
@@ -1111,20 +1115,16 @@ impl Loop {
             }
         };
         c.relay_progress = Instant::now();
-        let to = match c.relay {
-            Some(Relay::Stream { to, .. }) => Some(to),
-            _ => None,
-        };
         // The bytes are in `to`'s pipe: queued there in their place. If `to` is going away
         // (its pipe with it) or the relay was dropped, they go with the pipe.
-        if let Some(d) = to.and_then(|to| self.conns.get_mut(&to)) {
-            if d.proto.is_streaming() && !d.shut {
-                d.piped += n;
-                d.proto.stream_spliced(n as u64);
-                self.dirty.push(to.expect("found by it"));
+        if let Some(Relay::Stream { to, .. }) = c.relay {
+            if let Some(d) = self.conns.get_mut(&to) {
+                if d.proto.is_streaming() && !d.shut {
+                    d.piped += n;
+                    d.proto.stream_spliced(n as u64);
+                    self.dirty.push(to);
+                }
             }
-        }
-        if let Some(to) = to {
             self.hold_back(id, to);
         }
         let Some(c) = self.conns.get_mut(&id) else {
@@ -1154,13 +1154,12 @@ impl Loop {
                 c.splicing_out -= n.min(c.splicing_out);
                 c.piped -= n.min(c.piped);
                 c.pipe_full = false;
-                if c.splicing_out > 0 && !c.shut {
+                // A stretch being written keeps its pipe (see `pipe_drained`).
+                let more = (c.splicing_out > 0 && !c.shut)
+                    .then(|| c.splice_out_op())
+                    .flatten();
+                if let Some(op) = more {
                     c.in_flight = c.splicing_out;
-                    let op = Op::SpliceOut {
-                        fd: c.fd.as_raw_fd(),
-                        pipe: c.pipe.clone().expect("a stretch in flight has its pipe"),
-                        len: c.splicing_out,
-                    };
                     self.driver.submit(token(id, SEND), op);
                 } else {
                     c.send_busy = false;
@@ -1172,7 +1171,6 @@ impl Loop {
                     self.flush(id);
                 }
                 self.pipe_drained(id);
-                self.release_pipe(id);
                 self.release_held_back(id);
             }
             Ok(_) => {
@@ -1188,41 +1186,33 @@ impl Loop {
         self.maybe_finish(id);
     }
 
-    /// Gives connection `id`'s pipe back once nothing is in it or on its way to it: pipes count
-    /// against a per-user budget, so a Router with many peers keeps one only per payload in
-    /// flight.
-    fn release_pipe(&mut self, id: u64) {
-        let Some(c) = self.conns.get(&id) else {
-            return;
-        };
-        if c.pipe.is_none() || c.piped > 0 || c.splicing_out > 0 {
-            return;
-        }
-        let targeted = self
-            .conns
-            .values()
-            .any(|s| matches!(s.relay, Some(Relay::Stream { to, splice: true, .. }) if to == id));
-        if !targeted {
-            if let Some(c) = self.conns.get_mut(&id) {
-                c.pipe = None;
-                c.pipe_full = false;
-            }
-        }
-    }
-
-    /// Connection `id`'s pipe has room again: the payload being spliced into it may go on.
+    /// Connection `id`'s pipe has room again (or the relay through it ended): the payload
+    /// being spliced into it may go on; with none, the pipe is given back once empty, since
+    /// pipes count against a per-user budget (a Router with many peers keeps one only per
+    /// payload in flight).
     fn pipe_drained(&mut self, id: u64) {
-        let from = self
+        let splicer = self
             .conns
             .iter()
-            .find(|(_, c)| c.splices_to() == Some(id) && !c.recv_busy)
-            .map(|(k, _)| *k);
-        if let Some(from) = from {
-            if let Some(c) = self.conns.get_mut(&from) {
-                // Waiting for the receiver is no stall of the sender.
-                c.relay_progress = Instant::now();
+            .find(|(_, s)| matches!(s.relay, Some(Relay::Stream { to, splice: true, .. }) if to == id))
+            .map(|(k, s)| (*k, s.recv_busy || s.splices_to().is_none()));
+        match splicer {
+            None => {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    if c.piped == 0 && c.splicing_out == 0 {
+                        c.pipe = None;
+                        c.pipe_full = false;
+                    }
+                }
             }
-            self.start_recv(from);
+            Some((from, false)) => {
+                if let Some(c) = self.conns.get_mut(&from) {
+                    // Waiting for the receiver is no stall of the sender.
+                    c.relay_progress = Instant::now();
+                }
+                self.start_recv(from);
+            }
+            Some((_, true)) => {}
         }
     }
 
@@ -1781,7 +1771,7 @@ impl Loop {
                         self.dirty.push(to);
                     }
                 }
-                self.release_pipe(to);
+                self.pipe_drained(to);
                 if let (true, Some(call_id)) = (aborted, request) {
                     // The callee drops an aborted request: nobody is to wait for its answer.
                     for table in self.routes.values_mut() {
