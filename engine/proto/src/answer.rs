@@ -31,6 +31,8 @@ pub enum Scan<'a> {
         len: usize,
         answer: Answer<'a>,
     },
+    /// The head of a `Response` with a large payload, which is still to be received.
+    Large(LargeHead<'a>),
     /// The start of a frame that may be a small answer: more bytes are needed to tell.
     Partial,
     /// Something only the connection may handle.
@@ -46,13 +48,19 @@ enum Front<'a> {
         payload: &'a [u8],
         len: usize,
     },
+    /// The header and meta of a frame of a wanted kind whose payload is large.
+    Large {
+        h: Header,
+        meta: &'a [u8],
+    },
     Partial,
     Other,
 }
 
-/// The small frame of a kind `wanted` accepts at the front of `buf`: one with a meta of at
-/// most `MAX_META` bytes, a payload of at most `max_payload` (itself capped at the reader's
-/// small-payload size) and no trailer.
+/// The frame of a kind `wanted` accepts at the front of `buf`, with a meta of at most
+/// `MAX_META` bytes and a payload of at most `max_payload`: whole when its payload is small
+/// (at most the reader's small-payload size, and no trailer), its head alone when the payload
+/// is larger than that.
 fn front(buf: &[u8], max_payload: u64, wanted: impl Fn(Kind) -> bool) -> Front<'_> {
     let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
         return Front::Partial;
@@ -60,12 +68,20 @@ fn front(buf: &[u8], max_payload: u64, wanted: impl Fn(Kind) -> bool) -> Front<'
     let Ok(h) = Header::decode(head) else {
         return Front::Other;
     };
-    let max_payload = max_payload.min(SMALL_PAYLOAD as u64);
-    let small = h.meta_len <= MAX_META && h.payload_len <= max_payload;
-    if !wanted(h.kind) || h.flags.trailer() || !small {
+    if !wanted(h.kind) || h.meta_len > MAX_META || h.payload_len > max_payload {
         return Front::Other;
     }
     let meta_end = HEADER_LEN + h.meta_len as usize;
+    if h.payload_len > SMALL_PAYLOAD as u64 {
+        if buf.len() < meta_end {
+            return Front::Partial;
+        }
+        let meta = &buf[HEADER_LEN..meta_end];
+        return Front::Large { h, meta };
+    }
+    if h.flags.trailer() {
+        return Front::Other;
+    }
     let len = meta_end + h.payload_len as usize;
     if buf.len() < len {
         return Front::Partial;
@@ -78,8 +94,40 @@ fn front(buf: &[u8], max_payload: u64, wanted: impl Fn(Kind) -> bool) -> Front<'
     }
 }
 
-/// Looks at the frame at the front of `buf`. Answers with payloads over `max_payload` (itself
-/// capped at the reader's small-payload size) are `Other`.
+/// The head of a frame whose payload is too large to be handled in place (over the reader's
+/// small-payload size): whoever takes it receives the payload into a buffer of its own, then
+/// the status byte if `trailer`. It borrows the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct LargeHead<'a> {
+    pub call_id: u64,
+    /// Header and meta, in bytes: where the payload starts.
+    pub head_len: usize,
+    pub payload_len: u64,
+    pub serde: u8,
+    /// The call's flags (`NO_REPLY`, `TEXT`), without those of the wire.
+    pub flags: crate::Flags,
+    /// A status byte follows the payload (see the protocol's `TRAILER`).
+    pub trailer: bool,
+    /// A request's function; empty for a response.
+    pub name: &'a str,
+}
+
+impl<'a> LargeHead<'a> {
+    fn new(h: &Header, meta_len: usize, name: &'a str) -> LargeHead<'a> {
+        LargeHead {
+            call_id: h.call_id,
+            head_len: HEADER_LEN + meta_len,
+            payload_len: h.payload_len,
+            serde: h.serde,
+            flags: h.flags.without_wire(),
+            trailer: h.flags.trailer(),
+            name,
+        }
+    }
+}
+
+/// Looks at the frame at the front of `buf`. Answers with payloads over `max_payload` are
+/// `Other`, and so are large `Error` frames.
 pub fn scan(buf: &[u8], max_payload: u64) -> Scan<'_> {
     let (h, meta, payload, len) = match front(buf, max_payload, |k| {
         matches!(k, Kind::Response | Kind::Error)
@@ -90,8 +138,11 @@ pub fn scan(buf: &[u8], max_payload: u64) -> Scan<'_> {
             payload,
             len,
         } => (h, meta, payload, len),
+        Front::Large { h, meta } if h.kind == Kind::Response => {
+            return Scan::Large(LargeHead::new(&h, meta.len(), ""));
+        }
         Front::Partial => return Scan::Partial,
-        Front::Other => return Scan::Other,
+        Front::Large { .. } | Front::Other => return Scan::Other,
     };
     let Ok(meta) = std::str::from_utf8(meta) else {
         return Scan::Other;
@@ -130,17 +181,19 @@ pub struct Request<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum ScanRequest<'a> {
     Request(Request<'a>),
+    /// The head of a request with a large payload, which is still to be received.
+    Large(LargeHead<'a>),
     /// The start of a frame that may be a small request: more bytes are needed to tell.
     Partial,
-    /// Something only the connection may handle (any other kind, a large or cut-off payload, a
-    /// routed request, bytes that are not a frame).
+    /// Something only the connection may handle (any other kind, a payload over `max_payload`,
+    /// a small cut-off one, a wrongly routed request, bytes that are not a frame).
     Other,
 }
 
 /// Looks at the frame at the front of `buf` for a request with a payload of at most
-/// `max_payload` bytes (itself capped at the reader's small-payload size). On a `routed`
-/// connection (a client's, through a Router) a request's meta is `caller\0function` and the
-/// name returned is the function's; on any other its meta is the function's name alone.
+/// `max_payload` bytes. On a `routed` connection (a client's, through a Router) a request's
+/// meta is `caller\0function` and the name returned is the function's; on any other its meta
+/// is the function's name alone.
 pub fn scan_request(buf: &[u8], max_payload: u64, routed: bool) -> ScanRequest<'_> {
     let (h, meta, payload, len) = match front(buf, max_payload, |k| k == Kind::Request) {
         Front::Frame {
@@ -149,15 +202,16 @@ pub fn scan_request(buf: &[u8], max_payload: u64, routed: bool) -> ScanRequest<'
             payload,
             len,
         } => (h, meta, payload, len),
+        Front::Large { h, meta } => {
+            return match function(meta, routed) {
+                Some(name) => ScanRequest::Large(LargeHead::new(&h, meta.len(), name)),
+                None => ScanRequest::Other,
+            };
+        }
         Front::Partial => return ScanRequest::Partial,
         Front::Other => return ScanRequest::Other,
     };
-    let name = match std::str::from_utf8(meta) {
-        Ok(meta) if routed => meta.split_once('\0').map(|(_, name)| name),
-        Ok(meta) if !meta.contains('\0') => Some(meta),
-        _ => None,
-    };
-    match name {
+    match function(meta, routed) {
         Some(name) => ScanRequest::Request(Request {
             call_id: h.call_id,
             len,
@@ -167,6 +221,15 @@ pub fn scan_request(buf: &[u8], max_payload: u64, routed: bool) -> ScanRequest<'
             payload,
         }),
         None => ScanRequest::Other,
+    }
+}
+
+/// The function a request's meta names (see [`scan_request`]).
+fn function(meta: &[u8], routed: bool) -> Option<&str> {
+    match std::str::from_utf8(meta) {
+        Ok(meta) if routed => meta.split_once('\0').map(|(_, name)| name),
+        Ok(meta) if !meta.contains('\0') => Some(meta),
+        _ => None,
     }
 }
 
@@ -251,7 +314,14 @@ mod tests {
         let routed = frame(Kind::Request, 5, 0, "peer\0echo", b"");
         assert_eq!(scan_request(&routed, 1 << 30, false), ScanRequest::Other);
         let big = frame(Kind::Request, 6, 0, "f", &vec![1u8; SMALL_PAYLOAD + 1]);
-        assert_eq!(scan_request(&big, 1 << 30, false), ScanRequest::Other);
+        assert!(matches!(
+            scan_request(&big, 1 << 30, false),
+            ScanRequest::Large(LargeHead { name: "f", .. })
+        ));
+        assert_eq!(
+            scan_request(&big, SMALL_PAYLOAD as u64, false),
+            ScanRequest::Other
+        );
         assert_eq!(
             scan_request(&frame(Kind::Request, 7, 0, "f", b"12"), 1, false),
             ScanRequest::Other
@@ -284,14 +354,71 @@ mod tests {
     }
 
     #[test]
+    fn large_payloads_are_reported_by_their_head() {
+        let len = SMALL_PAYLOAD + 1;
+        let answer = frame(
+            Kind::Response,
+            9,
+            Flags::TEXT | Flags::TRAILER,
+            "",
+            &vec![7u8; len],
+        );
+        let head = LargeHead {
+            call_id: 9,
+            head_len: HEADER_LEN,
+            payload_len: len as u64,
+            serde: 2,
+            flags: Flags(Flags::TEXT),
+            trailer: true,
+            name: "",
+        };
+        // The head is enough: none of the payload needs to be there.
+        assert_eq!(scan(&answer[..HEADER_LEN], 1 << 30), Scan::Large(head));
+        assert_eq!(scan(&answer[..HEADER_LEN - 1], 1 << 30), Scan::Partial);
+        assert_eq!(scan(&answer, len as u64 - 1), Scan::Other);
+
+        let request = frame(
+            Kind::Request,
+            10,
+            Flags::NO_REPLY,
+            "caller\0echo",
+            &vec![1u8; len],
+        );
+        let head_len = HEADER_LEN + "caller\0echo".len();
+        let ScanRequest::Large(head) = scan_request(&request[..head_len], 1 << 30, true) else {
+            panic!("no large request")
+        };
+        assert_eq!(
+            head,
+            LargeHead {
+                call_id: 10,
+                head_len,
+                payload_len: len as u64,
+                serde: 2,
+                flags: Flags(Flags::NO_REPLY),
+                trailer: false,
+                name: "echo",
+            }
+        );
+        // Until its meta is whole, nobody can tell whom it is for.
+        assert_eq!(
+            scan_request(&request[..head_len - 1], 1 << 30, true),
+            ScanRequest::Partial
+        );
+        // A routed request without its caller's name is the connection's to report.
+        let bare = frame(Kind::Request, 11, 0, "echo", &vec![1u8; len]);
+        assert_eq!(scan_request(&bare, 1 << 30, true), ScanRequest::Other);
+    }
+
+    #[test]
     fn anything_else_is_left_to_the_connection() {
         let request = frame(Kind::Request, 1, 0, "f", b"x");
         assert_eq!(scan(&request, 1 << 30), Scan::Other);
         let goodbye = frame(Kind::Goodbye, 0, 0, "", b"bye");
         assert_eq!(scan(&goodbye, 1 << 30), Scan::Other);
-        // Large, over the local limit, cut off (trailer), or not a frame at all.
-        let big = frame(Kind::Response, 2, 0, "", &vec![0u8; SMALL_PAYLOAD + 1]);
-        assert_eq!(scan(&big[..HEADER_LEN], 1 << 30), Scan::Other);
+        // Large errors, over the local limit, small and cut off (trailer), or not a frame.
+        let big = frame(Kind::Error, 2, 0, "remote", &vec![0u8; SMALL_PAYLOAD + 1]);
+        assert_eq!(scan(&big, 1 << 30), Scan::Other);
         assert_eq!(
             scan(&frame(Kind::Response, 3, 0, "", b"abcd"), 3),
             Scan::Other

@@ -24,14 +24,15 @@ use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use daffi_driver::{RecvBuf, sys};
-use daffi_proto::answer::{self, Answer, Scan, ScanRequest};
+use daffi_driver::{Body, RecvBuf, sys};
+use daffi_proto::Flags;
+use daffi_proto::answer::{self, Answer, LargeHead, Scan, ScanRequest};
 
 use crate::call::{CallError, CallTable, Reply, Slot};
 use crate::engine::{Command, Engine};
 use crate::node::{Callee, IncomingCall};
 use crate::notify::Notifier;
-use crate::payload::Payload;
+use crate::payload::{Payload, alloc_body};
 use crate::spin::Spin;
 
 /// A parked connection unused for this long goes back to the engine (so that whatever the peer
@@ -87,6 +88,9 @@ struct State {
     /// A thread or the event loop met the end of the stream or an error: the engine must
     /// receive itself (to see it), and the connection is never lent again.
     ended: bool,
+    /// A thread's turn ended in the middle of a large payload: the part it received, whose
+    /// head is `rest` (see [`Direct::resume`]).
+    partial: Option<Body>,
 }
 
 /// The receive side of one client connection. See the module documentation.
@@ -103,6 +107,8 @@ pub(crate) struct Direct {
     requests: std::sync::atomic::AtomicU64,
     /// How long reading threads spin before they sleep (see [`crate::spin`]).
     spin: Spin,
+    /// The same for the rest of a large payload, which comes at the pace of the socket.
+    body_spin: Spin,
     state: Mutex<State>,
 }
 
@@ -153,6 +159,43 @@ impl Worker<'_> {
     }
 }
 
+/// Where a scan of the bytes read stopped.
+enum Stop {
+    /// More bytes are needed.
+    More,
+    /// At something only the engine may handle.
+    Other,
+    /// At the head of a large payload for this thread's calls or functions, which it may
+    /// receive itself.
+    Large(Large),
+}
+
+/// A frame whose large payload a reading thread receives itself: an answer (`name` is `None`)
+/// or a request for one of the node's functions.
+struct Large {
+    call_id: u64,
+    head_len: usize,
+    payload_len: usize,
+    serde: u8,
+    flags: Flags,
+    trailer: bool,
+    name: Option<String>,
+}
+
+impl Large {
+    fn new(h: &LargeHead<'_>, request: bool) -> Option<Large> {
+        Some(Large {
+            call_id: h.call_id,
+            head_len: h.head_len,
+            payload_len: usize::try_from(h.payload_len).ok()?,
+            serde: h.serde,
+            flags: h.flags,
+            trailer: h.trailer,
+            name: request.then(|| h.name.to_owned()),
+        })
+    }
+}
+
 /// How a thread's turn at reading ended.
 enum Turn {
     /// Its answer arrived.
@@ -170,6 +213,7 @@ impl Direct {
     /// again (see [`crate::spin::routed_clients_spin`]).
     pub(crate) fn set_quiet(&self, quiet: bool) {
         self.spin.set_quiet(quiet);
+        self.body_spin.set_quiet(quiet);
     }
 
     /// Whether threads waiting on this connection's answers sleep at once (see `set_quiet`).
@@ -185,6 +229,7 @@ impl Direct {
             answered: Default::default(),
             requests: Default::default(),
             spin: Spin::default(),
+            body_spin: Spin::default(),
             state: Mutex::new(State {
                 side: Side::Engine,
                 want: false,
@@ -196,6 +241,7 @@ impl Direct {
                 loop_done: false,
                 loop_wait: None,
                 ended: false,
+                partial: None,
             }),
         }
     }
@@ -274,9 +320,12 @@ impl Direct {
         }
     }
 
-    /// A thread handed the connection back (`Command::Resume`): the bytes to parse first.
-    pub(crate) fn resume(&self) -> Vec<u8> {
-        std::mem::take(&mut self.lock().rest)
+    /// A thread handed the connection back (`Command::Resume`): the bytes to parse first and,
+    /// when they end with the head of a large payload the thread was receiving, the part of it
+    /// received so far.
+    pub(crate) fn resume(&self) -> (Vec<u8>, Option<Body>) {
+        let mut s = self.lock();
+        (std::mem::take(&mut s.rest), s.partial.take())
     }
 
     /// Drops a pending request to park; returns false (for use in a condition).
@@ -316,6 +365,7 @@ impl Direct {
         }
         s.side = Side::Closed;
         s.rest = Vec::new();
+        s.partial = None;
         true
     }
 
@@ -448,8 +498,10 @@ impl Direct {
             let mut budget = LOOP_READ_MAX;
             loop {
                 let mut taken = Vec::new();
-                let (used, other) = self.scan_frames(&rest, conn, calls, requests, &mut taken);
+                let (used, stop) = self.scan_frames(&rest, conn, calls, requests, &mut taken);
                 rest.drain(..used);
+                // An event loop never waits: a large payload is the engine's to receive.
+                let other = !matches!(stop, Stop::More);
                 if let Some(w) = requests {
                     taken.into_iter().for_each(|call| w.queue(call));
                     // The node's callbacks are behind: the engine takes the connection back,
@@ -512,8 +564,9 @@ impl Direct {
 
     /// Handles the whole small frames at the front of `rest` that a thread or an event loop
     /// may: answers are completed in `calls`; requests for functions the worker runs are added
-    /// to `taken`. Returns the bytes they took, and whether it stopped at a frame only the
-    /// engine may handle (anything else, including refusals, which are the engine's to answer).
+    /// to `taken`. Returns the bytes they took, and where it stopped: at a frame only the
+    /// engine may handle (anything else, including refusals, which are the engine's to answer),
+    /// or at the head of a large answer or request the reading thread may receive itself.
     fn scan_frames(
         &self,
         rest: &[u8],
@@ -521,7 +574,7 @@ impl Direct {
         calls: Option<&CallTable>,
         requests: Option<&Worker<'_>>,
         taken: &mut Vec<IncomingCall>,
-    ) -> (usize, bool) {
+    ) -> (usize, Stop) {
         let mut used = 0;
         loop {
             let front = &rest[used..];
@@ -538,12 +591,16 @@ impl Direct {
                         used += len;
                         continue;
                     }
-                    Scan::Partial => return (used, false),
+                    Scan::Large(h) => {
+                        let stop = Large::new(&h, false).map_or(Stop::Other, Stop::Large);
+                        return (used, stop);
+                    }
+                    Scan::Partial => return (used, Stop::More),
                     Scan::Other => {}
                 }
             }
             let Some(worker) = requests else {
-                return (used, true);
+                return (used, Stop::Other);
             };
             match answer::scan_request(front, self.max_payload, worker.routed) {
                 ScanRequest::Request(r) if worker.runs(r.name, r.serde) => {
@@ -559,9 +616,112 @@ impl Direct {
                         payload: Payload::Inline(r.payload.to_vec()),
                     });
                 }
-                ScanRequest::Partial => return (used, false),
-                ScanRequest::Request(_) | ScanRequest::Other => return (used, true),
+                ScanRequest::Large(h) if worker.runs(h.name, h.serde) => {
+                    let stop = Large::new(&h, true).map_or(Stop::Other, Stop::Large);
+                    return (used, stop);
+                }
+                ScanRequest::Partial => return (used, Stop::More),
+                ScanRequest::Request(_) | ScanRequest::Large(_) | ScanRequest::Other => {
+                    return (used, Stop::Other);
+                }
             }
+        }
+    }
+
+    /// Receives on this thread the large payload whose head (`large.head_len` bytes) is at the
+    /// front of `rest`, straight into a buffer of its own, then its status byte if it has one.
+    /// `Ok(None)`: its sender lost it midway (the status byte says so); drop it. When the turn
+    /// ends first (`until` passed, `alarm` raised, the stream ended), the head stays in `rest`
+    /// and the part received is kept for the engine, which receives the rest into it (see
+    /// [`Direct::resume`]).
+    fn receive_large(
+        &self,
+        rest: &mut Vec<u8>,
+        large: &Large,
+        until: Option<Instant>,
+        alarm: Option<&sys::Alarm>,
+    ) -> Result<Option<Payload>, Turn> {
+        // The engine reports a buffer it cannot get either.
+        let Some(mut body) = alloc_body(large.payload_len) else {
+            return Err(Turn::HandBack);
+        };
+        let head = large.head_len;
+        let have = (rest.len() - head).min(large.payload_len);
+        body.extend_from_slice(&rest[head..head + have]);
+        rest.drain(head..head + have);
+        while !body.is_full() {
+            let mut buf = RecvBuf::Body(body);
+            let r = sys::recv(self.fd, &mut buf, usize::MAX);
+            let RecvBuf::Body(b) = buf else {
+                unreachable!("a body receive buffer stays a body")
+            };
+            body = b;
+            let waited = match r {
+                Ok(0) => Err(Turn::Ended),
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_more(until, alarm),
+                Err(_) => Err(Turn::Ended),
+            };
+            if let Err(turn) = waited {
+                self.lock().partial = Some(body);
+                return Err(turn);
+            }
+        }
+        if !large.trailer {
+            rest.drain(..head);
+            return Ok(Some(Payload::Body(body)));
+        }
+        while rest.len() == head {
+            rest.reserve(READ_ROOM);
+            let mut buf = RecvBuf::Vec(std::mem::take(rest));
+            let r = sys::recv(self.fd, &mut buf, usize::MAX);
+            let RecvBuf::Vec(v) = buf else {
+                unreachable!("a Vec receive buffer stays a Vec")
+            };
+            *rest = v;
+            let waited = match r {
+                Ok(0) => Err(Turn::Ended),
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_more(until, alarm),
+                Err(_) => Err(Turn::Ended),
+            };
+            if let Err(turn) = waited {
+                self.lock().partial = Some(body);
+                return Err(turn);
+            }
+        }
+        let complete = rest[head] == 0;
+        rest.drain(..=head);
+        Ok(complete.then_some(Payload::Body(body)))
+    }
+
+    /// Waits for more of a payload that is on its way: `Err` ends the turn when `until` passed
+    /// ([`Turn::HandBack`]: the engine goes on with it), `alarm` was raised, or the socket
+    /// failed.
+    fn wait_more(&self, until: Option<Instant>, alarm: Option<&sys::Alarm>) -> Result<(), Turn> {
+        let woke = self.body_spin.wait(until, |sleep| {
+            let wait = match (sleep, until) {
+                (false, _) => Duration::ZERO,
+                (true, None) => MAX_WAIT,
+                (true, Some(t)) => (t.checked_duration_since(Instant::now())?).min(MAX_WAIT),
+            };
+            match sys::wait_either(self.fd, alarm, wait) {
+                Ok((false, false)) if !sleep => None,
+                other => Some(other),
+            }
+        });
+        match woke {
+            None => Err(Turn::HandBack),
+            Some(Ok((_, true))) => {
+                if let Some(a) = alarm {
+                    a.clear();
+                }
+                Err(Turn::HandBack)
+            }
+            Some(Ok(_)) => Ok(()),
+            Some(Err(_)) => Err(Turn::Ended),
         }
     }
 
@@ -622,10 +782,28 @@ impl Direct {
     ) -> Turn {
         let mut fresh = true;
         loop {
-            let (used, other) = self.scan_frames(rest, 0, Some(calls), None, &mut Vec::new());
+            let (used, stop) = self.scan_frames(rest, 0, Some(calls), None, &mut Vec::new());
             rest.drain(..used);
-            if other {
-                return Turn::HandBack;
+            match stop {
+                Stop::More => {}
+                Stop::Other => return Turn::HandBack,
+                Stop::Large(large) => {
+                    let outcome = match self.receive_large(rest, &large, until, None) {
+                        Ok(Some(payload)) => Ok(Reply {
+                            serde: large.serde,
+                            flags: large.flags,
+                            payload,
+                        }),
+                        Ok(None) => Err(CallError::Disconnected(
+                            "the answer was cut off: its sender lost it midway".to_owned(),
+                        )),
+                        Err(turn) => return turn,
+                    };
+                    calls.complete(large.call_id, outcome);
+                    self.answered
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
             }
             if slot.is_filled() {
                 return Turn::Answered;
@@ -656,10 +834,34 @@ impl Direct {
         let mut calls = Vec::new();
         let mut fresh = true;
         let turn = loop {
-            let (used, other) = self.scan_frames(&rest, conn, None, Some(node), &mut calls);
+            let (used, stop) = self.scan_frames(&rest, conn, None, Some(node), &mut calls);
             rest.drain(..used);
-            if other {
-                break Turn::HandBack;
+            match stop {
+                Stop::More => {}
+                Stop::Other => break Turn::HandBack,
+                // One large payload a turn: the next one waits for a worker with nothing to
+                // do (the engine's back-pressure counts what the workers have not taken).
+                Stop::Large(_) if !calls.is_empty() => break Turn::Answered,
+                Stop::Large(large) => {
+                    match self.receive_large(&mut rest, &large, until, node.alarm) {
+                        Ok(Some(payload)) => {
+                            self.requests
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            calls.push(IncomingCall {
+                                conn,
+                                call_id: large.call_id,
+                                name: large.name.unwrap_or_default(),
+                                serde: large.serde,
+                                flags: large.flags,
+                                payload,
+                            });
+                        }
+                        // Its sender lost it midway: it is neither run nor answered.
+                        Ok(None) => {}
+                        Err(turn) => break turn,
+                    }
+                    continue;
+                }
             }
             if !calls.is_empty() {
                 break Turn::Answered;

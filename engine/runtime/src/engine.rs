@@ -420,6 +420,9 @@ struct Conn {
     shut: bool,
     /// The buffer of the large payload being received, while it is not lent to the kernel.
     body: Option<Body>,
+    /// The partly received payload a reading thread handed back with the connection: the
+    /// buffer of the next large payload to start, instead of a fresh one (see `unpark`).
+    adopt: Option<Body>,
     /// Shared with the binding threads that send on this connection.
     wire: Arc<Wire>,
     /// Frames from binding threads, sent before the engine's own (`proto`'s) frames.
@@ -813,6 +816,7 @@ impl Loop {
             closing: None,
             shut: false,
             body: None,
+            adopt: None,
             wire,
             raw: VecDeque::new(),
             raw_sending: 0,
@@ -1506,13 +1510,25 @@ impl Loop {
         if let Owner::Server(s) = &c.owner {
             s.forget_reader(id);
         }
-        let rest = rest
-            .or_else(|| c.direct_side().map(|d| d.resume()))
-            .unwrap_or_default();
+        let (rest, partial) = match rest {
+            Some(rest) => (rest, None),
+            None => c.direct_side().map(|d| d.resume()).unwrap_or_default(),
+        };
         c.parked = false;
+        // A thread that stopped in the middle of a large payload hands back its head (`rest`)
+        // and the part it received: the payload goes on into that buffer.
+        c.adopt = partial;
         self.driver.lend(c.fd.as_raw_fd(), false);
         self.parked.retain(|p| *p != id);
         self.feed(id, &rest);
+        if let Some(c) = self.conns.get_mut(&id) {
+            if c.adopt.take().is_some() {
+                // Never: the head came with it. Its bytes are lost, so is the stream's sync.
+                tracing::error!("connection {id}: a partly received payload lost its frame");
+                self.close(id, "a partly received payload lost its frame".into(), false);
+                return;
+            }
+        }
         self.start_recv(id);
         self.maybe_finish(id);
     }
@@ -1574,11 +1590,21 @@ impl Loop {
                 continue;
             }
             let len = usize::try_from(len).map_err(|_| format!("payload of {len} bytes"))?;
-            let body = alloc_body(len);
+            let body = match c.adopt.take() {
+                Some(b) if b.capacity() == len => Some(b),
+                Some(b) => {
+                    return Err(format!(
+                        "a payload of {len} bytes continues in a buffer of {}",
+                        b.capacity()
+                    ));
+                }
+                None => alloc_body(len),
+            };
             let mut body = body.ok_or_else(|| format!("cannot allocate {len} bytes"))?;
+            let filled = body.len() as u64;
             body.extend_from_slice(c.proto.take_body_prefix());
             c.body = Some(body);
-            c.proto.body_received(0).map_err(|e| e.to_string())?;
+            c.proto.body_received(filled).map_err(|e| e.to_string())?;
         }
     }
 

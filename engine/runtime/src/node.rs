@@ -122,6 +122,11 @@ impl Callee {
         lock(&self.functions).iter().any(|f| f == name)
     }
 
+    /// Whether any function is exported.
+    pub(crate) fn exports_any(&self) -> bool {
+        !lock(&self.functions).is_empty()
+    }
+
     /// Adds new names; returns those that were not exported yet.
     fn add_functions(&self, names: &[String]) -> Vec<String> {
         let mut f = lock(&self.functions);
@@ -1424,6 +1429,11 @@ impl Node for Client {
     fn next_call(&self, timeout: Option<Duration>) -> Next<IncomingCall> {
         let shared = &self.shared;
         worker_loop(&shared.callee.calls, timeout, |deadline| {
+            // A client that exports nothing gets no requests: its workers would only ever read
+            // its callers' answers, and hand them over (a wake-up more per answer).
+            if !shared.callee.exports_any() {
+                return None;
+            }
             let worker = shared.worker();
             if let Some(call) =
                 shared

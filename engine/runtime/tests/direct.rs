@@ -22,8 +22,124 @@ fn callers_and_workers_receive_on_their_own_threads() {
         sequential_callers_receive_their_own_answers(&engine);
         late_answers_read_by_a_caller_are_dropped(&engine);
         service_workers_receive_their_own_requests(&engine);
+        a_worker_recalled_midway_through_a_large_request_loses_nothing(&engine);
         routed_workers_receive_their_own_requests(&engine);
     }
+}
+
+/// A client speaking the wire protocol by hand, to send a frame in parts.
+struct RawClient(std::net::TcpStream);
+
+impl RawClient {
+    fn connect(address: &Address, name: &str) -> RawClient {
+        use daffi_proto::frame::{Kind, encode_head};
+        use std::io::Write;
+        let Address::Tcp { port, .. } = address else {
+            unreachable!("a TCP server")
+        };
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", *port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let hello = daffi_proto::Hello {
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            functions: Vec::new(),
+            token: Vec::new(),
+        }
+        .encode();
+        s.write_all(&encode_head(Kind::Hello, 0, 0, 0, name, hello.len() as u64))
+            .unwrap();
+        s.write_all(&hello).unwrap();
+        let mut c = RawClient(s);
+        assert_eq!(c.frame().0.kind, Kind::Welcome);
+        c
+    }
+
+    /// Reads one whole frame: header, meta, payload.
+    fn frame(&mut self) -> (daffi_proto::Header, Vec<u8>) {
+        use std::io::Read;
+        let mut h = [0u8; daffi_proto::HEADER_LEN];
+        self.0.read_exact(&mut h).unwrap();
+        let h = daffi_proto::Header::decode(&h).unwrap();
+        let mut rest = vec![0; (u64::from(h.meta_len) + h.payload_len) as usize];
+        self.0.read_exact(&mut rest).unwrap();
+        rest.drain(..h.meta_len as usize);
+        (h, rest)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.0.write_all(bytes).unwrap();
+    }
+
+    /// Sends the head of an `echo` request with a payload of `len` bytes (none of them yet).
+    fn request_head(&mut self, call_id: u64, len: usize) {
+        use daffi_proto::frame::{Kind, encode_head};
+        self.write(&encode_head(
+            Kind::Request,
+            call_id,
+            0,
+            0,
+            "echo",
+            len as u64,
+        ));
+    }
+
+    /// The answer to `call_id` (skipping any other frame).
+    fn answer(&mut self, call_id: u64) -> Vec<u8> {
+        loop {
+            let (h, payload) = self.frame();
+            if h.call_id == call_id && h.kind == daffi_proto::Kind::Response {
+                return payload;
+            }
+        }
+    }
+}
+
+/// A worker receiving a large request itself, told to give the connection back midway (a
+/// second client connects): the engine receives the rest into the same buffer, and the call
+/// runs with its payload whole, in order with what the client sends after it.
+fn a_worker_recalled_midway_through_a_large_request_loses_nothing(engine: &Engine) {
+    let server = serve(
+        engine,
+        Address::Tcp {
+            host: "127.0.0.1".into(),
+            port: 0,
+        },
+    );
+    let mut raw = RawClient::connect(server.address(), "raw");
+    // Small requests until the worker reads them itself.
+    let mut id = 0u64;
+    while server.requests_read_by_workers() < 20 && id < 5000 {
+        id += 1;
+        raw.request_head(id, 8);
+        raw.write(&id.to_le_bytes());
+        assert_eq!(raw.answer(id), id.to_le_bytes());
+    }
+    assert!(
+        server.requests_read_by_workers() >= 20,
+        "{}: the worker never read its requests",
+        engine.backend()
+    );
+    let len = 8 << 20;
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    raw.request_head(1000, len);
+    raw.write(&data[..2 << 20]);
+    std::thread::sleep(Duration::from_millis(100));
+    let second = client(engine, server.address().clone(), "second");
+    let r = second
+        .call(None, "echo", 0, 0, Bytes::from_static(b"meanwhile"), None)
+        .unwrap();
+    assert_eq!(r.payload.as_slice(), b"meanwhile");
+    raw.write(&data[2 << 20..]);
+    raw.request_head(1001, 5);
+    raw.write(b"after");
+    assert!(
+        raw.answer(1000) == data,
+        "{}: the large request arrived damaged",
+        engine.backend()
+    );
+    assert_eq!(raw.answer(1001), b"after");
+    second.close();
+    server.stop();
 }
 
 /// A client whose calls come one at a time receives their answers on the calling thread
@@ -63,9 +179,7 @@ fn sequential_callers_receive_their_own_answers(engine: &Engine) {
             "{}: only {direct} of {made} answers read by the caller",
             engine.backend()
         );
-        // A large answer is left to the engine; the small ones after it go direct again.
-        // Answers just over the small size, and much larger, each after small ones: the bytes
-        // a caller read past the last answer it handled go back to the engine whole.
+        // Answers just over the small size, and much larger, each after small ones.
         for size in [16 << 10 | 1, 70 << 10, 200 << 10, 1 << 20] {
             for i in 0..5u32 {
                 echo(&c, i.to_le_bytes().to_vec());
@@ -73,6 +187,21 @@ fn sequential_callers_receive_their_own_answers(engine: &Engine) {
             echo(&c, (0..size).map(|i| (i % 251) as u8).collect());
         }
         echo(&c, vec![7u8; 3 << 20]);
+        // A large answer is received by its caller too, straight into a buffer of its own:
+        // call until 20 were.
+        let before = c.answers_read_by_callers();
+        let big: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
+        let mut made = 0u32;
+        while c.answers_read_by_callers() < before + 20 && made < 1000 {
+            echo(&c, big.clone());
+            made += 1;
+        }
+        assert!(
+            c.answers_read_by_callers() >= before + 20,
+            "{}: callers read only {} of {made} large answers",
+            engine.backend(),
+            c.answers_read_by_callers() - before
+        );
         assert_eq!(
             c.call(None, "fail", 2, 0, Bytes::new(), None),
             Err(CallError::Remote(b"boom".to_vec()))
@@ -256,6 +385,20 @@ fn service_workers_receive_their_own_requests(engine: &Engine) {
             }
             echo(&c, (0..size).map(|i| (i % 249) as u8).collect());
         }
+        // Workers receive large requests themselves too: call until 20 were.
+        let before = server.requests_read_by_workers();
+        let big: Vec<u8> = (0..1 << 20).map(|i| (i % 247) as u8).collect();
+        let mut made = 0u32;
+        while server.requests_read_by_workers() < before + 20 && made < 1000 {
+            echo(&c, big.clone());
+            made += 1;
+        }
+        assert!(
+            server.requests_read_by_workers() >= before + 20,
+            "{}: workers read only {} of {made} large requests",
+            engine.backend(),
+            server.requests_read_by_workers() - before
+        );
         assert!(matches!(
             c.call(None, "nope", 0, 0, Bytes::new(), None),
             Err(CallError::Transmission(_))
@@ -455,12 +598,26 @@ fn routed_workers_receive_their_own_requests(engine: &Engine) {
         );
         assert_eq!(call(&caller, "echo", msg.clone()), msg);
     }
-    // Large payloads, which the engine receives, in between small ones.
+    // Large payloads in between small ones. The Router passes them on while they arrive
+    // (with a status byte after them), and the worker's threads receive them too.
     for size in [16 << 10 | 1, 300 << 10, 3 << 20] {
         let big: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
         assert_eq!(call(&caller, "echo", big.clone()), big);
         assert_eq!(call(&caller, "echo", b"small".to_vec()), b"small");
     }
+    let big: Vec<u8> = (0..1 << 20).map(|i| (i % 241) as u8).collect();
+    let before = worker.requests_read_by_workers();
+    let mut made = 0u32;
+    while worker.requests_read_by_workers() < before + 20 && made < 1000 {
+        assert_eq!(call(&caller, "echo", big.clone()), big);
+        made += 1;
+    }
+    assert!(
+        worker.requests_read_by_workers() >= before + 20,
+        "{}: the worker's threads read only {} of {made} large requests",
+        engine.backend(),
+        worker.requests_read_by_workers() - before
+    );
     // A function the worker does not export: refused, and the worker goes on.
     assert!(matches!(
         caller.call(

@@ -387,6 +387,80 @@ fn a_worker_that_dies_mid_answer_fails_the_call_at_once() {
 }
 
 #[test]
+fn a_caller_that_stops_waiting_midway_through_a_large_answer_keeps_its_connection() {
+    use daffi_proto::frame::{Kind, encode_head};
+    use std::io::Write;
+    for engine in backends() {
+        let (r, addr, port) = tcp_router(&engine);
+        let mut slow = raw::Peer::join(port, "slow", &["big"]);
+        let caller = client(&engine, &addr, "caller", &[]);
+        wait_for(&caller, &["slow"]);
+        let len = 8usize << 20;
+        let second: Vec<u8> = (0..3 << 20).map(|i| (i * 11 % 251) as u8).collect();
+        let expected = second.clone();
+        let answering = std::thread::spawn(move || {
+            let request = |slow: &mut raw::Peer| loop {
+                let (h, _, _) = slow.frame();
+                if h.kind == Kind::Request {
+                    return h.call_id;
+                }
+            };
+            // Small answers first, so that the caller reads its socket itself.
+            for _ in 0..50 {
+                let id = request(&mut slow);
+                slow.0
+                    .write_all(&encode_head(Kind::Response, id, 0, 0, "", 2))
+                    .unwrap();
+                slow.0.write_all(b"ok").unwrap();
+            }
+            // A large answer whose first quarter comes at once, the rest after the caller
+            // stopped waiting for it.
+            let id = request(&mut slow);
+            slow.0
+                .write_all(&encode_head(Kind::Response, id, 0, 0, "", len as u64))
+                .unwrap();
+            slow.0.write_all(&vec![1u8; len / 4]).unwrap();
+            std::thread::sleep(Duration::from_millis(700));
+            slow.0.write_all(&vec![1u8; len - len / 4]).unwrap();
+            let id = request(&mut slow);
+            slow.0
+                .write_all(&encode_head(
+                    Kind::Response,
+                    id,
+                    0,
+                    0,
+                    "",
+                    second.len() as u64,
+                ))
+                .unwrap();
+            slow.0.write_all(&second).unwrap();
+            slow
+        });
+        let call = |timeout| caller.call(Some("slow"), "big", 0, 0, Bytes::new(), Some(timeout));
+        for _ in 0..50 {
+            let r = call(Duration::from_secs(5)).unwrap();
+            assert_eq!(r.payload.as_slice(), b"ok");
+        }
+        assert_eq!(
+            call(Duration::from_millis(300)).map(|_| ()),
+            Err(CallError::Timeout),
+            "{}",
+            engine.backend()
+        );
+        // The rest of the abandoned answer is received and dropped; the next answer is whole.
+        let r2 = call(Duration::from_secs(10)).unwrap();
+        assert!(
+            r2.payload.as_slice() == &expected[..],
+            "{}: the next answer differs",
+            engine.backend()
+        );
+        assert!(caller.is_open());
+        drop(answering.join().unwrap());
+        r.stop();
+    }
+}
+
+#[test]
 fn large_payloads_to_one_worker_from_many_callers_at_once() {
     for engine in backends() {
         let (r, addr, _) = tcp_router(&engine);
