@@ -1,9 +1,10 @@
 //! Large payloads are received straight into the `bytes` object Python code gets.
 //!
-//! When a large request or response starts arriving, the engine thread asks for its buffer;
-//! for payloads of at least [`PY_BODY_MIN`] bytes we create an uninitialised `bytes` object of
-//! exactly that size (holding the GIL only for that) and let the kernel write into it. The
-//! engine hands the finished object over as is: no copy after the kernel's.
+//! When a large request or response starts arriving, its receiver (the engine thread, or a
+//! caller or worker thread reading its own socket) asks for its buffer; for payloads of at
+//! least [`PY_BODY_MIN`] bytes we create an uninitialised `bytes` object of exactly that size
+//! (holding the GIL only for that) and let the kernel write into it. The finished object is
+//! handed over as is: no copy after the kernel's.
 
 use std::any::Any;
 
@@ -11,8 +12,7 @@ use daffi_runtime::{Payload, RawBuf};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-/// Smaller payloads are received into engine memory and copied (cheaper than taking the GIL on
-/// the engine thread).
+/// Smaller payloads are received into engine memory and copied (cheaper than taking the GIL).
 pub const PY_BODY_MIN: usize = 1 << 20;
 
 /// A fresh `bytes` object that the kernel fills before any Python code sees it.

@@ -1,10 +1,13 @@
-//! Recognising small answers at the front of a byte stream, without a [`crate::Connection`].
+//! Recognising answers and requests at the front of a byte stream, without a
+//! [`crate::Connection`].
 //!
-//! A client thread that reads its connection's socket itself (while the runtime lends it the
-//! receive side) handles only what it can handle alone: whole `Response` and `Error` frames with
-//! small payloads. Anything else, a frame of another kind, a large or cut-off payload, or bytes
-//! that are not a valid frame, is left untouched for the connection to parse, from exactly that
-//! byte on.
+//! A thread that reads its connection's socket itself (while the runtime lends it the receive
+//! side) handles only what it can handle alone: whole `Response` and `Error` frames with small
+//! payloads (and `Request` frames, for a server's or worker's reader), and the head of a
+//! `Response` or `Request` with a large payload, which it then receives into a buffer of its
+//! own. Anything else, a frame of another kind, a payload over the local limit, a small cut-off
+//! payload, or bytes that are not a valid frame, is left untouched for the connection to parse,
+//! from exactly that byte on.
 
 use crate::frame::{HEADER_LEN, Header, Kind};
 use crate::reader::{MAX_META, SMALL_PAYLOAD};
@@ -33,7 +36,8 @@ pub enum Scan<'a> {
     },
     /// The head of a `Response` with a large payload, which is still to be received.
     Large(LargeHead<'a>),
-    /// The start of a frame that may be a small answer: more bytes are needed to tell.
+    /// The start of a frame that may be an answer (or the head of a large one): more bytes are
+    /// needed to tell.
     Partial,
     /// Something only the connection may handle.
     Other,
@@ -138,7 +142,10 @@ pub fn scan(buf: &[u8], max_payload: u64) -> Scan<'_> {
             payload,
             len,
         } => (h, meta, payload, len),
-        Front::Large { h, meta } if h.kind == Kind::Response => {
+        // Its meta is empty, but what the connection would refuse must not pass here.
+        Front::Large { h, meta }
+            if h.kind == Kind::Response && std::str::from_utf8(meta).is_ok() =>
+        {
             return Scan::Large(LargeHead::new(&h, meta.len(), ""));
         }
         Front::Partial => return Scan::Partial,
@@ -183,7 +190,8 @@ pub enum ScanRequest<'a> {
     Request(Request<'a>),
     /// The head of a request with a large payload, which is still to be received.
     Large(LargeHead<'a>),
-    /// The start of a frame that may be a small request: more bytes are needed to tell.
+    /// The start of a frame that may be a request (or the head of a large one): more bytes are
+    /// needed to tell.
     Partial,
     /// Something only the connection may handle (any other kind, a payload over `max_payload`,
     /// a small cut-off one, a wrongly routed request, bytes that are not a frame).
@@ -408,6 +416,10 @@ mod tests {
         // A routed request without its caller's name is the connection's to report.
         let bare = frame(Kind::Request, 11, 0, "echo", &vec![1u8; len]);
         assert_eq!(scan_request(&bare, 1 << 30, true), ScanRequest::Other);
+        // So is an answer whose meta is not UTF-8.
+        let mut bad = frame(Kind::Response, 12, 0, "x", &vec![1u8; len]);
+        bad[HEADER_LEN] = 0xff;
+        assert_eq!(scan(&bad, 1 << 30), Scan::Other);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! two thread hand-offs per call (engine woken by the kernel, caller woken by the engine). While
 //! a client's calls come one at a time, the engine instead *parks* the connection (it stops
 //! receiving on it) and the next caller reads the socket itself, as a plain blocking socket
-//! would, handling the small answers it finds there (see [`daffi_proto::answer`]):
+//! would, handling the answers it finds there (see [`daffi_proto::answer`]): small ones in
+//! place, large ones received straight into a buffer of their own (see
+//! [`Direct::receive_large`]):
 //!
 //! ```text
 //!   Engine ──(a caller asked, no call pending)──► Parked ──(a caller waits)──► Thread
@@ -14,10 +16,11 @@
 //!     └──(parked and unused for PARK_IDLE: the engine takes it back)
 //! ```
 //!
-//! Anything the thread cannot handle alone (a frame of another kind, a large payload, a broken
-//! stream) is handed back to the engine with every byte read after the last answer it handled,
-//! and the engine parses on from there. Only the engine closes the descriptor, never while a
-//! thread reads it.
+//! Anything the thread cannot handle alone (a frame of another kind, a broken stream) is handed
+//! back to the engine with every byte read after the last answer it handled, and the engine
+//! parses on from there; a turn that ends in the middle of a large payload hands back its head
+//! and the part received, which the engine goes on filling. Only the engine closes the
+//! descriptor, never while a thread reads it.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -97,7 +100,8 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct Direct {
     fd: RawFd,
-    /// Answers with larger payloads are left to the engine.
+    /// Frames with larger payloads (over the node's `max_message_size`) are left to the
+    /// engine, which reports them.
     max_payload: u64,
     /// Off with `DAFFI_NO_DIRECT_RECV=1` (for comparison): the engine always receives.
     enabled: bool,
@@ -202,7 +206,8 @@ enum Turn {
     Answered,
     /// Its time ran out.
     Waited,
-    /// It read something only the engine may handle, or was asked to stop.
+    /// It read something only the engine may handle, was asked to stop, or its time ran out
+    /// in the middle of a large payload.
     HandBack,
     /// The stream ended or failed: only the engine may see that (and never lends it again).
     Ended,
@@ -658,6 +663,9 @@ impl Direct {
             body = b;
             let waited = match r {
                 Ok(0) => Err(Turn::Ended),
+                // While bytes keep coming, the deadline is all that may end the turn (an alarm
+                // is seen once they pause: the payload's end is usually nearer).
+                Ok(_) if until.is_some_and(|t| Instant::now() >= t) => Err(Turn::HandBack),
                 Ok(_) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_more(until, alarm),
@@ -682,6 +690,9 @@ impl Direct {
             *rest = v;
             let waited = match r {
                 Ok(0) => Err(Turn::Ended),
+                // While bytes keep coming, the deadline is all that may end the turn (an alarm
+                // is seen once they pause: the payload's end is usually nearer).
+                Ok(_) if until.is_some_and(|t| Instant::now() >= t) => Err(Turn::HandBack),
                 Ok(_) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_more(until, alarm),
@@ -787,6 +798,8 @@ impl Direct {
             match stop {
                 Stop::More => {}
                 Stop::Other => return Turn::HandBack,
+                // This caller's answer is in: the large one after it is not worth its wait.
+                Stop::Large(_) if slot.is_filled() => return Turn::Answered,
                 Stop::Large(large) => {
                     let outcome = match self.receive_large(rest, &large, until, None) {
                         Ok(Some(payload)) => Ok(Reply {
@@ -817,9 +830,9 @@ impl Direct {
     }
 
     /// A worker's turn (a Service's, or a Client's that exports functions): if the connection
-    /// is parked, receives on this thread until at least one small request for a function run
-    /// here arrives (the first is returned, those read with it are queued after it), `until`
-    /// passes, or the node's alarm is raised.
+    /// is parked, receives on this thread until at least one request for a function run here
+    /// arrives (the first is returned, small ones read with it are queued after it; a large one
+    /// only as the first), `until` passes, or the node's alarm is raised.
     pub(crate) fn read_request(
         &self,
         conn: u64,
@@ -904,6 +917,11 @@ impl Direct {
         let mut s = self.lock();
         match s.side {
             Side::Parked => {
+                // Kept only while the engine has yet to take the connection back.
+                debug_assert!(
+                    s.partial.is_none(),
+                    "a partial payload outlived its hand-back"
+                );
                 s.side = Side::Thread;
                 s.want = false;
                 Some(std::mem::take(&mut s.rest))

@@ -894,8 +894,14 @@ impl Loop {
                 }
                 match tell {
                     Some(n) => n.notify(),
-                    // The worker waiting for it, if any (a caller reads at its next call).
-                    None => c.owner.callee().calls.wake_one(),
+                    // The worker waiting for it, if any (a caller reads at its next call); a
+                    // client's workers read only if it exports something.
+                    None => {
+                        let callee = c.owner.callee();
+                        if matches!(c.owner, Owner::Server(_)) || callee.exports_any() {
+                            callee.calls.wake_one();
+                        }
+                    }
                 }
                 return;
             }
@@ -1522,8 +1528,9 @@ impl Loop {
         self.parked.retain(|p| *p != id);
         self.feed(id, &rest);
         if let Some(c) = self.conns.get_mut(&id) {
-            if c.adopt.take().is_some() {
-                // Never: the head came with it. Its bytes are lost, so is the stream's sync.
+            // Unused when the connection is closing (nothing more is parsed) or the head broke
+            // the protocol; otherwise never, since the head came with it.
+            if c.adopt.take().is_some() && !c.shut && c.closing.is_none() {
                 tracing::error!("connection {id}: a partly received payload lost its frame");
                 self.close(id, "a partly received payload lost its frame".into(), false);
                 return;
