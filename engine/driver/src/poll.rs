@@ -27,6 +27,14 @@ struct Parked {
     send: Option<(Token, Vec<Bytes>, usize)>,
     splice_in: Option<(Token, Arc<sys::Pipe>, usize)>,
     splice_out: Option<(Token, Arc<sys::Pipe>, usize)>,
+    /// The last receive took less than it had room for: the socket was empty then, and (the
+    /// readiness being edge-triggered) the next receive waits for the next event instead of
+    /// trying at once, a system call that would only find nothing.
+    drained: bool,
+    /// An event said the peer closed its side (or the socket failed): the end of the stream
+    /// may wait behind the bytes a receive takes, with no event to come for it, so receives
+    /// are always tried at once.
+    read_closed: bool,
 }
 
 /// The mio-based driver.
@@ -126,12 +134,14 @@ impl Driver {
         let Some((token, mut buf, max)) = p.recv.take() else {
             return;
         };
+        let room = buf.target(max).1;
         let res = loop {
             match sys::recv(fd, &mut buf, max) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => break r,
             }
         };
+        p.drained = !p.read_closed && matches!(res, Ok(n) if n > 0 && n < room);
         match res {
             Err(e) if would_block(&e) => p.recv = Some((token, buf, max)),
             res => self.ready.push_back(Completion {
@@ -234,7 +244,9 @@ impl crate::Driver for Driver {
             Op::Recv { buf, max, .. } => {
                 debug_assert!(p.recv.is_none(), "two receives on one descriptor");
                 p.recv = Some((token, buf, max));
-                self.try_recv(fd);
+                if !p.drained {
+                    self.try_recv(fd);
+                }
             }
             Op::RecvPooled { .. } => unreachable!("refused above"),
             Op::Send { bufs, skip, .. } => {
@@ -304,9 +316,11 @@ impl crate::Driver for Driver {
     }
 
     fn lend(&mut self, fd: RawFd, lent: bool) {
-        let Some(p) = self.fds.get(&fd) else {
+        let Some(p) = self.fds.get_mut(&fd) else {
             return;
         };
+        // Whoever borrowed it read what it read: nothing is known of the socket now.
+        p.drained = false;
         if !p.registered {
             return;
         }
@@ -357,7 +371,7 @@ impl crate::Driver for Driver {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-        let ready: Vec<(RawFd, bool, bool)> = self
+        let ready: Vec<(RawFd, bool, bool, bool)> = self
             .events
             .iter()
             .filter(|e| e.token() != WAKE)
@@ -367,11 +381,16 @@ impl crate::Driver for Driver {
                     e.token().0 as RawFd,
                     e.is_readable() || err,
                     e.is_writable() || err,
+                    e.is_error() || e.is_read_closed(),
                 )
             })
             .collect();
-        for (fd, readable, writable) in ready {
+        for (fd, readable, writable, read_closed) in ready {
             if readable {
+                if let Some(p) = self.fds.get_mut(&fd) {
+                    p.drained = false;
+                    p.read_closed |= read_closed;
+                }
                 self.try_accept(fd);
                 self.try_recv(fd);
                 self.try_splice(fd, Way::In);

@@ -207,6 +207,84 @@ fn receive_into_vec_and_body_then_end_of_stream() {
     }
 }
 
+/// Receives into a fresh 64 KiB vector on `fd`: (bytes received, the bytes).
+fn recv_once(
+    d: &mut AnyDriver,
+    pending: &mut Vec<Completion>,
+    fd: i32,
+    token: u64,
+) -> (usize, Vec<u8>) {
+    d.submit(
+        token,
+        Op::Recv {
+            fd,
+            buf: RecvBuf::Vec(Vec::with_capacity(64 * 1024)),
+            max: 64 * 1024,
+        },
+    );
+    let Outcome::Recv {
+        buf: RecvBuf::Vec(v),
+        res,
+    } = wait_for(d, pending, token).outcome
+    else {
+        panic!("{}: not a receive", d.name())
+    };
+    (res.unwrap(), v)
+}
+
+#[test]
+fn short_receives_miss_neither_later_bytes_nor_the_end_of_stream() {
+    for mut d in drivers() {
+        let mut pending = Vec::new();
+        let (listener, server, mut client) = pair(&mut d, &mut pending);
+        let fd = server.as_raw_fd();
+        // Bytes that come after a receive that took everything there was.
+        for i in 0..50u8 {
+            client.write_all(&[i; 10]).unwrap();
+            assert_eq!(recv_once(&mut d, &mut pending, fd, 2), (10, vec![i; 10]));
+        }
+        // The last bytes and the end of the stream at once: a short receive, then the end,
+        // with nothing new to announce it.
+        client.write_all(b"bye").unwrap();
+        drop(client);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(recv_once(&mut d, &mut pending, fd, 3), (3, b"bye".to_vec()));
+        assert_eq!(
+            recv_once(&mut d, &mut pending, fd, 4).0,
+            0,
+            "{}: end of stream",
+            d.name()
+        );
+        d.close(server);
+
+        // The same with the end coming a little after the bytes.
+        let (accepted, mut client) = {
+            let (l2, s2, c2) = pair(&mut d, &mut pending);
+            d.close(l2);
+            (s2, c2)
+        };
+        let fd = accepted.as_raw_fd();
+        client.write_all(b"last").unwrap();
+        assert_eq!(
+            recv_once(&mut d, &mut pending, fd, 5),
+            (4, b"last".to_vec())
+        );
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            drop(client);
+        });
+        assert_eq!(
+            recv_once(&mut d, &mut pending, fd, 6).0,
+            0,
+            "{}: end of stream",
+            d.name()
+        );
+        closer.join().unwrap();
+        d.close(accepted);
+        d.close(listener);
+    }
+}
+
 #[test]
 fn vectored_sends_resume_after_partial_writes() {
     // Copied, then zero-copy (`SENDMSG_ZC` where the kernel has it: its buffers stay with the
