@@ -661,17 +661,7 @@ impl Direct {
                 unreachable!("a body receive buffer stays a body")
             };
             body = b;
-            let waited = match r {
-                Ok(0) => Err(Turn::Ended),
-                // While bytes keep coming, the deadline is all that may end the turn (an alarm
-                // is seen once they pause: the payload's end is usually nearer).
-                Ok(_) if until.is_some_and(|t| Instant::now() >= t) => Err(Turn::HandBack),
-                Ok(_) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_more(until, alarm),
-                Err(_) => Err(Turn::Ended),
-            };
-            if let Err(turn) = waited {
+            if let Err(turn) = self.go_on(r, until, alarm) {
                 self.lock().partial = Some(body);
                 return Err(turn);
             }
@@ -688,17 +678,7 @@ impl Direct {
                 unreachable!("a Vec receive buffer stays a Vec")
             };
             *rest = v;
-            let waited = match r {
-                Ok(0) => Err(Turn::Ended),
-                // While bytes keep coming, the deadline is all that may end the turn (an alarm
-                // is seen once they pause: the payload's end is usually nearer).
-                Ok(_) if until.is_some_and(|t| Instant::now() >= t) => Err(Turn::HandBack),
-                Ok(_) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_more(until, alarm),
-                Err(_) => Err(Turn::Ended),
-            };
-            if let Err(turn) = waited {
+            if let Err(turn) = self.go_on(r, until, alarm) {
                 self.lock().partial = Some(body);
                 return Err(turn);
             }
@@ -706,6 +686,25 @@ impl Direct {
         let complete = rest[head] == 0;
         rest.drain(..=head);
         Ok(complete.then_some(Payload::Body(body)))
+    }
+
+    /// After one receive of a large payload's bytes (`r`): `Err` when the turn ends there.
+    fn go_on(
+        &self,
+        r: io::Result<usize>,
+        until: Option<Instant>,
+        alarm: Option<&sys::Alarm>,
+    ) -> Result<(), Turn> {
+        match r {
+            Ok(0) => Err(Turn::Ended),
+            // While bytes keep coming, the deadline is all that may end the turn (an alarm is
+            // seen once they pause: the payload's end is usually nearer).
+            Ok(_) if until.is_some_and(|t| Instant::now() >= t) => Err(Turn::HandBack),
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_more(until, alarm),
+            Err(_) => Err(Turn::Ended),
+        }
     }
 
     /// Waits for more of a payload that is on its way: `Err` ends the turn when `until` passed
