@@ -711,7 +711,22 @@ impl Direct {
     /// ([`Turn::HandBack`]: the engine goes on with it), `alarm` was raised, or the socket
     /// failed.
     fn wait_more(&self, until: Option<Instant>, alarm: Option<&sys::Alarm>) -> Result<(), Turn> {
-        let woke = self.body_spin.wait(until, |sleep| {
+        match self.wait_readable(&self.body_spin, until, alarm)? {
+            true => Ok(()),
+            false => Err(Turn::HandBack),
+        }
+    }
+
+    /// Waits, spinning first as `spin` allows, until the socket is readable (`Ok(true)`) or
+    /// `until` passed (`Ok(false)`); `Err` ends the turn: [`Turn::HandBack`] when `alarm` was
+    /// raised, [`Turn::Ended`] when the wait failed.
+    fn wait_readable(
+        &self,
+        spin: &Spin,
+        until: Option<Instant>,
+        alarm: Option<&sys::Alarm>,
+    ) -> Result<bool, Turn> {
+        let woke = spin.wait(until, |sleep| {
             let wait = match (sleep, until) {
                 (false, _) => Duration::ZERO,
                 (true, None) => MAX_WAIT,
@@ -723,14 +738,15 @@ impl Direct {
             }
         });
         match woke {
-            None => Err(Turn::HandBack),
+            // `until` passed.
+            None => Ok(false),
             Some(Ok((_, true))) => {
                 if let Some(a) = alarm {
                     a.clear();
                 }
                 Err(Turn::HandBack)
             }
-            Some(Ok(_)) => Ok(()),
+            Some(Ok(_)) => Ok(true),
             Some(Err(_)) => Err(Turn::Ended),
         }
     }
@@ -967,29 +983,7 @@ impl Direct {
                 Err(_) => return Err(Turn::Ended),
             }
         }
-        let woke = self.spin.wait(until, |sleep| {
-            let wait = match (sleep, until) {
-                (false, _) => Duration::ZERO,
-                (true, None) => MAX_WAIT,
-                (true, Some(t)) => (t.checked_duration_since(Instant::now())?).min(MAX_WAIT),
-            };
-            match sys::wait_either(self.fd, alarm, wait) {
-                Ok((false, false)) if !sleep => None,
-                other => Some(other),
-            }
-        });
-        match woke {
-            // `until` passed.
-            None => Ok(false),
-            Some(Ok((_, true))) => {
-                if let Some(a) = alarm {
-                    a.clear();
-                }
-                Err(Turn::HandBack)
-            }
-            Some(Ok(_)) => Ok(true),
-            Some(Err(_)) => Err(Turn::Ended),
-        }
+        self.wait_readable(&self.spin, until, alarm)
     }
 }
 
