@@ -362,6 +362,20 @@ impl Driver {
         }
     }
 
+    /// A splice submitted: tried at once; its result is reported by the next `wait`.
+    fn submit_splice(
+        &mut self,
+        token: Token,
+        way: Way,
+        fd: RawFd,
+        pipe: Arc<crate::sys::Pipe>,
+        len: usize,
+    ) {
+        let mut done = Vec::new();
+        self.try_splice(token, way, fd, pipe, len, &mut done);
+        self.backlog.append(&mut done);
+    }
+
     fn complete(&mut self, key: usize, res: i32, flags: u32, out: &mut Vec<Completion>) {
         let err = || io::Error::from_raw_os_error(-res);
         match &self.ops[key] {
@@ -517,7 +531,6 @@ impl Driver {
 
 impl crate::Driver for Driver {
     fn submit(&mut self, token: Token, op: Op) {
-        let is_in = matches!(op, Op::SpliceIn { .. });
         match op {
             Op::Accept { fd } => {
                 let key = self.ops.insert(InFlight::Accept { token });
@@ -594,12 +607,8 @@ impl crate::Driver for Driver {
                 };
                 self.push(sqe.user_data(key as u64));
             }
-            Op::SpliceIn { fd, pipe, len } | Op::SpliceOut { fd, pipe, len } => {
-                let way = if is_in { Way::In } else { Way::Out };
-                let mut done = Vec::new();
-                self.try_splice(token, way, fd, pipe, len, &mut done);
-                self.backlog.append(&mut done);
-            }
+            Op::SpliceIn { fd, pipe, len } => self.submit_splice(token, Way::In, fd, pipe, len),
+            Op::SpliceOut { fd, pipe, len } => self.submit_splice(token, Way::Out, fd, pipe, len),
         }
     }
 

@@ -521,16 +521,7 @@ impl Direct {
                 if budget == 0 {
                     return Ok(());
                 }
-                if rest.capacity() - rest.len() < READ_ROOM {
-                    rest.reserve(READ_ROOM);
-                }
-                let mut buf = RecvBuf::Vec(std::mem::take(&mut rest));
-                let r = sys::recv(self.fd, &mut buf, budget);
-                let RecvBuf::Vec(v) = buf else {
-                    unreachable!("a Vec receive buffer stays a Vec")
-                };
-                rest = v;
-                match r {
+                match self.recv_more(&mut rest, budget) {
                     Ok(0) => return Err(true),
                     Ok(n) => budget = budget.saturating_sub(n),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -671,13 +662,7 @@ impl Direct {
             return Ok(Some(Payload::Body(body)));
         }
         while rest.len() == head {
-            rest.reserve(READ_ROOM);
-            let mut buf = RecvBuf::Vec(std::mem::take(rest));
-            let r = sys::recv(self.fd, &mut buf, usize::MAX);
-            let RecvBuf::Vec(v) = buf else {
-                unreachable!("a Vec receive buffer stays a Vec")
-            };
-            *rest = v;
+            let r = self.recv_more(rest, usize::MAX);
             if let Err(turn) = self.go_on(r, until, alarm) {
                 self.lock().partial = Some(body);
                 return Err(turn);
@@ -686,6 +671,21 @@ impl Direct {
         let complete = rest[head] == 0;
         rest.drain(..=head);
         Ok(complete.then_some(Payload::Body(body)))
+    }
+
+    /// One non-blocking receive of at most `max` bytes onto the end of `rest` (made room for
+    /// first).
+    fn recv_more(&self, rest: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+        if rest.capacity() - rest.len() < READ_ROOM {
+            rest.reserve(READ_ROOM);
+        }
+        let mut buf = RecvBuf::Vec(std::mem::take(rest));
+        let r = sys::recv(self.fd, &mut buf, max);
+        let RecvBuf::Vec(v) = buf else {
+            unreachable!("a Vec receive buffer stays a Vec")
+        };
+        *rest = v;
+        r
     }
 
     /// After one receive of a large payload's bytes (`r`): `Err` when the turn ends there.
@@ -965,16 +965,7 @@ impl Direct {
         // Past `until` the wait below would not look at the socket at all.
         let fresh = fresh && until.is_none_or(|t| Instant::now() < t);
         if !fresh {
-            if rest.capacity() - rest.len() < READ_ROOM {
-                rest.reserve(READ_ROOM);
-            }
-            let mut buf = RecvBuf::Vec(std::mem::take(rest));
-            let r = sys::recv(self.fd, &mut buf, usize::MAX);
-            let RecvBuf::Vec(v) = buf else {
-                unreachable!("a Vec receive buffer stays a Vec")
-            };
-            *rest = v;
-            match r {
+            match self.recv_more(rest, usize::MAX) {
                 Ok(0) => return Err(Turn::Ended),
                 Ok(_) => return Ok(true),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),

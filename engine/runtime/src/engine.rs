@@ -894,14 +894,10 @@ impl Loop {
                 }
                 match tell {
                     Some(n) => n.notify(),
-                    // The worker waiting for it, if any (a caller reads at its next call); a
-                    // client's workers read only if it exports something.
-                    None => {
-                        let callee = c.owner.callee();
-                        if matches!(c.owner, Owner::Server(_)) || callee.exports_any() {
-                            callee.calls.wake_one();
-                        }
-                    }
+                    // The worker waiting for it, if any (a caller reads at its next call);
+                    // workers of a node that exports nothing have nothing to read.
+                    None if c.owner.callee().exports_any() => c.owner.callee().calls.wake_one(),
+                    None => {}
                 }
                 return;
             }
