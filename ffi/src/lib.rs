@@ -619,9 +619,8 @@ impl Client {
         let t = self::timeout(timeout)?;
         let deadline = t.map(|t| Instant::now() + t);
         let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
-        let targets = self
-            .inner
-            .cast_targets(name, receivers.as_deref())
+        let targets = py
+            .detach(|| self.inner.cast_targets(name, receivers.as_deref(), true))
             .map_err(|e| call_error(py, e))?;
         let started: Vec<(String, Result<PendingCall<'_>, CallError>)> = py.detach(|| {
             targets
@@ -678,24 +677,40 @@ impl Client {
     }
 
     /// The receivers of a cast of `name`: `receivers` once checked, or every peer exposing it.
-    #[pyo3(signature = (name, receivers=None))]
+    /// With `catch_up` (a thread's call, never an event loop's), a receiver not heard of while
+    /// this client's reading is paused is waited for a little, without the GIL.
+    #[pyo3(signature = (name, receivers=None, catch_up=false))]
     fn cast_targets(
         &self,
         py: Python<'_>,
         name: &str,
         receivers: Option<Vec<String>>,
+        catch_up: bool,
     ) -> PyResult<Vec<String>> {
-        self.inner
-            .cast_targets(name, receivers.as_deref())
-            .map_err(|e| call_error(py, e))
+        let targets = || {
+            self.inner
+                .cast_targets(name, receivers.as_deref(), catch_up)
+        };
+        if catch_up {
+            py.detach(targets)
+        } else {
+            targets()
+        }
+        .map_err(|e| call_error(py, e))
     }
 
     /// The peer a call of `name` goes to: `receiver` once checked, or the next in turn.
-    #[pyo3(signature = (name, receiver=None))]
-    fn resolve(&self, py: Python<'_>, name: &str, receiver: Option<&str>) -> PyResult<String> {
-        self.inner
-            .pick(receiver, name)
-            .map_err(|e| call_error(py, e))
+    /// `catch_up` as for `cast_targets`.
+    #[pyo3(signature = (name, receiver=None, catch_up=false))]
+    fn resolve(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        receiver: Option<&str>,
+        catch_up: bool,
+    ) -> PyResult<String> {
+        let pick = || self.inner.pick(receiver, name, catch_up);
+        if catch_up { py.detach(pick) } else { pick() }.map_err(|e| call_error(py, e))
     }
 
     /// Sends a call that wants no answer; returns the receiver's name. With `defer`, it is

@@ -589,7 +589,7 @@ class Connection(_PeerView):
     def _cast_nowait(self, name: str, timeout: float | None, receiver: Any, serde: int,
                      args: tuple, kwargs: dict) -> None:
         native = self._native
-        targets = native.cast_targets(name, _targets(receiver))
+        targets = native.cast_targets(name, _targets(receiver), True)
         payload, text = encode_call(serde, args, kwargs)
         for target in targets:
             native.send(name, serde, text, payload, target)
@@ -599,7 +599,7 @@ class Connection(_PeerView):
         source = _stream_source(args, kwargs)
         native = self._native
         # Every chunk goes to the same peer, chosen once.
-        target = native.resolve(name, receiver)
+        target = native.resolve(name, receiver, True)
         for chunk in _chunks(source):
             payload, text = encode_call(serde, (chunk,), {})
             if wait:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 from daffi import Client, SerdeFormat
 
 CHUNKS = 400
@@ -672,11 +673,19 @@ LATE_CALLING_WORKER = textwrap.dedent(
     got = []
 
     @callback
-    def call_late(name):
+    def call_late(name, style):
         # Runs first, while the chunks pile up behind it (one worker thread): the worker stops
-        # reading before `name` joins, then calls it by name.
+        # reading before `name` joins, then calls it, the first call in the given style.
         time.sleep(4)
-        return conn.rpc(timeout=20, receiver=name).late_ping()
+        if style == "rpc":
+            return conn.rpc(timeout=20, receiver=name).late_ping()
+        if style == "cast":
+            return conn.cast(timeout=20).late_ping()
+        if style == "cast_nowait":
+            conn.cast_nowait(receiver=[name]).late_note("n1")
+        elif style == "stream":
+            conn.stream(timeout=20, receiver=name).late_note([b"s1", b"s2"])
+        return conn.rpc(timeout=20, receiver=name).late_notes()
 
     @callback
     def lc_sink(chunk):
@@ -699,9 +708,19 @@ LATE_MEMBER = textwrap.dedent(
 
     from daffi import Client, callback
 
+    notes = []
+
     @callback
     def late_ping():
         return "pong"
+
+    @callback
+    def late_note(note):
+        notes.append(note if isinstance(note, str) else bytes(note).decode())
+
+    @callback
+    def late_notes():
+        return notes
 
     client = Client(app_name="late-member", host="127.0.0.1", port=int(sys.argv[1]))
     client.connect()
@@ -711,11 +730,17 @@ LATE_MEMBER = textwrap.dedent(
 )
 
 
-def test_a_worker_behind_can_call_a_peer_that_joined_meanwhile():
+@pytest.mark.parametrize(("style", "expected"), [
+    ("rpc", "pong"),
+    ("cast", {"late-member": "pong"}),
+    ("cast_nowait", ["n1"]),
+    ("stream", ["s1", "s2"]),
+])
+def test_a_worker_behind_can_call_a_peer_that_joined_meanwhile(style, expected):
     with routed((LATE_CALLING_WORKER,)) as (port, _), \
             connected(port, "late-flood", "late-caller") as conn:
         calling = call_in_thread(conn.rpc(timeout=40, receiver="late-caller").call_late,
-                                 "late-member")
+                                 "late-member", style)
         # More than the worker takes before it stops reading (64 MiB): the sender blocks until
         # the callback is done, so it streams from a thread of its own.
         streaming = call_in_thread(
@@ -727,7 +752,7 @@ def test_a_worker_behind_can_call_a_peer_that_joined_meanwhile():
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert late.stdout.readline().strip() == "connected"
-            assert calling.get(timeout=40) == "pong"
+            assert calling.get(timeout=40) == expected
             assert streaming.get(timeout=40) is None
         finally:
             late.stdin.close()

@@ -835,7 +835,18 @@ impl Client {
         size: usize,
         catch_up: bool,
     ) -> Result<Route, CallError> {
-        match self.route_now(&mut lock(&self.shared.state), receiver, name, size) {
+        self.catching_up(catch_up, |s| self.route_now(s, receiver, name, size))
+    }
+
+    /// `attempt` with what is known now; if it fails for want of a peer (its error's flag)
+    /// while reading is paused, and `catch_up` allows, again as news of peers comes, for up
+    /// to [`CATCH_UP`], the connection being read meanwhile.
+    fn catching_up<T>(
+        &self,
+        catch_up: bool,
+        mut attempt: impl FnMut(&mut ClientState) -> Result<T, (CallError, bool)>,
+    ) -> Result<T, CallError> {
+        match attempt(&mut lock(&self.shared.state)) {
             Ok(r) => return Ok(r),
             Err((e, missing)) => {
                 if !(missing && catch_up && self.shared.wire.is_reading_paused()) {
@@ -848,7 +859,7 @@ impl Client {
         let mut s = lock(&self.shared.state);
         loop {
             // Tried again under the lock the wait releases: no news can slip in between.
-            let missing = match self.route_now(&mut s, receiver, name, size) {
+            let missing = match attempt(&mut s) {
                 Ok(r) => return Ok(r),
                 Err((e, false)) => return Err(e),
                 Err((e, true)) => e,
@@ -921,38 +932,49 @@ impl Client {
 
     /// The peer a call of `name` would go to now: `receiver` once checked, or the next peer
     /// exposing it in turn (a stream picks its receiver once for all its chunks).
-    pub fn pick(&self, receiver: Option<&str>, name: &str) -> Result<String, CallError> {
-        self.route(receiver, name, 0, false).map(|r| r.target)
+    ///
+    /// With `catch_up` (a thread that may wait, never an event loop's), a receiver not known
+    /// while this client's reading is paused is waited for a little (see [`Client::route`]).
+    pub fn pick(
+        &self,
+        receiver: Option<&str>,
+        name: &str,
+        catch_up: bool,
+    ) -> Result<String, CallError> {
+        self.route(receiver, name, 0, catch_up).map(|r| r.target)
     }
 
     /// The receivers of a `cast` of `name`: the named ones (each checked), or every peer that
-    /// exposes it.
+    /// exposes it. `catch_up` as for [`Client::pick`].
     pub fn cast_targets(
         &self,
         name: &str,
         receivers: Option<&[String]>,
+        catch_up: bool,
     ) -> Result<Vec<String>, CallError> {
-        let s = lock(&self.shared.state);
-        Self::check_open(&s)?;
-        match receivers {
-            None => {
-                let all = Self::exposing(&s, name);
-                if all.is_empty() {
-                    return Err(Self::nobody_exposes(&s, name));
-                }
-                Ok(all)
-            }
-            Some(list) => {
-                let mut out: Vec<String> = Vec::with_capacity(list.len());
-                for r in list {
-                    self.check_target(&s, r, name)?;
-                    if !out.contains(r) {
-                        out.push(r.clone());
+        self.catching_up(catch_up, |s| {
+            Self::check_open(s).map_err(|e| (e, false))?;
+            match receivers {
+                None => {
+                    let all = Self::exposing(s, name);
+                    if all.is_empty() {
+                        return Err((Self::nobody_exposes(s, name), true));
                     }
+                    Ok(all)
                 }
-                Ok(out)
+                Some(list) => {
+                    let mut out: Vec<String> = Vec::with_capacity(list.len());
+                    for r in list {
+                        self.check_target(s, r, name)
+                            .map_err(|e| (e, *r != self.shared.name))?;
+                        if !out.contains(r) {
+                            out.push(r.clone());
+                        }
+                    }
+                    Ok(out)
+                }
             }
-        }
+        })
     }
 
     /// Calls `name` on `receiver` (or on the next peer exposing it) and waits for the answer

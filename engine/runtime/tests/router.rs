@@ -119,7 +119,10 @@ fn calls_are_routed_round_robin_and_pinned() {
             engine.backend()
         );
         assert_eq!(who(&caller, Some("w2")), "w2");
-        assert_eq!(caller.cast_targets("who", None).unwrap(), ["w1", "w2"]);
+        assert_eq!(
+            caller.cast_targets("who", None, false).unwrap(),
+            ["w1", "w2"]
+        );
 
         // Large payloads pass through the router both ways.
         let big: Vec<u8> = (0..(24 << 20)).map(|i| (i % 251) as u8).collect();
