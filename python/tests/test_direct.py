@@ -1608,6 +1608,17 @@ def test_max_message_size_boundary_is_consistent(make_service, make_client):
     assert proxy.dx_len(b"ok") == "2"
 
 
+def test_a_tight_message_limit_still_lets_a_client_connect(make_service, make_client):
+    # The Service exports more functions than 64 bytes of names: its welcome is larger than
+    # the limit, which bounds calls only.
+    svc = make_service(max_message_size=64)
+    client, conn = make_client(svc, max_message_size=64)
+    assert conn.rpc(timeout=5, serde=SerdeFormat.OPAQUE).dx_len(b"small") == "5"
+    with pytest.raises(TransmissionFailure):
+        conn.rpc(timeout=5, serde=SerdeFormat.OPAQUE).dx_len(b"x" * 65)
+    assert client.connected
+
+
 def test_connection_members(make_service, make_client):
     svc = make_service()
     _, conn = make_client(svc)

@@ -675,6 +675,24 @@ def test_message_size_limits_through_the_router(make_router, spawn, make_client)
     assert conn2.rpc(timeout=5, serde=SerdeFormat.OPAQUE).rt_echo(b"ok") == b"ok"
 
 
+def test_a_tight_message_limit_still_lets_peers_meet(make_router, spawn, make_client):
+    # The limit bounds calls: the hellos, peer lists and announces, which grow with the number
+    # of functions and peers, are not held to it (they have a bound of their own).
+    limit = 64
+    router = make_router(max_message_size=limit)
+    names = [unique_name("tight") for _ in range(2)]
+    for n in names:
+        spawn(WORKER_PY, router.port, n, 1, limit, name=f"{n}.py").wait_line("ready")
+    client, conn = make_client(router.port, max_message_size=limit)
+    conn.wait_for_members(*names, timeout=10)
+    assert set(names) <= set(conn.members)
+    results = conn.cast(timeout=10, serde=SerdeFormat.OPAQUE).rt_echo(b"small")
+    assert results == {n: b"small" for n in names}
+    err, took = timed(lambda: conn.rpc(timeout=10, serde=SerdeFormat.OPAQUE).rt_echo(b"x" * 65))
+    assert isinstance(err, TransmissionFailure) and took < 1, (err, took)
+    assert client.connected
+
+
 # -- 6. who sees whom ---------------------------------------------------------------------------------
 
 

@@ -219,8 +219,10 @@ impl FrameReader {
         if trailer && !is_call {
             return Err(DecodeError::Unexpected(header.kind, "with a trailer"));
         }
-        // The limit is on the payload; meta is bounded by MAX_META above.
-        if header.payload_len > self.max_message_size {
+        // The limit is on a call's payload; meta is bounded by MAX_META above, and the payload
+        // of a control frame (a hello, an announce...) by MAX_CONTROL_PAYLOAD below, whatever
+        // the limit: a node with a small limit still hears of many functions or peers.
+        if is_call && header.payload_len > self.max_message_size {
             self.pos += HEADER_LEN;
             self.skip = header.body_len().saturating_add(u64::from(trailer));
             return Ok(Some(Item::Oversized(header)));
@@ -415,6 +417,34 @@ mod tests {
         assert!(matches!(&items[0], Item::Oversized(h) if h.call_id == 1));
         assert!(
             matches!(&items[1], Item::Frame(f) if f.payload == Payload::Inline(b"ok".to_vec()))
+        );
+    }
+
+    #[test]
+    fn control_frames_are_not_held_to_the_message_limit() {
+        // An announce of 2,000 functions, to a side that accepts payloads of 100 bytes.
+        let names: Vec<String> = (0..2000).map(|i| format!("function_{i}")).collect();
+        let announce = crate::handshake::encode_names(&names);
+        let mut stream = frame_bytes(Kind::Announce, 0, "", &announce);
+        stream.extend(frame_bytes(Kind::Request, 1, "f", &[7; 101]));
+        let mut r = FrameReader::new(100);
+        let (items, _) = feed(&mut r, &stream, 1000);
+        assert!(
+            matches!(&items[0], Item::Frame(f) if f.payload == Payload::Inline(announce.to_vec()))
+        );
+        assert!(matches!(&items[1], Item::Oversized(h) if h.call_id == 1));
+        // Still bounded on their own.
+        let mut r = FrameReader::new(100);
+        let mut t = r.target();
+        t.buf
+            .extend(encode_head(Kind::Announce, 0, 0, 0, "", MAX_CONTROL_PAYLOAD + 1).as_ref());
+        r.filled(t.buf);
+        assert_eq!(
+            r.next_item(),
+            Err(DecodeError::ControlTooLong(
+                Kind::Announce,
+                MAX_CONTROL_PAYLOAD + 1
+            ))
         );
     }
 
