@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 
 use crate::frame::{Flags, Kind, Payload, encode_head, error_code};
-use crate::handshake::{Hello, decode_names, decode_peers, encode_names};
+use crate::handshake::{Hello, add_names, decode_names, decode_peers, encode_names};
 use crate::reader::{DecodeError, FrameReader, Item, RecvTarget};
 
 /// Which end of the connection this is.
@@ -450,11 +450,7 @@ impl Connection {
             (State::Open, _, Kind::Announce) => {
                 let names = decode_names(f.payload.inline())?;
                 if let Some(p) = &mut self.peer {
-                    for n in &names {
-                        if !p.functions.contains(n) {
-                            p.functions.push(n.clone());
-                        }
-                    }
+                    add_names(&mut p.functions, &names);
                 }
                 self.events.push_back(Event::Announce(names));
             }

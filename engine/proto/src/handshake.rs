@@ -84,6 +84,20 @@ pub fn decode_names(b: &[u8]) -> Result<Vec<String>, DecodeError> {
     Ok(names)
 }
 
+/// Appends to `list` those of `names` it does not hold yet, in their order, once each, and
+/// returns them. In time linear in both: a peer may announce millions of names (as many as a
+/// control frame holds), which a check of each against the list would take hours over.
+pub fn add_names(list: &mut Vec<String>, names: &[String]) -> Vec<String> {
+    let mut seen: std::collections::HashSet<&str> = list.iter().map(String::as_str).collect();
+    let new: Vec<String> = names
+        .iter()
+        .filter(|n| seen.insert(n.as_str()))
+        .cloned()
+        .collect();
+    list.extend(new.iter().cloned());
+    new
+}
+
 /// Encodes the peer list of a `Joined` frame.
 pub fn encode_peers(peers: &[Peer]) -> Bytes {
     let mut out = BytesMut::new();
@@ -172,6 +186,16 @@ fn names_prefix(mut b: &[u8]) -> Result<(Vec<String>, &[u8]), DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn added_names_are_the_new_ones_once_each_in_order() {
+        let mut list = vec!["a".to_owned(), "b".to_owned()];
+        let names: Vec<String> = ["c", "a", "d", "c", "b", "e"].map(String::from).to_vec();
+        assert_eq!(add_names(&mut list, &names), ["c", "d", "e"]);
+        assert_eq!(list, ["a", "b", "c", "d", "e"]);
+        assert!(add_names(&mut list, &names).is_empty());
+        assert_eq!(list.len(), 5);
+    }
 
     #[test]
     fn hello_round_trip() {

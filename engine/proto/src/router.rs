@@ -19,7 +19,7 @@ use bytes::Bytes;
 
 use crate::connection::Peer;
 use crate::frame::{Flags, Kind, error_code};
-use crate::handshake::{encode_names, encode_peers};
+use crate::handshake::{add_names, encode_names, encode_peers};
 
 /// Something the runtime must do for the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,15 +200,10 @@ impl<K: Copy + Eq + Hash + Debug> RoutingTable<K> {
         let Some(m) = self.members.get_mut(&conn) else {
             return;
         };
-        let new: Vec<String> = names
-            .iter()
-            .filter(|n| !m.peer.functions.contains(n))
-            .cloned()
-            .collect();
+        let new = add_names(&mut m.peer.functions, names);
         if new.is_empty() {
             return;
         }
-        m.peer.functions.extend(new.iter().cloned());
         let name = m.peer.name.clone();
         let payload = encode_names(&new);
         for (other, k) in &self.by_name {

@@ -14,6 +14,7 @@ use daffi_driver::{
     AnyDriver, Backend, Body, Completion, Driver, Op, Outcome, PoolBuf, RecvBuf, Wake, sys,
 };
 use daffi_proto::frame::error_code;
+use daffi_proto::handshake::add_names;
 use daffi_proto::{
     Action, Connection, Event, Flags, Forward, Kind, Local, Payload as WirePayload, Role,
     RoutingTable,
@@ -2146,11 +2147,7 @@ impl Loop {
                     if let Owner::Client(cl) = &c.owner {
                         cl.update(|st| {
                             if let Some(p) = st.peers.get_mut(&peer) {
-                                for n in names {
-                                    if !p.functions.contains(&n) {
-                                        p.functions.push(n);
-                                    }
-                                }
+                                add_names(&mut p.functions, &names);
                             }
                         });
                     }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use daffi_driver::sys;
 use daffi_proto::frame::{Kind, encode_head, error_code};
+use daffi_proto::handshake::add_names;
 use daffi_proto::{Flags, Local, Peer};
 
 use crate::call::{CallError, CallTable, Reply};
@@ -129,10 +130,7 @@ impl Callee {
 
     /// Adds new names; returns those that were not exported yet.
     fn add_functions(&self, names: &[String]) -> Vec<String> {
-        let mut f = lock(&self.functions);
-        let new: Vec<String> = names.iter().filter(|n| !f.contains(n)).cloned().collect();
-        f.extend(new.iter().cloned());
-        new
+        add_names(&mut lock(&self.functions), names)
     }
 }
 
