@@ -16,6 +16,9 @@
 pub mod answer;
 pub mod connection;
 pub mod frame;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod reader;
 pub mod router;

@@ -1,0 +1,4 @@
+//! See `daffi_proto::fuzzing::scanners`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| daffi_proto::fuzzing::scanners(data));
