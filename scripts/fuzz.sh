@@ -9,7 +9,7 @@ set -euo pipefail
 usage() {
     cat <<'EOF_USAGE'
 usage: scripts/fuzz.sh [options] [target ...]
-  target           connection, scanners, handshake (default: all of them)
+  target           connection, scanners, handshake, router (default: all of them)
   --seconds N      how long each target runs (default 60)
   --merge          afterwards, add to fuzz/corpus/<target> the inputs of the run that reach
                    code its corpus does not (libFuzzer's -merge=1), to be committed
@@ -29,7 +29,7 @@ while [[ $# -gt 0 ]]; do
         *) targets+=("$1"); shift ;;
     esac
 done
-[[ ${#targets[@]} -gt 0 ]] || targets=(connection scanners handshake)
+[[ ${#targets[@]} -gt 0 ]] || targets=(connection scanners handshake router)
 [[ "$seconds" =~ ^[0-9]+$ ]] || { echo "fuzz.sh: --seconds takes a whole number" >&2; exit 2; }
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then

@@ -383,6 +383,7 @@ impl Connection {
                 }
                 self.peer = Some(peer.clone());
                 self.state = State::Open;
+                self.reader.handshake_done();
                 if self.role == Role::Server {
                     self.push_hello(Kind::Welcome);
                 }

@@ -190,14 +190,18 @@ impl Receiver {
                 );
                 self.bodies.push(body.len());
             }
+            // A call's payload over the small size is received into a buffer of its own,
+            // never staged (the errors made up locally are short messages).
             Payload::Inline(p) => assert!(
-                p.len() as u64 <= crate::reader::MAX_CONTROL_PAYLOAD,
-                "an inline payload over every staging limit"
+                p.len() <= crate::reader::SMALL_PAYLOAD,
+                "a call's payload of {} bytes was staged",
+                p.len()
             ),
         }
         if let Event::Request { call_id, flags, .. } = e {
-            // Answering is what the runtime does next: it must not fail for the peer's sake.
-            if !flags.no_reply() && self.conn.is_open() {
+            // Answering is what a server's or a client's runtime does next (a Router's routes
+            // the request instead): it must not fail for the peer's sake.
+            if !flags.no_reply() && self.conn.is_open() && !self.conn.local().router {
                 let _ = self
                     .conn
                     .respond(*call_id, 0, 0, Bytes::from_static(b"answer"));

@@ -17,7 +17,7 @@ use crate::reader::DecodeError;
 /// What each side tells the other when a connection opens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
-    /// The largest message (meta + payload) the sender accepts.
+    /// The largest call payload (meta not counted) the sender accepts.
     pub max_message_size: u64,
     /// The functions the sender exports.
     pub functions: Vec<String>,
@@ -88,6 +88,17 @@ pub fn decode_names(b: &[u8]) -> Result<Vec<String>, DecodeError> {
 /// returns them. In time linear in both: a peer may announce millions of names (as many as a
 /// control frame holds), which a check of each against the list would take hours over.
 pub fn add_names(list: &mut Vec<String>, names: &[String]) -> Vec<String> {
+    // The usual case, a function or two registered late, needs no set of the whole list.
+    if names.len() <= 8 {
+        let mut new: Vec<String> = Vec::new();
+        for n in names {
+            if !list.contains(n) && !new.contains(n) {
+                new.push(n.clone());
+            }
+        }
+        list.extend(new.iter().cloned());
+        return new;
+    }
     let mut seen: std::collections::HashSet<&str> = list.iter().map(String::as_str).collect();
     let new: Vec<String> = names
         .iter()
@@ -189,12 +200,18 @@ mod tests {
 
     #[test]
     fn added_names_are_the_new_ones_once_each_in_order() {
-        let mut list = vec!["a".to_owned(), "b".to_owned()];
-        let names: Vec<String> = ["c", "a", "d", "c", "b", "e"].map(String::from).to_vec();
-        assert_eq!(add_names(&mut list, &names), ["c", "d", "e"]);
-        assert_eq!(list, ["a", "b", "c", "d", "e"]);
-        assert!(add_names(&mut list, &names).is_empty());
-        assert_eq!(list.len(), 5);
+        // A few names (scanned) and many (through a set) give the same.
+        for extra in [0, 20] {
+            let mut list = vec!["a".to_owned(), "b".to_owned()];
+            let mut names: Vec<String> = ["c", "a", "d", "c", "b", "e"].map(String::from).to_vec();
+            names.extend((0..extra).map(|i| format!("x{}", i % 10)));
+            let mut want: Vec<String> = ["c", "d", "e"].map(String::from).to_vec();
+            want.extend((0..extra.min(10)).map(|i| format!("x{i}")));
+            assert_eq!(add_names(&mut list, &names), want);
+            assert_eq!(list.len(), 2 + want.len());
+            assert_eq!(&list[2..], want.as_slice());
+            assert!(add_names(&mut list, &names).is_empty());
+        }
     }
 
     #[test]

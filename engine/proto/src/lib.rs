@@ -29,5 +29,5 @@ pub use handshake::Hello;
 pub use reader::{DecodeError, FrameReader, RecvTarget};
 pub use router::{Action, Forward, RoutingTable};
 
-/// Default cap on one incoming message (meta + payload): 1 GiB.
+/// Default cap on the payload of one incoming call (meta not counted): 1 GiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 1 << 30;

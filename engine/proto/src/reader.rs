@@ -17,6 +17,10 @@ pub const MAX_META: u32 = 16 * 1024;
 pub const STAGING: usize = 64 * 1024;
 /// Largest payload of a control frame (hello, error, announce...), which is always staged.
 pub const MAX_CONTROL_PAYLOAD: u64 = 16 << 20;
+/// Largest payload of a control frame before the handshake completes (see
+/// [`FrameReader::handshake_done`]): a hello names its sender's functions, and a stranger
+/// must not make a node stage and decode more than this before it proved who it is.
+pub const MAX_HELLO_PAYLOAD: u64 = 1 << 20;
 
 /// Why the received bytes are not a valid frame stream. Each of these closes the connection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +82,8 @@ fn finished(frame: Frame, status: u8) -> Item {
 #[derive(Debug)]
 pub struct FrameReader {
     max_message_size: u64,
+    /// The bound on a control frame's payload now (see [`MAX_HELLO_PAYLOAD`]).
+    control_limit: u64,
     staging: Vec<u8>,
     pos: usize,
     body: Option<Body>,
@@ -89,12 +95,19 @@ impl FrameReader {
     pub fn new(max_message_size: u64) -> FrameReader {
         FrameReader {
             max_message_size,
+            control_limit: MAX_HELLO_PAYLOAD,
             staging: Vec::with_capacity(STAGING),
             pos: 0,
             body: None,
             skip: 0,
             lent: false,
         }
+    }
+
+    /// The handshake completed: control frames may now be as large as
+    /// [`MAX_CONTROL_PAYLOAD`] (a Router's list of peers, a large announce).
+    pub fn handshake_done(&mut self) {
+        self.control_limit = MAX_CONTROL_PAYLOAD;
     }
 
     /// Lends out the staging buffer for the next receive.
@@ -220,8 +233,8 @@ impl FrameReader {
             return Err(DecodeError::Unexpected(header.kind, "with a trailer"));
         }
         // The limit is on a call's payload; meta is bounded by MAX_META above, and the payload
-        // of a control frame (a hello, an announce...) by MAX_CONTROL_PAYLOAD below, whatever
-        // the limit: a node with a small limit still hears of many functions or peers.
+        // of a control frame (a hello, an announce...) by its own bound below, whatever the
+        // limit: a node with a small limit still hears of many functions or peers.
         if is_call && header.payload_len > self.max_message_size {
             self.pos += HEADER_LEN;
             self.skip = header.body_len().saturating_add(u64::from(trailer));
@@ -241,7 +254,7 @@ impl FrameReader {
             });
             return Ok(Some(Item::BodyStart(header.payload_len)));
         }
-        if !is_call && header.payload_len > MAX_CONTROL_PAYLOAD {
+        if !is_call && header.payload_len > self.control_limit {
             return Err(DecodeError::ControlTooLong(header.kind, header.payload_len));
         }
         let end = head_len + header.payload_len as usize;
@@ -433,8 +446,22 @@ mod tests {
             matches!(&items[0], Item::Frame(f) if f.payload == Payload::Inline(announce.to_vec()))
         );
         assert!(matches!(&items[1], Item::Oversized(h) if h.call_id == 1));
-        // Still bounded on their own.
+        // Still bounded on their own: before the handshake, as a hello; then, as any control
+        // frame.
+        let mut r = FrameReader::new(1 << 30);
+        let mut t = r.target();
+        t.buf
+            .extend(encode_head(Kind::Hello, 0, 0, 0, "", MAX_HELLO_PAYLOAD + 1).as_ref());
+        r.filled(t.buf);
+        assert_eq!(
+            r.next_item(),
+            Err(DecodeError::ControlTooLong(
+                Kind::Hello,
+                MAX_HELLO_PAYLOAD + 1
+            ))
+        );
         let mut r = FrameReader::new(100);
+        r.handshake_done();
         let mut t = r.target();
         t.buf
             .extend(encode_head(Kind::Announce, 0, 0, 0, "", MAX_CONTROL_PAYLOAD + 1).as_ref());
