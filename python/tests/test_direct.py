@@ -1194,8 +1194,12 @@ def _read_until_closed(sock: socket.socket, timeout: float) -> bool:
         # A request before any handshake.
         b"DF\x01\x03" + b"\x00" * 4 + (1).to_bytes(8, "little") + (4).to_bytes(4, "little")
         + b"\x00" * 4 + (0).to_bytes(8, "little") + b"evil",
+        # A hello larger than any node's list of functions (over 1 MiB): refused from its
+        # header, before its payload is waited for.
+        b"DF\x01\x01" + b"\x00" * 4 + (0).to_bytes(8, "little") + (0).to_bytes(4, "little")
+        + b"\x00" * 4 + (2 << 20).to_bytes(8, "little") + b"\x00" * 4096,
     ],
-    ids=["http", "zeros", "bytes", "bad-version", "request-before-hello"],
+    ids=["http", "zeros", "bytes", "bad-version", "request-before-hello", "huge-hello"],
 )
 def test_garbage_gets_the_connection_closed_and_others_keep_working(svc, conn, garbage):
     with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as raw:
