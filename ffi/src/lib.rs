@@ -580,12 +580,16 @@ impl Client {
     ) -> PyResult<(bool, u8, bool, Bound<'py, PyBytes>)> {
         let p = self::payload(py, payload)?;
         let t = self::timeout(timeout)?;
+        let deadline = t.map(|t| Instant::now() + t);
         let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
         let pending = py
-            .detach(|| self.inner.start_call(receiver, name, serde, flags, p))
+            .detach(|| {
+                self.inner
+                    .start_call(receiver, name, serde, flags, p, deadline)
+            })
             .map_err(|e| call_error(py, e))?;
         // Dropping `pending` (on a signal's exception too) abandons the call.
-        let result = wait_call(py, &pending, t.map(|t| Instant::now() + t))?;
+        let result = wait_call(py, &pending, deadline)?;
         match result {
             Ok(r) => Ok((true, r.serde, r.flags.text(), payload_bytes(py, r.payload))),
             Err(CallError::Remote(e)) => Ok((false, serde, false, PyBytes::new(py, &e))),
@@ -620,15 +624,24 @@ impl Client {
         let deadline = t.map(|t| Instant::now() + t);
         let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
         let targets = py
-            .detach(|| self.inner.cast_targets(name, receivers.as_deref(), true))
+            .detach(|| {
+                let catch_up = Some(daffi_runtime::catch_up_by(deadline));
+                self.inner
+                    .cast_targets(name, receivers.as_deref(), catch_up)
+            })
             .map_err(|e| call_error(py, e))?;
         let started: Vec<(String, Result<PendingCall<'_>, CallError>)> = py.detach(|| {
             targets
                 .into_iter()
                 .map(|target| {
-                    let r = self
-                        .inner
-                        .start_call(Some(&target), name, serde, flags, p.clone());
+                    let r = self.inner.start_call(
+                        Some(&target),
+                        name,
+                        serde,
+                        flags,
+                        p.clone(),
+                        deadline,
+                    );
                     (target, r)
                 })
                 .collect()
@@ -687,10 +700,8 @@ impl Client {
         receivers: Option<Vec<String>>,
         catch_up: bool,
     ) -> PyResult<Vec<String>> {
-        let targets = || {
-            self.inner
-                .cast_targets(name, receivers.as_deref(), catch_up)
-        };
+        let until = catch_up.then(|| daffi_runtime::catch_up_by(None));
+        let targets = || self.inner.cast_targets(name, receivers.as_deref(), until);
         if catch_up {
             py.detach(targets)
         } else {
@@ -709,7 +720,8 @@ impl Client {
         receiver: Option<&str>,
         catch_up: bool,
     ) -> PyResult<String> {
-        let pick = || self.inner.pick(receiver, name, catch_up);
+        let until = catch_up.then(|| daffi_runtime::catch_up_by(None));
+        let pick = || self.inner.pick(receiver, name, until);
         if catch_up { py.detach(pick) } else { pick() }.map_err(|e| call_error(py, e))
     }
 

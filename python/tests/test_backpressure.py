@@ -679,6 +679,14 @@ LATE_CALLING_WORKER = textwrap.dedent(
         time.sleep(4)
         if style == "rpc":
             return conn.rpc(timeout=20, receiver=name).late_ping()
+        if style == "short_timeout":
+            # Waiting for news of a receiver never outlasts the call's own timeout.
+            started = time.monotonic()
+            try:
+                conn.cast(timeout=0.3, receiver=["nobody-at-all"]).late_ping()
+            except Exception as exc:
+                return type(exc).__name__, time.monotonic() - started < 0.9
+            return "no error", None
         if style == "cast":
             return conn.cast(timeout=20).late_ping()
         if style == "cast_nowait":
@@ -735,6 +743,7 @@ LATE_MEMBER = textwrap.dedent(
     ("cast", {"late-member": "pong"}),
     ("cast_nowait", ["n1"]),
     ("stream", ["s1", "s2"]),
+    ("short_timeout", ("TransmissionFailure", True)),
 ])
 def test_a_worker_behind_can_call_a_peer_that_joined_meanwhile(style, expected):
     with routed((LATE_CALLING_WORKER,)) as (port, _), \

@@ -35,7 +35,7 @@ pub use engine::{Engine, MAX_ENGINE_THREADS, engine_threads, set_engine_threads}
 pub use inbox::Next;
 pub use node::{
     Address, Client, ClientConfig, IncomingCall, Listening, MemberEvent, Node, NodeCore,
-    PendingCall, Router, RouterConfig, Server, ServerConfig, StartError,
+    PendingCall, Router, RouterConfig, Server, ServerConfig, StartError, catch_up_by,
 };
 pub use notify::{Completions, Notifier};
 pub use payload::{Payload, set_body_allocator};

@@ -450,6 +450,13 @@ impl Node for Router {
 /// a call's receiver before the call fails for want of one (see `Client::route`).
 const CATCH_UP: Duration = Duration::from_secs(1);
 
+/// The latest a call due by `deadline` waits for news of its receiver (see `Client::route`):
+/// [`CATCH_UP`] from now, or the deadline if sooner. What a thread passes as `catch_up`.
+pub fn catch_up_by(deadline: Option<Instant>) -> Instant {
+    let latest = Instant::now() + CATCH_UP;
+    deadline.map_or(latest, |d| d.min(latest))
+}
+
 /// What every listening node (a [`Server`] or a [`Router`]) offers its binding.
 pub trait Listening {
     /// The bound address (with the real port when port 0 was asked for).
@@ -824,36 +831,34 @@ impl Client {
     ///
     /// A client whose callbacks are behind stops reading (see `Wire::pause_reading`) and so
     /// stops hearing of peers that join. With `catch_up` (a thread that may wait, never an event
-    /// loop's), a call that finds no receiver while reading is paused has the connection read
-    /// again and gives the news up to [`CATCH_UP`] to arrive before it fails.
+    /// loop's: see [`catch_up_by`]), a call that finds no receiver while reading is paused has
+    /// the connection read again and gives the news until then to arrive before it fails.
     fn route(
         &self,
         receiver: Option<&str>,
         name: &str,
         size: usize,
-        catch_up: bool,
+        catch_up: Option<Instant>,
     ) -> Result<Route, CallError> {
         self.catching_up(catch_up, |s| self.route_now(s, receiver, name, size))
     }
 
     /// `attempt` with what is known now; if it fails for want of a peer (its error's flag)
-    /// while reading is paused, and `catch_up` allows, again as news of peers comes, for up
-    /// to [`CATCH_UP`], the connection being read meanwhile.
+    /// while reading is paused, and `catch_up` allows, again as news of peers comes, until
+    /// `catch_up`, the connection being read meanwhile.
     fn catching_up<T>(
         &self,
-        catch_up: bool,
+        catch_up: Option<Instant>,
         mut attempt: impl FnMut(&mut ClientState) -> Result<T, (CallError, bool)>,
     ) -> Result<T, CallError> {
-        match attempt(&mut lock(&self.shared.state)) {
+        let until = match attempt(&mut lock(&self.shared.state)) {
             Ok(r) => return Ok(r),
-            Err((e, missing)) => {
-                if !(missing && catch_up && self.shared.wire.is_reading_paused()) {
-                    return Err(e);
-                }
-            }
-        }
+            Err((e, missing)) => match catch_up {
+                Some(until) if missing && self.shared.wire.is_reading_paused() => until,
+                _ => return Err(e),
+            },
+        };
         let _reading = self.shared.wire.need_reading(&self.engine);
-        let until = Instant::now() + CATCH_UP;
         let mut s = lock(&self.shared.state);
         loop {
             // Tried again under the lock the wait releases: no news can slip in between.
@@ -931,13 +936,13 @@ impl Client {
     /// The peer a call of `name` would go to now: `receiver` once checked, or the next peer
     /// exposing it in turn (a stream picks its receiver once for all its chunks).
     ///
-    /// With `catch_up` (a thread that may wait, never an event loop's), a receiver not known
-    /// while this client's reading is paused is waited for a little (see [`Client::route`]).
+    /// With `catch_up` (a thread that may wait, never an event loop's; see [`catch_up_by`]),
+    /// a receiver not known while this client's reading is paused is waited for until then.
     pub fn pick(
         &self,
         receiver: Option<&str>,
         name: &str,
-        catch_up: bool,
+        catch_up: Option<Instant>,
     ) -> Result<String, CallError> {
         self.route(receiver, name, 0, catch_up).map(|r| r.target)
     }
@@ -948,7 +953,7 @@ impl Client {
         &self,
         name: &str,
         receivers: Option<&[String]>,
-        catch_up: bool,
+        catch_up: Option<Instant>,
     ) -> Result<Vec<String>, CallError> {
         self.catching_up(catch_up, |s| {
             Self::check_open(s).map_err(|e| (e, false))?;
@@ -987,7 +992,7 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<Reply, CallError> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let pending = self.start_call(receiver, name, serde, flags, payload)?;
+        let pending = self.start_call(receiver, name, serde, flags, payload, deadline)?;
         pending
             .wait_until(deadline)
             .unwrap_or(Err(CallError::Timeout))
@@ -996,6 +1001,8 @@ impl Client {
     /// Sends a call and returns at once; the answer is waited for with
     /// [`PendingCall::wait_until`], in as many steps as the caller likes (a binding checks for
     /// signals between them). Dropping the handle abandons the call: a late answer is dropped.
+    /// `deadline`, the call's, also bounds its wait for news of a receiver (see
+    /// [`catch_up_by`]).
     pub fn start_call(
         &self,
         receiver: Option<&str>,
@@ -1003,8 +1010,11 @@ impl Client {
         serde: u8,
         flags: u8,
         payload: Bytes,
+        deadline: Option<Instant>,
     ) -> Result<PendingCall<'_>, CallError> {
-        let (call_id, slot, receiver) = self.begin(receiver, name, serde, flags, payload, None)?;
+        let catch_up = Some(catch_up_by(deadline));
+        let (call_id, slot, receiver) =
+            self.begin(receiver, name, serde, flags, payload, None, catch_up)?;
         Ok(PendingCall {
             client: self,
             call_id,
@@ -1028,7 +1038,7 @@ impl Client {
             CallError::Transmission("the client is not watched by an event loop".into())
         })?;
         let (call_id, _, receiver) =
-            self.begin(receiver, name, serde, flags, payload, Some(done))?;
+            self.begin(receiver, name, serde, flags, payload, Some(done), None)?;
         // Nobody waits on a thread for this answer: the engine must be the one receiving.
         if self.shared.direct.reclaim() {
             self.engine.send(Command::Resume {
@@ -1053,6 +1063,7 @@ impl Client {
         self.shared.calls.abandon(call_id);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn begin(
         &self,
         receiver: Option<&str>,
@@ -1061,8 +1072,9 @@ impl Client {
         flags: u8,
         payload: Bytes,
         done: Option<Arc<Completions>>,
+        catch_up: Option<Instant>,
     ) -> Result<(u64, Arc<crate::call::Slot>, String), CallError> {
-        let route = self.route(receiver, name, payload.len(), done.is_none())?;
+        let route = self.route(receiver, name, payload.len(), catch_up)?;
         let (call_id, slot) = match done {
             Some(d) => self.shared.calls.open_hooked(d),
             None => self.shared.calls.open(),
@@ -1107,7 +1119,12 @@ impl Client {
         payload: Bytes,
         defer: bool,
     ) -> Result<String, CallError> {
-        let route = self.route(receiver, name, payload.len(), !defer)?;
+        let route = self.route(
+            receiver,
+            name,
+            payload.len(),
+            (!defer).then(|| catch_up_by(None)),
+        )?;
         let f = frame(
             Kind::Request,
             0,

@@ -120,7 +120,7 @@ fn calls_are_routed_round_robin_and_pinned() {
         );
         assert_eq!(who(&caller, Some("w2")), "w2");
         assert_eq!(
-            caller.cast_targets("who", None, false).unwrap(),
+            caller.cast_targets("who", None, None).unwrap(),
             ["w1", "w2"]
         );
 
@@ -209,7 +209,7 @@ fn membership_events_eviction_and_failures() {
         wait_for(&caller, &["slow"]);
         let started = Instant::now();
         let pending = caller
-            .start_call(Some("slow"), "hang", 0, 0, Bytes::new())
+            .start_call(Some("slow"), "hang", 0, 0, Bytes::new(), None)
             .unwrap();
         std::thread::sleep(Duration::from_millis(100));
         slow.close();
@@ -363,7 +363,7 @@ fn a_worker_that_dies_mid_answer_fails_the_call_at_once() {
         wait_for(&caller, &["dying"]);
         let started = Instant::now();
         let pending = caller
-            .start_call(Some("dying"), "big", 0, 0, Bytes::new())
+            .start_call(Some("dying"), "big", 0, 0, Bytes::new(), None)
             .unwrap();
         let mut req = dying.frame();
         while req.0.kind != Kind::Request {
