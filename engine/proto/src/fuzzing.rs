@@ -251,10 +251,6 @@ pub fn connection(data: &[u8]) {
 /// sender, return each answer to the caller of the call it answers under that caller's own id,
 /// and be empty once everyone left.
 pub fn router(data: &[u8]) {
-    use std::collections::{HashMap, HashSet};
-
-    use crate::router::{Action, RoutingTable};
-
     const CONNS: u8 = 3;
     let [seed, records @ ..] = data else {
         return;
@@ -269,188 +265,181 @@ pub fn router(data: &[u8]) {
             ))
         })
         .collect();
-    let mut table: RoutingTable<u8> = RoutingTable::new("router");
-    let mut live: HashSet<u8> = HashSet::new();
-    let mut dead: HashSet<u8> = HashSet::new();
-    // Calls forwarded and not answered: (callee, id there) → (caller, caller's id).
-    let mut forwarded: HashMap<(u8, u64), (u8, u64)> = HashMap::new();
-    let mut out: Vec<Action<u8>> = Vec::new();
-
-    // Carries out the table's actions, checking each.
-    let apply = |out: &mut Vec<Action<u8>>,
-                 live: &mut HashSet<u8>,
-                 dead: &mut HashSet<u8>,
-                 table: &mut RoutingTable<u8>,
-                 from: Option<(u8, Kind, u64, bool)>,
-                 forwarded: &mut HashMap<(u8, u64), (u8, u64)>| {
-        let mut i = 0;
-        let mut answered = false;
-        while i < out.len() {
-            match out[i].clone() {
-                Action::Send {
-                    to, kind, call_id, ..
-                } => {
-                    assert!(
-                        live.contains(&to),
-                        "sent to connection {to}, which is not there"
-                    );
-                    match from {
-                        // A request from `caller` under `id`: forwarded under a new id, or
-                        // refused to the caller itself, under its own id.
-                        Some((caller, Kind::Request, id, _)) if kind == Kind::Request => {
-                            assert_ne!(to, caller, "a request handed back to its sender");
-                            if call_id != 0 {
-                                assert!(
-                                    forwarded.insert((to, call_id), (caller, id)).is_none(),
-                                    "two calls forwarded under one id"
-                                );
-                            }
-                        }
-                        Some((caller, Kind::Request, id, _)) if kind == Kind::Error => {
-                            assert_eq!((to, call_id), (caller, id), "a refusal went astray");
-                        }
-                        // An answer to call `id` of `callee`: to that call's caller, under its
-                        // own id (the answer itself, or an error saying why not); nothing at
-                        // all for an answer to no call forwarded there.
-                        Some((callee, Kind::Response | Kind::Error, id, known)) => {
-                            assert!(known && !answered, "an answer to no call went on");
-                            let (caller, their_id) =
-                                forwarded.remove(&(callee, id)).expect("checked as known");
-                            assert_eq!((to, call_id), (caller, their_id));
-                            answered = true;
-                        }
-                        _ => {}
-                    }
-                }
-                Action::Evict { conn, .. } => {
-                    live.remove(&conn);
-                    dead.insert(conn);
-                    table.leave(conn, out);
-                }
-                Action::Member { .. } => {}
-            }
-            i += 1;
-        }
-        out.clear();
-    };
-
+    let mut sim = RouterSim::new();
     while let [conn, lo, hi, rest @ ..] = records {
         let id = conn % CONNS;
         let n = usize::from(u16::from_le_bytes([*lo, *hi])).min(rest.len());
         let (bytes, next) = rest.split_at(n);
         records = next;
-        if dead.contains(&id) {
+        if sim.dead.contains(&id) {
             continue;
         }
         let r = &mut conns[usize::from(id)];
         let before = r.events.len();
         let failed = r.feed(bytes, &mut cuts);
-        let events: Vec<Event> = r.events.drain(before..).collect();
-        for e in events {
-            let mut from = None;
-            match e {
-                Event::Open(peer) => {
-                    live.insert(id);
-                    table.join(id, peer, &mut out);
-                }
-                Event::Request {
-                    call_id,
-                    peer,
-                    name,
-                    serde,
-                    flags,
-                    payload,
-                } => {
-                    let payload = Bytes::from(vec![0; payload_len(&payload)]);
-                    let target = peer.unwrap_or_default();
-                    table.request(id, call_id, &target, &name, serde, flags, payload, &mut out);
-                    from = Some((id, Kind::Request, call_id, true));
-                }
-                Event::Response {
-                    call_id,
-                    serde,
-                    flags,
-                    payload,
-                } => {
-                    let payload = Bytes::from(vec![0; payload_len(&payload)]);
-                    let known = forwarded.contains_key(&(id, call_id));
-                    table.answer(
-                        id,
-                        Kind::Response,
-                        call_id,
-                        serde,
-                        flags,
-                        String::new(),
-                        payload,
-                        &mut out,
-                    );
-                    from = Some((id, Kind::Response, call_id, known));
-                }
-                Event::Error {
-                    call_id,
-                    code,
-                    payload,
-                } => {
-                    let payload = Bytes::from(vec![0; payload_len(&payload)]);
-                    let known = forwarded.contains_key(&(id, call_id));
-                    table.answer(
-                        id,
-                        Kind::Error,
-                        call_id,
-                        0,
-                        crate::Flags(0),
-                        code,
-                        payload,
-                        &mut out,
-                    );
-                    from = Some((id, Kind::Error, call_id, known));
-                }
-                Event::Announce(names) => table.announce(id, &names, &mut out),
-                _ => {}
-            }
-            apply(
-                &mut out,
-                &mut live,
-                &mut dead,
-                &mut table,
-                from,
-                &mut forwarded,
-            );
+        for e in r.events.drain(before..).collect::<Vec<_>>() {
+            sim.event(id, e);
         }
         if failed {
             // The runtime closes the connection: its calls fail, the others hear it left.
-            live.remove(&id);
-            dead.insert(id);
-            table.leave(id, &mut out);
-            apply(
-                &mut out,
-                &mut live,
-                &mut dead,
-                &mut table,
-                None,
-                &mut forwarded,
-            );
-            forwarded.retain(|(callee, _), _| *callee != id);
+            sim.leave(id);
         }
     }
     for id in 0..CONNS {
-        if live.remove(&id) {
-            table.leave(id, &mut out);
-            apply(
-                &mut out,
-                &mut live,
-                &mut dead,
-                &mut table,
-                None,
-                &mut forwarded,
-            );
+        if sim.live.contains(&id) {
+            sim.leave(id);
         }
     }
-    assert!(
-        table.names().is_empty(),
-        "members left behind: {:?}",
-        table.names()
-    );
+    let left = sim.table.names();
+    assert!(left.is_empty(), "members left behind: {left:?}");
+}
+
+/// A Router's routing table, fed as the runtime feeds it, and what the harness knows of it.
+struct RouterSim {
+    table: crate::router::RoutingTable<u8>,
+    /// Connections that joined and are still there.
+    live: std::collections::HashSet<u8>,
+    /// Connections closed or evicted.
+    dead: std::collections::HashSet<u8>,
+    /// Calls forwarded and not answered: (callee, id there) → (caller, caller's id).
+    forwarded: std::collections::HashMap<(u8, u64), (u8, u64)>,
+    out: Vec<crate::router::Action<u8>>,
+}
+
+/// What an event asked of the table: `(from, kind, call id, the call is known)`.
+type Asked = Option<(u8, Kind, u64, bool)>;
+
+impl RouterSim {
+    fn new() -> RouterSim {
+        RouterSim {
+            table: crate::router::RoutingTable::new("router"),
+            live: Default::default(),
+            dead: Default::default(),
+            forwarded: Default::default(),
+            out: Vec::new(),
+        }
+    }
+
+    fn event(&mut self, id: u8, e: Event) {
+        let (kind, call_id, serde, flags, meta, payload) = match e {
+            Event::Open(peer) => {
+                self.live.insert(id);
+                self.table.join(id, peer, &mut self.out);
+                return self.apply(None);
+            }
+            Event::Announce(names) => {
+                self.table.announce(id, &names, &mut self.out);
+                return self.apply(None);
+            }
+            Event::Request {
+                call_id,
+                peer,
+                name,
+                serde,
+                flags,
+                payload,
+            } => {
+                let payload = Bytes::from(vec![0; payload_len(&payload)]);
+                let target = peer.unwrap_or_default();
+                let out = &mut self.out;
+                self.table
+                    .request(id, call_id, &target, &name, serde, flags, payload, out);
+                return self.apply(Some((id, Kind::Request, call_id, true)));
+            }
+            Event::Response {
+                call_id,
+                serde,
+                flags,
+                payload,
+            } => (
+                Kind::Response,
+                call_id,
+                serde,
+                flags,
+                String::new(),
+                payload,
+            ),
+            Event::Error {
+                call_id,
+                code,
+                payload,
+            } => (Kind::Error, call_id, 0, crate::Flags(0), code, payload),
+            _ => return,
+        };
+        let payload = Bytes::from(vec![0; payload_len(&payload)]);
+        let known = self.forwarded.contains_key(&(id, call_id));
+        let out = &mut self.out;
+        self.table
+            .answer(id, kind, call_id, serde, flags, meta, payload, out);
+        self.apply(Some((id, kind, call_id, known)));
+    }
+
+    /// Connection `id` closed: the table forgets it.
+    fn leave(&mut self, id: u8) {
+        self.live.remove(&id);
+        self.dead.insert(id);
+        self.closed(vec![id]);
+    }
+
+    /// The connections `evicted` are closed, as the runtime closes them (the table let them go
+    /// when it evicted them).
+    fn closed(&mut self, evicted: Vec<u8>) {
+        for id in evicted {
+            self.table.leave(id, &mut self.out);
+            self.apply(None);
+            self.forwarded.retain(|(callee, _), _| *callee != id);
+        }
+    }
+
+    /// Carries out the table's actions, checking each against what `asked` for them.
+    fn apply(&mut self, asked: Asked) {
+        use crate::router::Action;
+        let mut answered = false;
+        let mut evicted = Vec::new();
+        for a in std::mem::take(&mut self.out) {
+            let Action::Send {
+                to, kind, call_id, ..
+            } = a
+            else {
+                if let Action::Evict { conn, .. } = a {
+                    // Gone at once: nothing may be sent to it after this.
+                    self.live.remove(&conn);
+                    self.dead.insert(conn);
+                    evicted.push(conn);
+                }
+                continue;
+            };
+            assert!(
+                self.live.contains(&to),
+                "sent to connection {to}, which is not there"
+            );
+            match asked {
+                // A request from `caller` under `id`: forwarded under a new id, or refused to
+                // the caller itself, under its own id.
+                Some((caller, Kind::Request, id, _)) if kind == Kind::Request => {
+                    assert_ne!(to, caller, "a request handed back to its sender");
+                    if call_id != 0 {
+                        let first = self.forwarded.insert((to, call_id), (caller, id));
+                        assert!(first.is_none(), "two calls forwarded under one id");
+                    }
+                }
+                Some((caller, Kind::Request, id, _)) if kind == Kind::Error => {
+                    assert_eq!((to, call_id), (caller, id), "a refusal went astray");
+                }
+                // An answer to call `id` of `callee`: to that call's caller, under its own id
+                // (the answer itself, or an error saying why not); nothing at all for an
+                // answer to no call forwarded there.
+                Some((callee, Kind::Response | Kind::Error, id, known)) => {
+                    assert!(known && !answered, "an answer to no call went on");
+                    let caller = self.forwarded.remove(&(callee, id));
+                    assert_eq!(Some((to, call_id)), caller, "an answer went astray");
+                    answered = true;
+                }
+                _ => {}
+            }
+        }
+        self.closed(evicted);
+    }
 }
 
 fn payload_len(p: &Payload) -> usize {
