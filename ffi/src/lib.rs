@@ -14,8 +14,8 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
 use bytes::Bytes;
 use daffi_runtime::{
-    Address, Backend, CallError, Client as RtClient, ClientConfig, Engine, Listening, Next, Node,
-    Notifier, PendingCall, Reply, Router as RtRouter, RouterConfig, Server as RtServer,
+    Address, Backend, CallError, CatchUp, Client as RtClient, ClientConfig, Engine, Listening,
+    Next, Node, Notifier, PendingCall, Reply, Router as RtRouter, RouterConfig, Server as RtServer,
     ServerConfig, StartError,
 };
 use pyo3::buffer::PyBuffer;
@@ -625,7 +625,7 @@ impl Client {
         let flags = if text { daffi_runtime::Flags::TEXT } else { 0 };
         let targets = py
             .detach(|| {
-                let catch_up = Some(daffi_runtime::catch_up_by(deadline));
+                let catch_up = CatchUp::By(deadline);
                 self.inner
                     .cast_targets(name, receivers.as_deref(), catch_up)
             })
@@ -700,8 +700,12 @@ impl Client {
         receivers: Option<Vec<String>>,
         catch_up: bool,
     ) -> PyResult<Vec<String>> {
-        let until = catch_up.then(|| daffi_runtime::catch_up_by(None));
-        let targets = || self.inner.cast_targets(name, receivers.as_deref(), until);
+        let how = if catch_up {
+            CatchUp::By(None)
+        } else {
+            CatchUp::Never
+        };
+        let targets = || self.inner.cast_targets(name, receivers.as_deref(), how);
         if catch_up {
             py.detach(targets)
         } else {
@@ -720,8 +724,12 @@ impl Client {
         receiver: Option<&str>,
         catch_up: bool,
     ) -> PyResult<String> {
-        let until = catch_up.then(|| daffi_runtime::catch_up_by(None));
-        let pick = || self.inner.pick(receiver, name, until);
+        let how = if catch_up {
+            CatchUp::By(None)
+        } else {
+            CatchUp::Never
+        };
+        let pick = || self.inner.pick(receiver, name, how);
         if catch_up { py.detach(pick) } else { pick() }.map_err(|e| call_error(py, e))
     }
 

@@ -34,8 +34,8 @@ pub use daffi_proto::{DEFAULT_MAX_MESSAGE_SIZE, Flags, Peer};
 pub use engine::{Engine, MAX_ENGINE_THREADS, engine_threads, set_engine_threads};
 pub use inbox::Next;
 pub use node::{
-    Address, Client, ClientConfig, IncomingCall, Listening, MemberEvent, Node, NodeCore,
-    PendingCall, Router, RouterConfig, Server, ServerConfig, StartError, catch_up_by,
+    Address, CatchUp, Client, ClientConfig, IncomingCall, Listening, MemberEvent, Node, NodeCore,
+    PendingCall, Router, RouterConfig, Server, ServerConfig, StartError,
 };
 pub use notify::{Completions, Notifier};
 pub use payload::{Payload, set_body_allocator};

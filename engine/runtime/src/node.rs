@@ -450,11 +450,14 @@ impl Node for Router {
 /// a call's receiver before the call fails for want of one (see `Client::route`).
 const CATCH_UP: Duration = Duration::from_secs(1);
 
-/// The latest a call due by `deadline` waits for news of its receiver (see `Client::route`):
-/// [`CATCH_UP`] from now, or the deadline if sooner. What a thread passes as `catch_up`.
-pub fn catch_up_by(deadline: Option<Instant>) -> Instant {
-    let latest = Instant::now() + CATCH_UP;
-    deadline.map_or(latest, |d| d.min(latest))
+/// Whether a call that finds no receiver while its client's reading is paused waits for news
+/// of one (see `Client::route`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchUp {
+    /// No: an event loop's call, which must not wait.
+    Never,
+    /// Yes: for up to [`CATCH_UP`], and never past the call's deadline, if it has one.
+    By(Option<Instant>),
 }
 
 /// What every listening node (a [`Server`] or a [`Router`]) offers its binding.
@@ -831,30 +834,33 @@ impl Client {
     ///
     /// A client whose callbacks are behind stops reading (see `Wire::pause_reading`) and so
     /// stops hearing of peers that join. With `catch_up` (a thread that may wait, never an event
-    /// loop's: see [`catch_up_by`]), a call that finds no receiver while reading is paused has
-    /// the connection read again and gives the news until then to arrive before it fails.
+    /// loop's: see [`CatchUp`]), a call that finds no receiver while reading is paused has the
+    /// connection read again and gives the news that long to arrive before it fails.
     fn route(
         &self,
         receiver: Option<&str>,
         name: &str,
         size: usize,
-        catch_up: Option<Instant>,
+        catch_up: CatchUp,
     ) -> Result<Route, CallError> {
         self.catching_up(catch_up, |s| self.route_now(s, receiver, name, size))
     }
 
     /// `attempt` with what is known now; if it fails for want of a peer (its error's flag)
-    /// while reading is paused, and `catch_up` allows, again as news of peers comes, until
-    /// `catch_up`, the connection being read meanwhile.
+    /// while reading is paused, and `catch_up` allows, again as news of peers comes, for as long
+    /// as it allows, the connection being read meanwhile.
     fn catching_up<T>(
         &self,
-        catch_up: Option<Instant>,
+        catch_up: CatchUp,
         mut attempt: impl FnMut(&mut ClientState) -> Result<T, (CallError, bool)>,
     ) -> Result<T, CallError> {
         let until = match attempt(&mut lock(&self.shared.state)) {
             Ok(r) => return Ok(r),
             Err((e, missing)) => match catch_up {
-                Some(until) if missing && self.shared.wire.is_reading_paused() => until,
+                CatchUp::By(deadline) if missing && self.shared.wire.is_reading_paused() => {
+                    let latest = Instant::now() + CATCH_UP;
+                    deadline.map_or(latest, |d| d.min(latest))
+                }
                 _ => return Err(e),
             },
         };
@@ -936,13 +942,13 @@ impl Client {
     /// The peer a call of `name` would go to now: `receiver` once checked, or the next peer
     /// exposing it in turn (a stream picks its receiver once for all its chunks).
     ///
-    /// With `catch_up` (a thread that may wait, never an event loop's; see [`catch_up_by`]),
-    /// a receiver not known while this client's reading is paused is waited for until then.
+    /// With `catch_up` (see [`CatchUp`]), a receiver not known while this client's reading is
+    /// paused is waited for a little.
     pub fn pick(
         &self,
         receiver: Option<&str>,
         name: &str,
-        catch_up: Option<Instant>,
+        catch_up: CatchUp,
     ) -> Result<String, CallError> {
         self.route(receiver, name, 0, catch_up).map(|r| r.target)
     }
@@ -953,7 +959,7 @@ impl Client {
         &self,
         name: &str,
         receivers: Option<&[String]>,
-        catch_up: Option<Instant>,
+        catch_up: CatchUp,
     ) -> Result<Vec<String>, CallError> {
         self.catching_up(catch_up, |s| {
             Self::check_open(s).map_err(|e| (e, false))?;
@@ -1001,8 +1007,7 @@ impl Client {
     /// Sends a call and returns at once; the answer is waited for with
     /// [`PendingCall::wait_until`], in as many steps as the caller likes (a binding checks for
     /// signals between them). Dropping the handle abandons the call: a late answer is dropped.
-    /// `deadline`, the call's, also bounds its wait for news of a receiver (see
-    /// [`catch_up_by`]).
+    /// `deadline`, the call's, also bounds its wait for news of a receiver (see [`CatchUp`]).
     pub fn start_call(
         &self,
         receiver: Option<&str>,
@@ -1012,7 +1017,7 @@ impl Client {
         payload: Bytes,
         deadline: Option<Instant>,
     ) -> Result<PendingCall<'_>, CallError> {
-        let catch_up = Some(catch_up_by(deadline));
+        let catch_up = CatchUp::By(deadline);
         let (call_id, slot, receiver) =
             self.begin(receiver, name, serde, flags, payload, None, catch_up)?;
         Ok(PendingCall {
@@ -1037,8 +1042,15 @@ impl Client {
         let done = self.completions.get().cloned().ok_or_else(|| {
             CallError::Transmission("the client is not watched by an event loop".into())
         })?;
-        let (call_id, _, receiver) =
-            self.begin(receiver, name, serde, flags, payload, Some(done), None)?;
+        let (call_id, _, receiver) = self.begin(
+            receiver,
+            name,
+            serde,
+            flags,
+            payload,
+            Some(done),
+            CatchUp::Never,
+        )?;
         // Nobody waits on a thread for this answer: the engine must be the one receiving.
         if self.shared.direct.reclaim() {
             self.engine.send(Command::Resume {
@@ -1072,7 +1084,7 @@ impl Client {
         flags: u8,
         payload: Bytes,
         done: Option<Arc<Completions>>,
-        catch_up: Option<Instant>,
+        catch_up: CatchUp,
     ) -> Result<(u64, Arc<crate::call::Slot>, String), CallError> {
         let route = self.route(receiver, name, payload.len(), catch_up)?;
         let (call_id, slot) = match done {
@@ -1119,12 +1131,12 @@ impl Client {
         payload: Bytes,
         defer: bool,
     ) -> Result<String, CallError> {
-        let route = self.route(
-            receiver,
-            name,
-            payload.len(),
-            (!defer).then(|| catch_up_by(None)),
-        )?;
+        let catch_up = if defer {
+            CatchUp::Never
+        } else {
+            CatchUp::By(None)
+        };
+        let route = self.route(receiver, name, payload.len(), catch_up)?;
         let f = frame(
             Kind::Request,
             0,

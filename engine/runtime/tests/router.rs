@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use daffi_runtime::{
-    Address, Backend, CallError, Client, ClientConfig, DEFAULT_MAX_MESSAGE_SIZE, Engine, Listening,
-    MemberEvent, Next, Node, Router, RouterConfig,
+    Address, Backend, CallError, CatchUp, Client, ClientConfig, DEFAULT_MAX_MESSAGE_SIZE, Engine,
+    Listening, MemberEvent, Next, Node, Router, RouterConfig,
 };
 
 fn backends() -> Vec<Engine> {
@@ -120,7 +120,7 @@ fn calls_are_routed_round_robin_and_pinned() {
         );
         assert_eq!(who(&caller, Some("w2")), "w2");
         assert_eq!(
-            caller.cast_targets("who", None, None).unwrap(),
+            caller.cast_targets("who", None, CatchUp::Never).unwrap(),
             ["w1", "w2"]
         );
 
